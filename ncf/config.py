@@ -1,0 +1,169 @@
+"""Typed configuration: YAML files in `conf/` hold every default, once.
+
+Each `conf/<section>.yaml` becomes one section of `Config`. Unknown keys and wrong
+types are errors that name the key; `--set section.key=value` overrides any value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = Path(os.environ.get("NCF_CONF_DIR", REPO_ROOT / "conf"))
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(Section):
+    protocol: Literal["seed", "temporal", "random"]
+    test_fraction: float = Field(gt=0, lt=1)
+    validation_fraction: float = Field(ge=0, lt=1)
+    seed: int
+
+
+class DataConfig(Section):
+    dir: str | None
+    cache_dir: str
+    url: str
+    sha256: dict[str, str]
+    split: SplitConfig
+
+
+class ModelConfig(Section):
+    embedding_dim: int = Field(gt=0)
+    hidden_dims: list[int] = Field(min_length=1)
+    dropouts: list[float]
+    batch_norm: bool
+    rating_min: float
+    rating_max: float
+    use_bias: bool
+    use_genres: bool
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if len(self.dropouts) != len(self.hidden_dims):
+            raise ValueError(
+                f"model.dropouts has {len(self.dropouts)} entries but model.hidden_dims has "
+                f"{len(self.hidden_dims)}: give one dropout per hidden layer"
+            )
+        if not all(0 <= p < 1 for p in self.dropouts):
+            raise ValueError("model.dropouts must each be in [0, 1)")
+        if self.rating_min >= self.rating_max:
+            raise ValueError("model.rating_min must be below model.rating_max")
+        return self
+
+
+class TrainConfig(Section):
+    seed: int
+    batch_size: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    max_epochs: int = Field(gt=0)
+    refit: bool
+    patience: int = Field(gt=0)
+    lr_plateau_factor: float = Field(gt=0, lt=1)
+    lr_plateau_patience: int = Field(ge=0)
+    checkpoint_dir: str
+    num_workers: int = Field(gt=0)
+    use_gpu: bool
+    mixed_precision: bool
+    max_failures: int = Field(ge=0)
+
+
+class Config(Section):
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+
+
+SECTIONS = tuple(Config.model_fields)
+
+
+def _set_path(tree: dict, dotted_key: str, value: object) -> None:
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override '{dotted_key}'")
+        node = child
+    if leaf not in node:
+        raise ConfigError(f"unknown config key '{dotted_key}'")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`model.embedding_dim=64` -> ("model.embedding_dim", 64); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "config"
+        msg = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif problem["type"] == "missing":
+            msg = "missing key"
+        lines.append(f"{key}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def config_from_dict(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | None = None) -> Config:
+    """Read every section from `conf_dir`, apply `section.key=value` overrides, validate."""
+    conf_dir = Path(conf_dir or CONF_DIR)
+    tree: dict = {}
+    for section in SECTIONS:
+        path = conf_dir / f"{section}.yaml"
+        if not path.exists():
+            raise ConfigError(f"missing config file {path} (section '{section}')")
+        try:
+            tree[section] = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    for text in overrides:
+        _set_path(tree, *parse_override(text))
+    return config_from_dict(tree)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config, so a run can be reproduced from its own record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+
+
+def flatten(config: Config) -> dict[str, object]:
+    """`{"model.embedding_dim": 128, ...}`: the form MLflow params and Tune spaces use."""
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("", config.model_dump())
+    return flat

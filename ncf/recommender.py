@@ -1,0 +1,152 @@
+"""A trained model plus everything needed to recommend with it, in raw MovieLens ids.
+
+`Recommender` is what MLflow ships (see ncf/tracking.py) and what Ray Serve loads:
+weights, config, id maps, the movie table and every user's known ratings. It
+answers pair predictions, top-k over unseen movies and explanations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from ncf.config import Config, config_from_dict
+from ncf.data import IdMaps, MovieLens, Ratings, genre_matrix
+from ncf.model import NCF
+from ncf.ranking import SeenItems, top_k_unseen
+
+WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
+PAIR_COLUMNS = ["user_id", "movie_id", "predicted_rating", "strength", "user_weight", "movie_weight"]
+TOP_K_COLUMNS = ["user_id", "rank", "movie_id", "title", "predicted_rating", "strength", "user_weight",
+                 "movie_weight"]
+
+
+class UnknownIdError(ValueError):
+    """Ids the model has never seen; the message lists them."""
+
+
+class NCFScorer:
+    """Batched, gradient-free access to a trained model in the `Scorable` shape."""
+
+    def __init__(self, model: NCF, batch_size: int = 65536):
+        self.model = model.eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def explain(self, users: np.ndarray, movies: np.ndarray) -> dict[str, np.ndarray]:
+        """Predicted rating, strength and the two attention weights of each pair."""
+        users, movies = torch.as_tensor(np.asarray(users)), torch.as_tensor(np.asarray(movies))
+        parts = [self.model(users[i: i + self.batch_size], movies[i: i + self.batch_size])
+                 for i in range(0, len(users), self.batch_size)]
+        fields = ("rating", "strength", "user_weight", "movie_weight")
+        return {f: torch.cat([getattr(p, f) for p in parts]).numpy() if parts else np.empty(0) for f in fields}
+
+    def predict(self, users: np.ndarray, movies: np.ndarray) -> np.ndarray:
+        return self.explain(users, movies)["rating"]
+
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        return self.model.score_users(torch.as_tensor(np.asarray(users)))
+
+
+class Recommender:
+    def __init__(self, model: NCF, config: Config, ids: IdMaps, movies: pd.DataFrame, history: Ratings):
+        self.model = model.eval()
+        self.config = config
+        self.ids = ids
+        self.movies = movies.reset_index(drop=True)
+        self.history = history  # every known rating (train + validation), encoded
+        self.scorer = NCFScorer(self.model)
+        self.seen = SeenItems(history.user, history.movie, ids.n_users)
+        self.popularity = np.bincount(history.movie, minlength=ids.n_movies)
+
+    @classmethod
+    def from_training(cls, model: NCF, config: Config, data: MovieLens) -> Recommender:
+        return cls(model, config, data.ids, data.movies, data.splits.train_and_validation())
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), folder / WEIGHTS)
+        (folder / CONFIG).write_text(yaml.safe_dump(self.config.model_dump(), sort_keys=False))
+        self.ids.save(folder / IDS)
+        self.movies.to_csv(folder / MOVIES, index=False)
+        h = self.history
+        np.savez_compressed(folder / HISTORY, user=h.user, movie=h.movie, rating=h.rating, timestamp=h.timestamp)
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> Recommender:
+        folder = Path(folder)
+        config = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()))
+        ids = IdMaps.load(folder / IDS)
+        movies = pd.read_csv(folder / MOVIES, dtype={"title": str, "genres": str}, keep_default_na=False)
+        with np.load(folder / HISTORY) as arrays:
+            history = Ratings(arrays["user"], arrays["movie"], arrays["rating"], arrays["timestamp"])
+        genres = torch.from_numpy(genre_matrix(movies)[0]) if config.model.use_genres else None
+        model = NCF(ids.n_users, ids.n_movies, config.model, genres)
+        model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
+        return cls(model, config, ids, movies, history)
+
+    # ------------------------------------------------------------------ id handling
+
+    def user_indices(self, user_ids) -> np.ndarray:
+        index = self.ids.user_index(np.asarray(user_ids, dtype=np.int64))
+        if (index < 0).any():
+            raise UnknownIdError(f"unknown user id(s): {sorted(set(np.asarray(user_ids)[index < 0].tolist()))[:20]}")
+        return index
+
+    def movie_indices(self, movie_ids) -> np.ndarray:
+        index = self.ids.movie_index(np.asarray(movie_ids, dtype=np.int64))
+        if (index < 0).any():
+            raise UnknownIdError(f"unknown movie id(s): {sorted(set(np.asarray(movie_ids)[index < 0].tolist()))[:20]}")
+        return index
+
+    def knows_user(self, user_id: int) -> bool:
+        return bool(self.ids.user_index(np.asarray([user_id]))[0] >= 0)
+
+    # ------------------------------------------------------------------ answers
+
+    def predict_pairs(self, user_ids, movie_ids) -> pd.DataFrame:
+        """One row per pair; unknown user or movie ids raise UnknownIdError (no silent fallback)."""
+        users, movies = self.user_indices(user_ids), self.movie_indices(movie_ids)
+        out = self.scorer.explain(users, movies)
+        return pd.DataFrame({
+            "user_id": np.asarray(user_ids, dtype=np.int64), "movie_id": np.asarray(movie_ids, dtype=np.int64),
+            "predicted_rating": out["rating"], "strength": out["strength"],
+            "user_weight": out["user_weight"], "movie_weight": out["movie_weight"],
+        }, columns=PAIR_COLUMNS)
+
+    def top_k_indices(self, users: np.ndarray, k: int) -> np.ndarray:
+        """Movie indices of each user's k best unseen movies (users x k)."""
+        return top_k_unseen(self.scorer.score, users, self.seen, k)[0]
+
+    def recommend(self, user_ids, k: int = 10) -> pd.DataFrame:
+        """Top-k movies each user has not rated, best first; unknown users raise UnknownIdError."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        top = self.top_k_indices(self.user_indices(user_ids), k)
+        n = top.shape[1]
+        users = np.repeat(self.user_indices(user_ids), n)
+        out = self.scorer.explain(users, top.ravel())
+        return pd.DataFrame({
+            "user_id": np.repeat(user_ids, n), "rank": np.tile(np.arange(1, n + 1), len(user_ids)),
+            "movie_id": self.ids.movie_ids[top.ravel()], "title": self.movies["title"].to_numpy()[top.ravel()],
+            "predicted_rating": out["rating"], "strength": out["strength"],
+            "user_weight": out["user_weight"], "movie_weight": out["movie_weight"],
+        }, columns=TOP_K_COLUMNS)
+
+    def popular(self, k: int) -> np.ndarray:
+        """Movie indices by number of known ratings: the cold-start answer."""
+        return np.argsort(-self.popularity, kind="stable")[:k]
+
+    @torch.no_grad()
+    def movie_similarity(self, movie: int, others: np.ndarray) -> np.ndarray:
+        """Cosine similarity of the movie-side representations."""
+        vectors = self.model.movie_vectors(torch.as_tensor(np.concatenate([[movie], others])))
+        vectors = torch.nn.functional.normalize(vectors, dim=1)
+        return (vectors[1:] @ vectors[0]).numpy()

@@ -1,0 +1,143 @@
+"""MLflow: where runs go, what each run records, and the registered recommender model.
+
+The store defaults to SQLite at `<repo>/mlruns/mlflow.db` with artifacts under
+`mlruns/artifacts` (absolute paths, so workers and `make ui` agree). The driver
+creates the experiment once before any worker logs (concurrent creation of a
+fresh SQLite store crashes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from ncf.config import REPO_ROOT, Config, flatten, save_config
+
+EXPERIMENT = "ncf-movielens"
+MODEL_NAME = "ncf-movielens"
+CHAMPION = "champion"
+MLRUNS = REPO_ROOT / "mlruns"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+
+
+def setup(experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the store and create the experiment (with its artifact folder) once."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:"):
+        MLRUNS.mkdir(parents=True, exist_ok=True)
+    existing = mlflow.get_experiment_by_name(experiment)
+    if existing is not None:
+        experiment_id = existing.experiment_id
+    else:
+        location = (MLRUNS / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+class EpochLogger:
+    """Logs one epoch's metrics to a run by id: usable from any process (rank 0, a trial)."""
+
+    def __init__(self, run_id: str, uri: str | None = None):
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=uri or tracking_uri())
+
+    def __call__(self, metrics: dict[str, float]) -> None:
+        step = int(metrics["epoch"])
+        stamp = int(pd.Timestamp.now().timestamp() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(key, float(value), stamp, step) for key, value in metrics.items() if key != "epoch"])
+
+
+def log_config(config: Config) -> None:
+    """The resolved config: every value as a param, the file as an artifact."""
+    mlflow.log_params(flatten(config))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        save_config(config, path)
+        mlflow.log_artifact(str(path))
+
+
+def log_test_metrics(models: dict[str, dict[str, float]], primary: str = "ncf") -> None:
+    """`test_<metric>` for the model; `baselines/<name>/test_<metric>` for the others."""
+    for name, metrics in models.items():
+        prefix = "test_" if name == primary else f"baselines/{name}/test_"
+        mlflow.log_metrics({prefix + key: value for key, value in metrics.items()})
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class RecommenderModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc face of `ncf.recommender.Recommender`.
+
+    Input with `user_id` and `movie_id`: one row per pair. Input with `user_id`
+    only: the top-k (param `k`, default 10) unseen movies of each user. Unknown
+    ids raise an error that lists them; there is no silent fallback (the HTTP
+    service answers unknown users with popular movies, flagged as cold start).
+    """
+
+    def load_context(self, context) -> None:
+        from ncf.recommender import Recommender
+
+        self.recommender = Recommender.load(Path(context.artifacts["recommender"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if "user_id" not in model_input.columns:
+            raise ValueError("input needs a user_id column (and movie_id for pair predictions)")
+        if "movie_id" in model_input.columns and model_input["movie_id"].notna().all():
+            return self.recommender.predict_pairs(model_input["user_id"].to_numpy(),
+                                                  model_input["movie_id"].to_numpy())
+        k = int((params or {}).get("k", 10))
+        return self.recommender.recommend(model_input["user_id"].drop_duplicates().to_numpy(), k)
+
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("long", "user_id"), ColSpec("long", "movie_id", required=False)]),
+    params=ParamSchema([ParamSpec("k", "long", 10)]),
+)
+
+
+def pip_requirements() -> list[str]:
+    return [f"{name}=={version(name).split('+')[0]}"
+            for name in ("mlflow", "torch", "numpy", "pandas", "pyyaml", "pydantic")]
+
+
+def log_recommender(recommender_dir: Path, register: bool = True) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc with its artifacts and the `ncf` code, and register it."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=RecommenderModel(),
+        artifacts={"recommender": str(recommender_dir)},
+        code_paths=[str(REPO_ROOT / "ncf")],
+        pip_requirements=pip_requirements(),
+        signature=SIGNATURE,
+        registered_model_name=MODEL_NAME if register else None,
+    )
+
+
+def champion_version(client: MlflowClient | None = None) -> mlflow.entities.model_registry.ModelVersion | None:
+    client = client or MlflowClient()
+    try:
+        return client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def promote(version: str, client: MlflowClient | None = None) -> None:
+    (client or MlflowClient()).set_registered_model_alias(MODEL_NAME, CHAMPION, version)

@@ -1,0 +1,127 @@
+"""Config: defaults from conf/, typed overrides, errors that name the key."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ncf.config import CONF_DIR, Config, ConfigError, config_from_dict, flatten, load_config, save_config
+
+
+@pytest.fixture
+def conf_copy(tmp_path: Path) -> Path:
+    """A writable copy of conf/ to break on purpose."""
+    target = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, target)
+    return target
+
+
+def test_defaults_are_the_deck_model():
+    config = load_config()
+    assert config.model.embedding_dim == 128
+    assert config.model.hidden_dims == [512, 256, 128, 64]
+    assert config.model.dropouts == [0.3, 0.2, 0.1, 0.0]
+    assert config.model.batch_norm is True
+    assert (config.model.rating_min, config.model.rating_max) == (0.5, 5.0)
+    assert config.model.use_bias is False and config.model.use_genres is False
+    assert config.data.split.protocol == "seed"
+    assert config.data.split.test_fraction == 0.2
+    assert set(config.data.sha256) == {"links.csv", "movies.csv", "ratings.csv", "tags.csv"}
+
+
+def test_override_changes_value_with_its_type():
+    config = load_config(["model.embedding_dim=64", "train.learning_rate=0.01", "model.use_bias=true",
+                          "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]", "data.split.protocol=random"])
+    assert config.model.embedding_dim == 64 and type(config.model.embedding_dim) is int
+    assert config.train.learning_rate == 0.01 and isinstance(config.train.learning_rate, float)
+    assert config.model.use_bias is True
+    assert config.model.hidden_dims == [32, 16]
+    assert config.model.dropouts == [0.1, 0.0]
+    assert config.data.split.protocol == "random"
+    # Defaults are untouched by another call's overrides.
+    assert load_config().model.embedding_dim == 128
+
+
+def test_unknown_override_key_names_the_key():
+    with pytest.raises(ConfigError, match=r"model\.embeding_dim"):
+        load_config(["model.embeding_dim=3"])
+
+
+def test_unknown_override_section_names_it():
+    with pytest.raises(ConfigError, match=r"modle"):
+        load_config(["modle.embedding_dim=3"])
+
+
+def test_override_without_equals_sign_is_refused():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(["model.embedding_dim"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"train\.batch_size") as err:
+        load_config(["train.batch_size=abc"])
+    assert "integer" in str(err.value)
+
+
+def test_out_of_range_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"data\.split\.test_fraction"):
+        load_config(["data.split.test_fraction=1.5"])
+
+
+def test_unknown_key_in_yaml_file_is_named(conf_copy: Path):
+    path = conf_copy / "model.yaml"
+    path.write_text(path.read_text() + "\nembeding_size: 12\n")
+    with pytest.raises(ConfigError, match=r"model\.embeding_size: unknown key"):
+        load_config(conf_dir=conf_copy)
+
+
+def test_missing_key_in_yaml_file_is_named(conf_copy: Path):
+    path = conf_copy / "train.yaml"
+    tree = yaml.safe_load(path.read_text())
+    del tree["patience"]
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"train\.patience: missing key"):
+        load_config(conf_dir=conf_copy)
+
+
+def test_missing_yaml_file_is_named(conf_copy: Path):
+    (conf_copy / "train.yaml").unlink()
+    with pytest.raises(ConfigError, match="train.yaml"):
+        load_config(conf_dir=conf_copy)
+
+
+def test_conf_dir_copy_loads_like_defaults(conf_copy: Path):
+    assert load_config(conf_dir=conf_copy) == load_config()
+
+
+def test_dropouts_must_match_hidden_dims():
+    with pytest.raises(ConfigError, match=r"dropouts has 4 entries but model\.hidden_dims has 2"):
+        load_config(["model.hidden_dims=[32, 16]"])
+
+
+def test_dropout_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match="dropouts"):
+        load_config(["model.hidden_dims=[8]", "model.dropouts=[1.0]"])
+
+
+def test_save_config_round_trips(tmp_path: Path):
+    config = load_config(["model.embedding_dim=32", "train.max_epochs=7", "model.use_genres=true"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(config, path)
+    again = config_from_dict(yaml.safe_load(path.read_text()))
+    assert isinstance(again, Config)
+    assert again == config
+    assert again.model.embedding_dim == 32 and again.train.max_epochs == 7
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(load_config(["model.embedding_dim=32"]))
+    assert flat["model.embedding_dim"] == 32
+    assert flat["data.split.protocol"] == "seed"
+    assert flat["train.batch_size"] == 256
+    assert flat["model.hidden_dims"] == [512, 256, 128, 64]
+    assert not any(isinstance(v, dict) for v in flat.values())
+    assert {key.split(".")[0] for key in flat} == {"data", "model", "train"}
