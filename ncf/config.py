@@ -76,15 +76,40 @@ class TrainConfig(Section):
     lr_plateau_patience: int = Field(ge=0)
     checkpoint_dir: str
     num_workers: int = Field(gt=0)
+    cpus_per_worker: float = Field(gt=0)
     use_gpu: bool
     mixed_precision: bool
     max_failures: int = Field(ge=0)
+
+
+class ServeConfig(Section):
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    model_uri: str = Field(pattern=r"^models:/[^/@]+(@[^/@]+|/[0-9]+)$")
+    poll_interval_s: float = Field(gt=0)
+    warm_users: int = Field(ge=0)
+    max_batch_size: int = Field(gt=0)
+    batch_wait_timeout_s: float = Field(ge=0)
+    min_replicas: int = Field(ge=1)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(gt=0)
+    max_ongoing_requests: int = Field(gt=0)
+    cpus_per_replica: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("serve.max_ongoing_requests must be at least serve.max_batch_size")
+        return self
 
 
 class Config(Section):
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+    serve: ServeConfig
 
 
 SECTIONS = tuple(Config.model_fields)

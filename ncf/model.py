@@ -56,12 +56,18 @@ class NCF(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier for every weight matrix and embedding, zero biases (the deck's init)."""
+        """Xavier for every weight matrix and embedding, zero biases (the deck's init).
+
+        Batch norm goes back to its own init (unit scale, zero shift, fresh running
+        statistics), so a refit in place starts from nothing the search phase learnt.
+        """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.xavier_uniform_(module.weight)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm1d):
+                module.reset_parameters()
         if self.cfg.use_bias:
             nn.init.zeros_(self.user_bias.weight)
             nn.init.zeros_(self.movie_bias.weight)

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import yaml
 
-from ncf.config import Config, config_from_dict
+from ncf.config import SECTIONS, Config, config_from_dict, load_config
 from ncf.data import IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF
 from ncf.ranking import SeenItems, top_k_unseen
@@ -83,7 +83,9 @@ class Recommender:
     @classmethod
     def load(cls, folder: Path) -> Recommender:
         folder = Path(folder)
-        config = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()))
+        saved, defaults = yaml.safe_load((folder / CONFIG).read_text()), load_config().model_dump()
+        # Sections and keys added to the config since the model was saved (e.g. `serve`) take today's defaults.
+        config = config_from_dict({section: defaults[section] | saved.get(section, {}) for section in SECTIONS})
         ids = IdMaps.load(folder / IDS)
         movies = pd.read_csv(folder / MOVIES, dtype={"title": str, "genres": str}, keep_default_na=False)
         with np.load(folder / HISTORY) as arrays:

@@ -33,18 +33,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI; None for servers and other stores."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def setup(experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the store and create the experiment (with its artifact folder) once."""
+    """Point MLflow at the store and create the experiment once; returns its id.
+
+    With SQLite, artifacts live in `artifacts/` beside the database file.
+    """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    if uri.startswith("sqlite:"):
-        MLRUNS.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is not None:
         experiment_id = existing.experiment_id
     else:
-        location = (MLRUNS / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+        location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
         experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id

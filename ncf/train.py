@@ -96,6 +96,7 @@ class TrainState:
     phase: str = SEARCH
     epoch: int = 0
     refit_epochs: int = 0
+    resumed: int = 0  # how many times the run continued from a checkpoint after a failure
     best_val_rmse: float = math.inf
     best_epoch: int = 0
     stale_epochs: int = 0
@@ -209,6 +210,7 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
+        state.resumed += 1
         print(f"resuming at epoch {state.epoch + 1} ({state.phase} phase, best val_rmse {state.best_val_rmse:.4f})",
               flush=True)
     wrapped = reporter.prepare(model)

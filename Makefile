@@ -1,0 +1,42 @@
+# One command per step; every target installs what it needs first (see `venv`).
+SHELL := /bin/bash
+PY := .venv/bin/python
+ARGS ?=
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+
+.PHONY: venv train train-local test lint ui bench-train gpu-train clean
+
+# torch is installed on its own first: a CPU build, so no multi-GB CUDA build is pulled in.
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: .venv/.installed
+
+train: venv  ## train under Ray Train, evaluate, log to MLflow, register the model
+	$(PY) -m jobs.train $(ARGS)
+
+train-local: venv  ## the same training loop in this process (debugging)
+	$(PY) -m jobs.train --launcher local $(ARGS)
+
+test: venv
+	$(PY) -m pytest $(ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+
+ui: venv  ## MLflow UI on 127.0.0.1:5000 against the project's store
+	.venv/bin/mlflow ui --backend-store-uri "$$($(PY) -c "from ncf.tracking import tracking_uri; print(tracking_uri())")" --host 127.0.0.1 --port 5000
+
+bench-train: venv  ## epoch time in-process vs Ray Train (1 and 2 workers) -> docs/benchmarks/
+	$(PY) -m jobs.bench_train $(ARGS)
+
+gpu-train: venv  ## short training on every visible GPU, reports throughput
+	$(PY) -m jobs.bench_train --gpu $(ARGS)
+
+clean:
+	rm -rf checkpoints reports/*.json

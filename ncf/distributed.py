@@ -1,0 +1,103 @@
+"""Launchers for the one training loop: in-process and Ray Train (TorchTrainer, Train V2)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from ncf import tracking
+from ncf.config import Config, config_from_dict
+from ncf.data import MovieLens, load_movielens
+from ncf.train import LocalReporter, format_epoch, train_loop
+
+EpochCallback = Callable[[dict[str, float]], None]
+
+
+class RayTrainReporter:
+    """Reporter for a Ray Train worker: DDP, Ray checkpoints, progress and MLflow from rank 0."""
+
+    def __init__(self, on_epoch: EpochCallback | None = None):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.on_epoch = on_epoch
+
+    def prepare(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def restore(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return Path(checkpoint.to_directory()) if checkpoint else None
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            print(format_epoch(metrics), flush=True)
+            if self.on_epoch:
+                self.on_epoch(metrics)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
+def train_worker(params: dict) -> None:
+    """The function every Ray Train worker runs."""
+    config = config_from_dict(params["config"])
+    data = load_movielens(config.data)
+    on_epoch = tracking.EpochLogger(params["run_id"], params["tracking_uri"]) if params.get("run_id") else None
+    train_loop(config, data, RayTrainReporter(on_epoch))
+
+
+def init_ray() -> None:
+    """Join RAY_ADDRESS (or a cluster started with `ray start`), else start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+
+
+def make_trainer(config: Config, run_id: str | None, name: str):
+    """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = config.train
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.model_dump(), "run_id": run_id, "tracking_uri": tracking.tracking_uri()},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(cfg.checkpoint_dir).expanduser().resolve()),
+            # The latest checkpoint is always kept too (restarts resume from it).
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_val_rmse",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+
+
+def fit_with_ray(config: Config, run_id: str | None) -> Path:
+    """Train under Ray Train; returns a local copy of the final checkpoint."""
+    init_ray()
+    # A run name Ray Train has seen under the same storage path would be resumed: keep names unique.
+    result = make_trainer(config, run_id, name=f"ncf-train-{run_id or uuid.uuid4().hex[:12]}").fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    return Path(result.checkpoint.to_directory())
+
+
+def fit_in_process(config: Config, data: MovieLens, run_id: str | None, checkpoint_dir: Path) -> Path:
+    on_epoch = tracking.EpochLogger(run_id) if run_id else None
+    reporter = LocalReporter(checkpoint_dir, device="cuda" if config.train.use_gpu else "cpu", on_epoch=on_epoch)
+    train_loop(config, data, reporter)
+    return checkpoint_dir

@@ -1,0 +1,1 @@
+"""The recommender served over HTTP by Ray Serve: JSON API, web page, model updates in place."""

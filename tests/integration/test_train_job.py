@@ -1,0 +1,180 @@
+"""The train job end to end on a real local Ray cluster and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from jobs import train as train_job
+from ncf import tracking
+from ncf.config import load_config
+from ncf.data import load_movielens
+from ncf.distributed import fit_with_ray
+from ncf.evaluate import evaluate
+from ncf.recommender import NCFScorer
+from ncf.train import load_checkpoint, model_from_checkpoint
+
+pytestmark = pytest.mark.integration
+
+SMALL_MODEL = ["model.embedding_dim=32", "model.hidden_dims=[64, 32]", "model.dropouts=[0.1, 0.0]"]
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> str:
+    folder = os.environ.get("NCF_DATA_DIR")
+    if not folder:
+        pytest.skip("NCF_DATA_DIR is not set")
+    return str(Path(folder).resolve())
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A fresh MLflow store for this module; the env var is what every process reads."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    yield uri
+    os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(store, local_ray, data_dir, tmp_path_factory):
+    config = load_config([*SMALL_MODEL, "train.max_epochs=3", f"data.dir={data_dir}",
+                          f"train.checkpoint_dir={tmp_path_factory.mktemp('ckpt')}"])
+    report = tmp_path_factory.mktemp("reports") / "metrics.json"
+    summary, promoted = train_job.run(config, launcher="ray", report_path=report)
+    return summary, promoted, report
+
+
+def test_run_records_everything(trained, store):
+    summary, promoted, report = trained
+    client = MlflowClient(store)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.embedding_dim"] == "32"
+    assert run.data.params["train.seed"] == "42"
+    assert run.data.tags["data.split.test"] == "20417"
+    assert run.data.tags["data.sha256.ratings.csv"].startswith("80da8b33")
+    for name in ("test_rmse", "test_mae", "test_precision_at_10", "test_recall_at_10", "test_f_at_10",
+                 "test_ndcg_at_10", "test_full_ndcg_at_10", "test_full_hit_rate_at_10",
+                 "baselines/user_item_bias/test_rmse", "baselines/most_popular/test_full_ndcg_at_10"):
+        assert name in run.data.metrics, name
+    assert 0.8 < run.data.metrics["test_rmse"] < 1.0
+    val_curve = client.get_metric_history(summary.run_id, "val_rmse")
+    assert sorted(m.step for m in val_curve) == list(range(1, len(val_curve) + 1))
+    assert len(client.get_metric_history(summary.run_id, "train_loss")) >= 3
+    assert any(key.startswith("system/") for key in run.data.metrics), "system metrics are logged"
+    plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
+    assert plots == {f"plots/{n}.png" for n in ("learning_curves", "ratings_predicted_vs_true",
+                                                "movie_embeddings", "attention_weights")}
+    assert "config.yaml" in {a.path for a in client.list_artifacts(summary.run_id)}
+
+    assert promoted
+    champion = client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION)
+    assert str(champion.version) == summary.model_version and champion.run_id == summary.run_id
+
+    written = json.loads(report.read_text())
+    assert written["split"] == {"train": 72115, "validation": 8304, "test": 20417}
+    assert written["models"]["ncf"]["rmse"] == pytest.approx(run.data.metrics["test_rmse"])
+    assert {"global_mean", "user_item_bias", "most_popular"} <= set(written["models"])
+
+
+FRESH_PROCESS = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/ncf-movielens@champion")
+top = model.predict(pd.DataFrame({"user_id": [1]}), params={"k": 10})
+pairs = model.predict(pd.DataFrame({"user_id": [1, 1, 2], "movie_id": [1, 50, 318]}))
+try:
+    model.predict(pd.DataFrame({"user_id": [999999], "movie_id": [1]}))
+    unknown = "no error"
+except Exception as err:
+    unknown = str(err)
+print(json.dumps({"top": top.to_dict("list"), "pairs": pairs.to_dict("list"), "unknown": unknown}))
+"""
+
+
+def test_registered_model_loads_in_fresh_process(trained, store, data_dir, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    top, pairs = out["top"], out["pairs"]
+    assert top["rank"] == list(range(1, 11)) and set(top["user_id"]) == {1}
+    assert all(isinstance(t, str) and t for t in top["title"])
+    assert top["predicted_rating"] == sorted(top["predicted_rating"], reverse=True)
+    data = load_movielens(load_config([f"data.dir={data_dir}"]).data)
+    known = data.splits.train_and_validation()
+    rated_by_user_1 = set(data.ids.movie_ids[known.movie[known.user == data.ids.user_index([1])[0]]].tolist())
+    assert len(rated_by_user_1) > 100
+    assert not rated_by_user_1 & set(top["movie_id"])
+    weights = np.array(pairs["user_weight"]) + np.array(pairs["movie_weight"])
+    np.testing.assert_allclose(weights, 1.0, atol=1e-6)
+    assert all(0.5 <= r <= 5.0 for r in pairs["predicted_rating"])
+    assert "999999" in out["unknown"]
+
+
+def _kill_worker_after_checkpoints(storage: Path, killed: list[int], stop: threading.Event) -> None:
+    """Once the run has two checkpoints (so the first is surely registered), kills the worker's process."""
+    from ray.util.state import list_actors
+
+    while not stop.is_set():
+        if len(list(storage.glob("*/checkpoint_*"))) >= 2:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                os.kill(workers[0].pid, 9)
+                killed.append(workers[0].pid)
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_dir, tmp_path):
+    overrides = [*SMALL_MODEL, "train.max_epochs=4", "train.patience=10", "train.refit=false",
+                 f"data.dir={data_dir}"]
+    data = load_movielens(load_config(overrides).data)
+
+    def test_rmse(storage: Path) -> tuple[float, dict]:
+        config = load_config([*overrides, f"train.checkpoint_dir={storage}"])
+        checkpoint = fit_with_ray(config, run_id=None)
+        state = load_checkpoint(checkpoint)["state"]
+        model = model_from_checkpoint(checkpoint, config, data)
+        return evaluate(NCFScorer(model), data)["rmse"], state
+
+    undisturbed, _ = test_rmse(tmp_path / "undisturbed")
+
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_worker_after_checkpoints, args=(tmp_path / "disturbed", killed, stop))
+    killer.start()
+    try:
+        disturbed, state = test_rmse(tmp_path / "disturbed")
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "a training worker was killed mid-run"
+    assert state["resumed"] >= 1, "the replacement worker resumed from a checkpoint"
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+    assert abs(disturbed - undisturbed) <= 0.01, (disturbed, undisturbed)

@@ -1,0 +1,182 @@
+"""The NCF model: attention gates, output scaling, the fast catalogue scorer, init, options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ncf.config import ModelConfig, load_config
+from ncf.model import NCF, count_flops_per_sample
+
+N_USERS, N_MOVIES, N_GENRES = 9, 23, 5
+
+
+def model_config(*overrides: str) -> ModelConfig:
+    return load_config(list(overrides)).model
+
+
+def small_config(*overrides: str) -> ModelConfig:
+    return model_config("model.embedding_dim=8", "model.hidden_dims=[16, 8, 4]", "model.dropouts=[0.3, 0.1, 0.0]",
+                        *overrides)
+
+
+def genres() -> torch.Tensor:
+    return (torch.rand(N_MOVIES, N_GENRES, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+
+
+def scramble_batch_norm_and_biases(model: NCF) -> None:
+    """Non-trivial running statistics, affine parameters and biases, as after training."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=g))
+                module.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+                module.weight.copy_(torch.randn(n, generator=g))
+                module.bias.copy_(torch.randn(n, generator=g))
+            elif isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.5)
+        if model.cfg.use_bias:
+            model.user_bias.weight.copy_(torch.randn(N_USERS, 1, generator=g))
+            model.movie_bias.weight.copy_(torch.randn(N_MOVIES, 1, generator=g))
+
+
+def all_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    users = torch.arange(N_USERS).repeat_interleave(N_MOVIES)
+    movies = torch.arange(N_MOVIES).repeat(N_USERS)
+    return users, movies
+
+
+def test_attention_weights_are_a_distribution():
+    torch.manual_seed(0)
+    model = NCF(N_USERS, N_MOVIES, model_config()).eval()  # the deck's architecture
+    with torch.no_grad():
+        model.attention.weight.mul_(20)  # sharpen the gates so they move away from 1/2
+        out = model(*all_pairs())
+    total = out.user_weight + out.movie_weight
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+    for weight in (out.user_weight, out.movie_weight):
+        assert ((weight > 0) & (weight < 1)).all()
+    assert out.user_weight.std() > 0.01  # the gates depend on the pair
+
+
+def test_rating_is_strength_scaled_to_the_rating_range():
+    torch.manual_seed(0)
+    model = NCF(N_USERS, N_MOVIES, small_config())
+    scramble_batch_norm_and_biases(model)
+    out = model.eval()(*all_pairs())
+    assert ((out.strength >= 0) & (out.strength <= 1)).all()
+    assert torch.allclose(out.rating, 0.5 + 4.5 * out.strength, atol=1e-6)
+    assert ((out.rating >= 0.5) & (out.rating <= 5.0)).all()
+    assert out.rating.shape == (N_USERS * N_MOVIES,)
+    assert out.strength.std() > 1e-3
+
+
+@pytest.mark.parametrize("options", [(), ("model.use_bias=true",), ("model.use_genres=true",),
+                                     ("model.use_bias=true", "model.use_genres=true"),
+                                     ("model.batch_norm=false", "model.use_bias=true")])
+def test_score_users_equals_forward_on_the_grid(options):
+    torch.manual_seed(0)
+    cfg = small_config(*options)
+    model = NCF(N_USERS, N_MOVIES, cfg, genres() if cfg.use_genres else None)
+    scramble_batch_norm_and_biases(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(*all_pairs()).rating.view(N_USERS, N_MOVIES)
+    users = torch.arange(N_USERS)
+    got = model.score_users(users)
+    assert got.shape == (N_USERS, N_MOVIES)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    # A subset of users and movies, in any order.
+    some_users, some_movies = torch.tensor([4, 0, 8]), torch.tensor([22, 3, 3, 10])
+    assert torch.allclose(model.score_users(some_users, some_movies), expected[some_users][:, some_movies],
+                          atol=1e-5)
+
+
+def test_xavier_init_and_zero_biases():
+    torch.manual_seed(0)
+    model = NCF(300, 400, model_config("model.use_bias=true", "model.use_genres=true"),
+                torch.ones(400, N_GENRES))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    embeddings = [model.user_embedding, model.movie_embedding]
+    assert len(linears) == 1 + 5 + 1  # attention, 4 hidden + output, genre projection
+    for module in linears + embeddings:
+        fan_out, fan_in = module.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        weight = module.weight.detach()
+        assert weight.abs().max() <= bound + 1e-7
+        if weight.numel() >= 1000:  # a uniform on [-bound, bound] has std bound / sqrt(3)
+            assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            assert torch.count_nonzero(module.bias) == 0
+    assert torch.count_nonzero(model.user_bias.weight) == 0
+    assert torch.count_nonzero(model.movie_bias.weight) == 0
+
+
+def test_reset_parameters_gives_a_fresh_model():
+    """Refitting resets the model in place: nothing learnt (batch norm included) may survive."""
+    torch.manual_seed(0)
+    model = NCF(N_USERS, N_MOVIES, small_config("model.use_bias=true"))
+    scramble_batch_norm_and_biases(model)
+    with torch.no_grad():
+        model.user_embedding.weight.fill_(3.0)
+    model.reset_parameters()
+    assert model.user_embedding.weight.abs().max() < 3.0
+    assert torch.count_nonzero(model.user_bias.weight) == 0
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(batch_norms) == 3
+    for bn in batch_norms:
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            assert torch.count_nonzero(module.bias) == 0
+
+
+def test_options_are_off_by_default():
+    model = NCF(N_USERS, N_MOVIES, model_config())
+    assert not hasattr(model, "user_bias") and not hasattr(model, "movie_bias")
+    assert not hasattr(model, "genre_projection") and not hasattr(model, "genres")
+    names = {name for name, _ in model.named_parameters()}
+    assert not any("bias" in name.split(".")[0] for name in names)
+    hidden = [m.out_features for m in model.mlp if isinstance(m, nn.Linear)]
+    assert hidden == [512, 256, 128, 64, 1]
+    assert model.mlp[0].in_features == 2 * 128
+    dropouts = [m.p for m in model.mlp if isinstance(m, nn.Dropout)]
+    assert dropouts == [0.3, 0.2, 0.1]  # the 0.0 dropout adds no layer
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.mlp) == 4
+
+
+def test_options_add_their_parameters():
+    cfg = small_config("model.use_bias=true", "model.use_genres=true")
+    model = NCF(N_USERS, N_MOVIES, cfg, genres())
+    assert model.user_bias.weight.shape == (N_USERS, 1)
+    assert model.movie_bias.weight.shape == (N_MOVIES, 1)
+    assert model.genre_projection.weight.shape == (8, N_GENRES)
+    assert "genres" in dict(model.named_buffers())
+
+
+def test_use_genres_requires_the_genre_matrix():
+    with pytest.raises(ValueError, match="genre"):
+        NCF(N_USERS, N_MOVIES, small_config("model.use_genres=true"))
+
+
+def test_genres_change_the_movie_vectors():
+    torch.manual_seed(0)
+    model = NCF(N_USERS, N_MOVIES, small_config("model.use_genres=true"), genres())
+    movies = torch.arange(N_MOVIES)
+    with torch.no_grad():
+        expected = model.movie_embedding(movies) + genres() @ model.genre_projection.weight.T
+        assert torch.allclose(model.movie_vectors(movies), expected, atol=1e-6)
+
+
+def test_flops_per_sample_by_hand():
+    cfg = model_config("model.embedding_dim=8", "model.hidden_dims=[16, 8]", "model.dropouts=[0.0, 0.0]")
+    # attention 16x2, layers 16x16 and 16x8, output 8x1 multiply-adds; two flops each.
+    assert count_flops_per_sample(cfg) == 2 * (16 * 2 + 16 * 16 + 16 * 8 + 8)

@@ -1,0 +1,84 @@
+"""The Recommender in raw MovieLens ids: top-k over unseen movies, unknown ids, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ncf.config import load_config
+from ncf.data import MovieLens
+from ncf.recommender import PAIR_COLUMNS, TOP_K_COLUMNS, Recommender, UnknownIdError
+from ncf.train import build_model
+
+
+@pytest.fixture(scope="module")
+def recommender(small_movielens: MovieLens) -> Recommender:
+    """An untrained model with both options on: the ranking plumbing does not need a good model."""
+    config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
+                          "model.use_bias=true", "model.use_genres=true"])
+    torch.manual_seed(0)
+    model = build_model(config, small_movielens)
+    with torch.no_grad():
+        model.movie_bias.weight.normal_()  # spread the scores so the ranking is not all ties
+    return Recommender.from_training(model, config, small_movielens)
+
+
+def test_recommend_ranks_unseen_movies(recommender: Recommender, small_movielens: MovieLens):
+    user_id = int(small_movielens.ids.user_ids[3])
+    top = recommender.recommend([user_id], k=7)
+    assert list(top.columns) == TOP_K_COLUMNS
+    assert top["rank"].tolist() == list(range(1, 8))
+    assert (top["user_id"] == user_id).all()
+    seen = small_movielens.splits.train_and_validation()
+    seen_ids = set(small_movielens.ids.movie_ids[seen.movie[seen.user == 3]].tolist())
+    assert len(seen_ids) > 7
+    assert not seen_ids & set(top["movie_id"].tolist())
+    assert top["movie_id"].is_unique
+    assert (np.diff(top["predicted_rating"].to_numpy()) <= 1e-5).all()  # best first
+    # Nothing unseen scores above the 7th recommendation.
+    all_scores = recommender.scorer.score(np.array([3]))[0].numpy()
+    unseen = np.setdiff1d(np.arange(small_movielens.n_movies), seen.movie[seen.user == 3])
+    assert all_scores[unseen].max() == pytest.approx(top["predicted_rating"].iloc[0], abs=1e-5)
+    assert np.sort(all_scores[unseen])[-7] == pytest.approx(top["predicted_rating"].iloc[-1], abs=1e-5)
+    titles = dict(zip(small_movielens.movies["movieId"], small_movielens.movies["title"], strict=True))
+    assert top["title"].tolist() == [titles[m] for m in top["movie_id"]]
+
+
+def test_predict_pairs_and_unknown_ids(recommender: Recommender, small_movielens: MovieLens):
+    user_id = int(small_movielens.ids.user_ids[0])
+    pairs = recommender.predict_pairs([user_id, user_id], [1, 193609])
+    assert list(pairs.columns) == PAIR_COLUMNS
+    assert pairs["movie_id"].tolist() == [1, 193609]
+    assert ((pairs["predicted_rating"] >= 0.5) & (pairs["predicted_rating"] <= 5.0)).all()
+    np.testing.assert_allclose(pairs["user_weight"] + pairs["movie_weight"], 1.0, atol=1e-6)
+    with pytest.raises(UnknownIdError, match="99999"):
+        recommender.predict_pairs([99999], [1])
+    with pytest.raises(UnknownIdError, match="424242"):
+        recommender.predict_pairs([user_id], [424242])
+    with pytest.raises(UnknownIdError):
+        recommender.recommend([user_id, 99999])
+    assert recommender.knows_user(user_id) and not recommender.knows_user(99999)
+
+
+def test_popular_is_ordered_by_known_ratings(recommender: Recommender, small_movielens: MovieLens):
+    counts = np.bincount(small_movielens.splits.train_and_validation().movie, minlength=small_movielens.n_movies)
+    top = recommender.popular(5)
+    assert len(top) == 5
+    assert (np.diff(counts[top]) <= 0).all()
+    assert counts[top[-1]] >= np.sort(counts)[-5]
+
+
+def test_save_and_load_round_trip(recommender: Recommender, small_movielens: MovieLens, tmp_path: Path):
+    loaded = Recommender.load(recommender.save(tmp_path / "model"))
+    assert loaded.config == recommender.config
+    np.testing.assert_array_equal(loaded.ids.movie_ids, recommender.ids.movie_ids)
+    np.testing.assert_array_equal(loaded.ids.user_ids, recommender.ids.user_ids)
+    assert loaded.movies["title"].tolist() == recommender.movies["title"].tolist()
+    torch.testing.assert_close(loaded.model.genres, recommender.model.genres)
+    user_ids = small_movielens.ids.user_ids[:4]
+    before, after = recommender.recommend(user_ids, k=5), loaded.recommend(user_ids, k=5)
+    assert after["movie_id"].tolist() == before["movie_id"].tolist()
+    np.testing.assert_allclose(after["predicted_rating"], before["predicted_rating"], atol=1e-6)

@@ -1,0 +1,206 @@
+"""The training loop in-process on a small slice of the real data, evaluation and the baselines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ncf.baselines import GlobalMean, MostPopular, UserItemBias
+from ncf.config import Config, load_config
+from ncf.data import MovieLens
+from ncf.evaluate import TABLE_COLUMNS, evaluate, evaluate_baselines, format_table
+from ncf.metrics import rmse
+from ncf.recommender import NCFScorer
+from ncf.train import (
+    CHECKPOINT_FILE,
+    LocalReporter,
+    TrainResult,
+    model_from_checkpoint,
+    predict_ratings,
+    train_loop,
+)
+
+SMALL_MODEL = ("model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]",
+               "train.batch_size=128")
+
+
+def small_config(*overrides: str) -> Config:
+    return load_config([*SMALL_MODEL, *overrides])
+
+
+def search_entries(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [m for m in history if m["phase"] == 0.0]
+
+
+def refit_entries(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [m for m in history if m["phase"] == 1.0]
+
+
+def validation_rmse(model, data: MovieLens) -> float:
+    users, movies, ratings = data.splits.validation.tensors()
+    return rmse(ratings.numpy(), predict_ratings(model, users, movies, torch.device("cpu")).numpy())
+
+
+@pytest.fixture(scope="module")
+def refit_run(small_movielens: MovieLens) -> tuple[TrainResult, LocalReporter]:
+    """Three search epochs (no early stop possible), then the refit on train + validation."""
+    reporter = LocalReporter(verbose=False)
+    config = small_config("train.max_epochs=3", "train.patience=3", "train.refit=true")
+    return train_loop(config, small_movielens, reporter), reporter
+
+
+def test_search_phase_learns_and_tracks_validation(refit_run):
+    result, reporter = refit_run
+    search = search_entries(result.history)
+    assert [m["epoch"] for m in search] == [1, 2, 3]
+    assert search[-1]["train_loss"] < search[0]["train_loss"]
+    assert search[1]["train_loss"] < search[0]["train_loss"]
+    for m in search:
+        assert math.isfinite(m["val_rmse"]) and 0 < m["val_rmse"] < 2
+        assert m["val_rmse"] == pytest.approx(math.sqrt(m["val_loss"]))
+        assert m["train_rmse"] == pytest.approx(math.sqrt(m["train_loss"]))
+        assert 0 < m["val_mae"] < m["val_rmse"] + 1e-9
+    val = [m["val_rmse"] for m in search]
+    assert result.best_val_rmse == pytest.approx(min(val))
+    assert result.best_epoch == int(np.argmin(val)) + 1
+    assert search[-1]["best_val_rmse"] == pytest.approx(min(val))
+    assert search[0]["improved"] == 1.0
+    assert reporter.history == result.history
+
+
+def test_refit_runs_best_epoch_count_on_train_and_validation(refit_run):
+    result, _ = refit_run
+    search, refit = search_entries(result.history), refit_entries(result.history)
+    assert 1 <= result.best_epoch <= 3
+    assert len(result.history) == 3 + result.best_epoch
+    assert len(refit) == result.best_epoch
+    assert [m["epoch"] for m in refit] == list(range(4, 4 + result.best_epoch))
+    assert [m["lr"] for m in refit] == [m["lr"] for m in search[: result.best_epoch]]
+    for m in refit:
+        assert "val_rmse" not in m  # validation is part of the refit data
+        assert math.isfinite(m["train_loss"])
+    assert not result.model.training
+    assert next(result.model.parameters()).device.type == "cpu"
+
+
+def test_refit_model_is_not_the_search_model(refit_run, small_movielens):
+    """The refit model learnt from the validation ratings: it fits them better than the best search model did."""
+    result, _ = refit_run
+    assert validation_rmse(result.model, small_movielens) < result.best_val_rmse
+
+
+def test_without_refit_the_best_weights_are_returned(small_movielens, tmp_path):
+    config = small_config("train.max_epochs=3", "train.patience=3", "train.refit=false")
+    reporter = LocalReporter(checkpoint_dir=tmp_path, verbose=False)
+    result = train_loop(config, small_movielens, reporter)
+    assert len(result.history) == 3 and not refit_entries(result.history)
+    assert validation_rmse(result.model, small_movielens) == pytest.approx(result.best_val_rmse, abs=1e-5)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    restored = model_from_checkpoint(tmp_path, config, small_movielens)  # no refit: the best weights
+    assert not restored.training
+    assert validation_rmse(restored, small_movielens) == pytest.approx(result.best_val_rmse, abs=1e-5)
+
+
+def test_early_stopping_and_lr_plateau(small_movielens):
+    # A high learning rate overfits 60 users within a couple of epochs.
+    config = small_config("train.max_epochs=10", "train.patience=2", "train.refit=false",
+                          "train.learning_rate=0.01", "train.lr_plateau_patience=0", "train.lr_plateau_factor=0.5")
+    result = train_loop(config, small_movielens, LocalReporter(verbose=False))
+    history = result.history
+    assert len(history) < 10
+    assert [m["improved"] for m in history[-2:]] == [0.0, 0.0]
+    assert result.best_epoch == len(history) - 2
+    first_stale = next(i for i, m in enumerate(history) if m["improved"] == 0.0)
+    assert history[first_stale]["lr"] == pytest.approx(0.01)
+    assert history[first_stale + 1]["lr"] == pytest.approx(0.005)
+
+
+def test_resume_continues_from_the_checkpoint(small_movielens, tmp_path):
+    """No dropout, so the run is deterministic: stopping and resuming must change nothing."""
+    deterministic = ("model.dropouts=[0.0, 0.0]", "train.refit=false", "train.patience=4")
+    straight = train_loop(small_config("train.max_epochs=4", *deterministic), small_movielens,
+                          LocalReporter(verbose=False))
+
+    first = LocalReporter(checkpoint_dir=tmp_path, resume=False, verbose=False)
+    head = train_loop(small_config("train.max_epochs=2", *deterministic), small_movielens, first)
+    assert [m["epoch"] for m in first.history] == [1, 2]
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+
+    second = LocalReporter(checkpoint_dir=tmp_path, resume=True, verbose=False)
+    resumed = train_loop(small_config("train.max_epochs=4", *deterministic), small_movielens, second)
+    assert [m["epoch"] for m in second.history] == [3, 4]  # not re-trained from epoch 1
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[:2] == head.history
+    for got, want in zip(resumed.history, straight.history, strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+        assert got["val_rmse"] == pytest.approx(want["val_rmse"], rel=1e-5)
+    assert resumed.best_epoch == straight.best_epoch
+    assert resumed.best_val_rmse == pytest.approx(straight.best_val_rmse, rel=1e-5)
+
+
+def test_resume_false_ignores_an_existing_checkpoint(small_movielens, tmp_path):
+    config = small_config("train.max_epochs=1", "train.refit=false")
+    train_loop(config, small_movielens, LocalReporter(checkpoint_dir=tmp_path, verbose=False))
+    again = LocalReporter(checkpoint_dir=tmp_path, resume=False, verbose=False)
+    train_loop(config, small_movielens, again)
+    assert [m["epoch"] for m in again.history] == [1]
+
+
+def test_resuming_a_finished_refit_does_no_more_work(small_movielens, tmp_path):
+    config = small_config("train.max_epochs=2", "train.patience=2", "train.refit=true")
+    done = train_loop(config, small_movielens, LocalReporter(checkpoint_dir=tmp_path, verbose=False))
+    assert refit_entries(done.history)
+    second = LocalReporter(checkpoint_dir=tmp_path, resume=True, verbose=False)
+    again = train_loop(config, small_movielens, second)
+    assert second.history == []
+    assert again.history == done.history
+    users, movies, _ = small_movielens.splits.test.tensors()
+    expected = predict_ratings(done.model, users, movies, torch.device("cpu"))
+    assert torch.allclose(predict_ratings(again.model, users, movies, torch.device("cpu")), expected)
+    restored = model_from_checkpoint(tmp_path, config, small_movielens)  # after a refit: the refit weights
+    assert torch.allclose(predict_ratings(restored, users, movies, torch.device("cpu")), expected)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_a_trained_model(refit_run, small_movielens):
+    result, _ = refit_run
+    scorer = NCFScorer(result.model)
+    metrics = evaluate(scorer, small_movielens)
+    assert set(metrics) == set(TABLE_COLUMNS)
+    assert 0.5 < metrics["rmse"] < 1.5
+    assert 0 < metrics["mae"] < metrics["rmse"]
+    for key in TABLE_COLUMNS[2:]:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["precision_at_10"] > 0.5  # most test ratings are >= 3
+    explained = scorer.explain(np.array([0, 1, 2]), np.array([5, 6, 7]))
+    assert set(explained) == {"rating", "strength", "user_weight", "movie_weight"}
+    np.testing.assert_allclose(explained["user_weight"] + explained["movie_weight"], 1.0, atol=1e-6)
+
+
+def test_baseline_metric_keys(small_movielens):
+    table = evaluate_baselines(small_movielens)
+    assert list(table) == [GlobalMean.name, UserItemBias.name, MostPopular.name]
+    rating_keys = {"rmse", "mae", "precision_at_10", "recall_at_10", "f_at_10", "ndcg_at_10"}
+    full_keys = set(TABLE_COLUMNS) - rating_keys
+    assert set(table["global_mean"]) == rating_keys
+    assert set(table["user_item_bias"]) == set(TABLE_COLUMNS)
+    assert set(table["most_popular"]) == full_keys
+    assert table["user_item_bias"]["rmse"] < table["global_mean"]["rmse"]
+    text = format_table(table)
+    assert text.splitlines()[0].startswith("model")
+    assert len(text.splitlines()) == 4
+    assert "-" in text.splitlines()[3]  # most_popular has no RMSE
+
+
+def test_baselines_reproduce_the_reference_figures(movielens):
+    table = evaluate_baselines(movielens)
+    assert table["global_mean"]["rmse"] == pytest.approx(1.068, abs=0.005)
+    assert table["user_item_bias"]["rmse"] == pytest.approx(0.896, abs=0.005)
+    assert table["user_item_bias"]["mae"] == pytest.approx(0.690, abs=0.005)
+    assert table["most_popular"]["full_ndcg_at_10"] == pytest.approx(0.0754, abs=0.005)
+    assert table["most_popular"]["full_hit_rate_at_10"] == pytest.approx(0.32, abs=0.005)
