@@ -29,8 +29,9 @@ test: venv
 lint: venv
 	$(PY) -m ruff check .
 
-ui: venv  ## MLflow UI on 127.0.0.1:5000 against the project's store
-	.venv/bin/mlflow ui --backend-store-uri "$$($(PY) -c "from ncf.tracking import tracking_uri; print(tracking_uri())")" --host 127.0.0.1 --port 5000
+UI_PORT ?= 5000
+ui: venv  ## MLflow UI on 127.0.0.1:$(UI_PORT) against the project's store
+	.venv/bin/mlflow ui --backend-store-uri "$$($(PY) -c "from ncf.tracking import tracking_uri; print(tracking_uri())")" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 bench-train: venv  ## epoch time in-process vs Ray Train (1 and 2 workers) -> docs/benchmarks/
 	$(PY) -m jobs.bench_train $(ARGS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -105,11 +105,57 @@ class ServeConfig(Section):
         return self
 
 
+class Distribution(Section):
+    """One searched value, in exactly one form: `choice: [...]`, `uniform: [low, high]`,
+    `loguniform: [low, high]` or `randint: [low, high]` (both ends included)."""
+
+    choice: list[Any] | None = Field(default=None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Distribution:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)} (got {given or 'none'})")
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]} needs low < high, got {list(bounds)}")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(gt=0)
+    seed: int
+    startup_trials: int = Field(ge=0)
+    max_epochs: int = Field(gt=0)
+    grace_period: int = Field(gt=0)
+    reduction_factor: float = Field(gt=1)
+    workers_per_trial: int = Field(gt=0)
+    cpus_per_worker: float = Field(gt=0)
+    gpus_per_worker: float = Field(ge=0)
+    max_concurrent_trials: int | None = Field(gt=0)
+    space: dict[str, dict[str, Distribution]] = Field(min_length=1)
+
+
 class Config(Section):
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
     serve: ServeConfig
+    tune: TuneConfig
+
+    @model_validator(mode="after")
+    def _check_search_space(self) -> Config:
+        for section, keys in self.tune.space.items():
+            known = type(getattr(self, section)).model_fields if section in ("model", "train") else {}
+            for key in keys:
+                if key not in known:
+                    raise ValueError(f"tune.space.{section}.{key} is not a model or train config key")
+        return self
 
 
 SECTIONS = tuple(Config.model_fields)
@@ -126,6 +172,14 @@ def _set_path(tree: dict, dotted_key: str, value: object) -> None:
     if leaf not in node:
         raise ConfigError(f"unknown config key '{dotted_key}'")
     node[leaf] = value
+
+
+def with_values(config: Config, values: dict[str, object]) -> Config:
+    """A copy of `config` with dotted keys replaced (`{"train.batch_size": 512}`), validated."""
+    tree = config.model_dump()
+    for key, value in values.items():
+        _set_path(tree, key, value)
+    return config_from_dict(tree)
 
 
 def parse_override(text: str) -> tuple[str, object]:

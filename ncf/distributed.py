@@ -64,12 +64,17 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"))
 
 
-def make_trainer(config: Config, run_id: str | None, name: str):
-    """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config."""
+def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list | None = None):
+    """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config.
+
+    `callbacks` are Ray Train callbacks (a Tune trial passes `TuneReportCallback`).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = config.train
+    # Rank 0 prints each epoch once; Ray Train's print patch would echo every line twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(), "run_id": run_id, "tracking_uri": tracking.tracking_uri()},
@@ -82,6 +87,7 @@ def make_trainer(config: Config, run_id: str | None, name: str):
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_val_rmse",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
     )
 
@@ -96,8 +102,11 @@ def fit_with_ray(config: Config, run_id: str | None) -> Path:
     return Path(result.checkpoint.to_directory())
 
 
-def fit_in_process(config: Config, data: MovieLens, run_id: str | None, checkpoint_dir: Path) -> Path:
+def fit_in_process(config: Config, data: MovieLens, run_id: str | None, checkpoint_dir: Path,
+                   resume: bool = False) -> Path:
+    """Train in this process; `resume` continues from the checkpoint already in `checkpoint_dir`."""
     on_epoch = tracking.EpochLogger(run_id) if run_id else None
-    reporter = LocalReporter(checkpoint_dir, device="cuda" if config.train.use_gpu else "cpu", on_epoch=on_epoch)
+    reporter = LocalReporter(checkpoint_dir, resume=resume, device="cuda" if config.train.use_gpu else "cpu",
+                             on_epoch=on_epoch)
     train_loop(config, data, reporter)
     return checkpoint_dir

@@ -24,7 +24,7 @@ def learning_curves(history: list[dict[str, float]]) -> plt.Figure:
         ax.plot([h["epoch"] for h in refit], [h["train_rmse"] for h in refit], "s--",
                 label="refit on train + validation (train RMSE)")
     ax.set(xlabel="epoch", ylabel="RMSE", title="Learning curves")
-    ax.legend()
+    ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

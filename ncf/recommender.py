@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import yaml
 
-from ncf.config import SECTIONS, Config, config_from_dict, load_config
+from ncf.config import Config, ModelConfig
 from ncf.data import IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF
 from ncf.ranking import SeenItems, top_k_unseen
@@ -53,9 +53,9 @@ class NCFScorer:
 
 
 class Recommender:
-    def __init__(self, model: NCF, config: Config, ids: IdMaps, movies: pd.DataFrame, history: Ratings):
+    def __init__(self, model: NCF, config: dict, ids: IdMaps, movies: pd.DataFrame, history: Ratings):
         self.model = model.eval()
-        self.config = config
+        self.config = config  # the resolved training config, kept as the run's record
         self.ids = ids
         self.movies = movies.reset_index(drop=True)
         self.history = history  # every known rating (train + validation), encoded
@@ -65,7 +65,7 @@ class Recommender:
 
     @classmethod
     def from_training(cls, model: NCF, config: Config, data: MovieLens) -> Recommender:
-        return cls(model, config, data.ids, data.movies, data.splits.train_and_validation())
+        return cls(model, config.model_dump(), data.ids, data.movies, data.splits.train_and_validation())
 
     # ------------------------------------------------------------------ persistence
 
@@ -73,7 +73,7 @@ class Recommender:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), folder / WEIGHTS)
-        (folder / CONFIG).write_text(yaml.safe_dump(self.config.model_dump(), sort_keys=False))
+        (folder / CONFIG).write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.ids.save(folder / IDS)
         self.movies.to_csv(folder / MOVIES, index=False)
         h = self.history
@@ -83,15 +83,15 @@ class Recommender:
     @classmethod
     def load(cls, folder: Path) -> Recommender:
         folder = Path(folder)
-        saved, defaults = yaml.safe_load((folder / CONFIG).read_text()), load_config().model_dump()
-        # Sections and keys added to the config since the model was saved (e.g. `serve`) take today's defaults.
-        config = config_from_dict({section: defaults[section] | saved.get(section, {}) for section in SECTIONS})
+        config = yaml.safe_load((folder / CONFIG).read_text())
+        # Only the model section shapes the network: sections added since training do not matter here.
+        model_config = ModelConfig.model_validate(config["model"])
         ids = IdMaps.load(folder / IDS)
         movies = pd.read_csv(folder / MOVIES, dtype={"title": str, "genres": str}, keep_default_na=False)
         with np.load(folder / HISTORY) as arrays:
             history = Ratings(arrays["user"], arrays["movie"], arrays["rating"], arrays["timestamp"])
-        genres = torch.from_numpy(genre_matrix(movies)[0]) if config.model.use_genres else None
-        model = NCF(ids.n_users, ids.n_movies, config.model, genres)
+        genres = torch.from_numpy(genre_matrix(movies)[0]) if model_config.use_genres else None
+        model = NCF(ids.n_users, ids.n_movies, model_config, genres)
         model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
         return cls(model, config, ids, movies, history)
 

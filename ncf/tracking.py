@@ -150,3 +150,29 @@ def champion_version(client: MlflowClient | None = None) -> mlflow.entities.mode
 
 def promote(version: str, client: MlflowClient | None = None) -> None:
     (client or MlflowClient()).set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+
+
+VALIDATION_METRIC = "best_val_rmse"
+
+
+def promote_if_better(version: str, val_rmse: float, client: MlflowClient | None = None) -> dict[str, str]:
+    """Move the champion alias to `version` only if its validation RMSE beats the champion's.
+
+    The incumbent's figure is the `best_val_rmse` its run logged (a run without one counts
+    as beaten). Returns the decision and both figures, as tags for the runs to record.
+    """
+    client = client or MlflowClient()
+    incumbent = champion_version(client)
+    incumbent_val = None
+    if incumbent is not None and incumbent.run_id:
+        incumbent_val = client.get_run(incumbent.run_id).data.metrics.get(VALIDATION_METRIC)
+    promoted = incumbent is None or incumbent_val is None or val_rmse < incumbent_val
+    if promoted:
+        promote(version, client)
+    return {
+        "champion.decision": "promoted" if promoted else "kept",
+        "champion.candidate_version": version,
+        "champion.candidate_val_rmse": f"{val_rmse:.6f}",
+        "champion.incumbent_version": incumbent.version if incumbent else "none",
+        "champion.incumbent_val_rmse": f"{incumbent_val:.6f}" if incumbent_val is not None else "none",
+    }

@@ -7,8 +7,8 @@ once it is loaded and warmed, so no request waits for an update or fails on one.
 users not cached yet are scored together, one catalogue pass per batch (`@serve.batch`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must resolve the handlers' parameter types
+# (e.g. `UserId`) at runtime, and Serve's class-based ingress cannot see this module's names to do it.
 import asyncio
 import logging
 import re
@@ -105,7 +105,7 @@ class Served:
         counts = np.bincount(history.movie, minlength=ids.n_movies)
         means = np.bincount(history.movie, weights=history.rating, minlength=ids.n_movies) / np.maximum(counts, 1)
         popular = self.by_popularity[:MAX_K]
-        lo, hi = recommender.config.model.rating_min, recommender.config.model.rating_max
+        lo, hi = recommender.model.cfg.rating_min, recommender.model.cfg.rating_max
         # Cold start: the most rated movies, each at its mean rating; only the movie side speaks.
         self.cold = Ranking(popular, means[popular], (means[popular] - lo) / (hi - lo),
                             np.zeros(len(popular)), np.ones(len(popular)))

@@ -30,14 +30,6 @@ SMALL_MODEL = ["model.embedding_dim=32", "model.hidden_dims=[64, 32]", "model.dr
 
 
 @pytest.fixture(scope="module")
-def data_dir() -> str:
-    folder = os.environ.get("NCF_DATA_DIR")
-    if not folder:
-        pytest.skip("NCF_DATA_DIR is not set")
-    return str(Path(folder).resolve())
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """A fresh MLflow store for this module; the env var is what every process reads."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
@@ -178,3 +170,32 @@ def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_d
     assert state["resumed"] >= 1, "the replacement worker resumed from a checkpoint"
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
     assert abs(disturbed - undisturbed) <= 0.01, (disturbed, undisturbed)
+
+
+def test_make_ui_serves_the_same_store(trained, store):
+    """`make ui` on a free port shows the experiment and the training run."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    ui = subprocess.Popen(["make", "-s", "ui", f"UI_PORT={port}"], cwd=repo, start_new_session=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": store},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body, deadline = None, time.time() + 90
+        while body is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?"
+                                            "max_results=10", timeout=5) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "the MLflow UI did not answer"
+        assert tracking.EXPERIMENT in [e["name"] for e in body["experiments"]]
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)

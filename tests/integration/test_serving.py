@@ -1,0 +1,359 @@
+"""The Ray Serve app over real HTTP: every endpoint, bad inputs, cold start, `make serve`, and a model
+update under traffic. One app per module (the `served_url` fixture); the update test runs last."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from ncf import tracking
+from ncf.config import REPO_ROOT, load_config
+from ncf.recommender import Recommender
+from serving.app import MAX_ID, build_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def http(served_url: str):
+    with httpx.Client(base_url=served_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def champion(model_store) -> Recommender:
+    return model_store.recommender(model_store.champion)
+
+
+def seen_movies(recommender: Recommender, user_id: int) -> set[int]:
+    user = recommender.user_indices([user_id])[0]
+    return set(recommender.ids.movie_ids[recommender.history.movie[recommender.history.user == user]].tolist())
+
+
+# ----------------------------------------------------------------------------- `make serve` (before the module's app)
+
+
+def test_make_serve_without_a_model_says_how_to_make_one(tmp_path: Path):
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
+    done = subprocess.run([sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 1
+    assert "models:/ncf-movielens@champion" in done.stderr and "make train" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_make_serve_answers_then_stops_cleanly_on_sigterm(model_store, free_port: int):
+    port = free_port
+    env = os.environ | {"MLFLOW_TRACKING_URI": model_store.uri}
+    process = subprocess.Popen([sys.executable, "-m", "serving", "--set", f"serve.port={port}",
+                                "--set", "serve.warm_users=0"], env=env, cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in process.stdout:  # the banner comes once the app answers
+            output.append(line)
+            if line.startswith("serving "):
+                break
+        assert output and f"http://127.0.0.1:{port}" in output[-1], "".join(output)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()["status"] == "ok"
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {[p.name() for p in alive]}"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_recommend_gives_the_models_top_k_unseen_movies(http: httpx.Client, champion: Recommender):
+    body = http.get("/recommend", params={"user_id": 1}).json()
+    assert body["user_id"] == 1 and body["cold_start"] is False
+    assert body["model_version"] == http.get("/version").json()["model_version"]
+    items = body["items"]
+    assert len(items) == 10
+    expected = champion.recommend([1], 10)
+    assert [i["movie_id"] for i in items] == expected["movie_id"].tolist()
+    assert [i["title"] for i in items] == expected["title"].tolist()
+    np.testing.assert_allclose([i["predicted_rating"] for i in items], expected["predicted_rating"], rtol=1e-5)
+    assert not {i["movie_id"] for i in items} & seen_movies(champion, 1)
+    for item in items:
+        assert set(item) == {"movie_id", "title", "genres", "predicted_rating", "strength", "user_weight",
+                             "movie_weight"}
+        assert item["user_weight"] + item["movie_weight"] == pytest.approx(1, abs=1e-5)
+        assert 0 <= item["strength"] <= 1
+        assert item["predicted_rating"] == pytest.approx(0.5 + 4.5 * item["strength"], abs=1e-4)
+    ratings = [i["predicted_rating"] for i in items]
+    assert ratings == sorted(ratings, reverse=True)
+
+
+def test_recommend_k_is_a_prefix_of_a_longer_list(http: httpx.Client):
+    top100 = http.get("/recommend", params={"user_id": 7, "k": 100}).json()["items"]
+    top3 = http.get("/recommend", params={"user_id": 7, "k": 3}).json()["items"]
+    assert len(top100) == 100 and top3 == top100[:3]
+
+
+def test_concurrent_first_requests_match_the_model(http: httpx.Client, champion: Recommender):
+    """Users asked for at once are scored in shared batches; each still gets exactly its own answer."""
+    counts = np.bincount(champion.history.user)
+    users = champion.ids.user_ids[np.argsort(counts, kind="stable")[:24]].tolist()  # least active: not warmed
+    results: dict[int, list[int]] = {}
+
+    def ask(user: int) -> None:
+        results[user] = [i["movie_id"] for i in http.get("/recommend", params={"user_id": user}).json()["items"]]
+
+    threads = [threading.Thread(target=ask, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = champion.recommend(users, 10)
+    for user in users:
+        assert results[user] == expected[expected["user_id"] == user]["movie_id"].tolist()
+
+
+@pytest.mark.parametrize("user_id", [0, 99_999_999, MAX_ID])
+def test_unknown_user_gets_popular_movies_flagged_cold_start(http: httpx.Client, champion: Recommender, user_id):
+    body = http.get("/recommend", params={"user_id": user_id, "k": 5}).json()
+    assert body["cold_start"] is True and body["user_id"] == user_id
+    assert [i["movie_id"] for i in body["items"]] == champion.ids.movie_ids[champion.popular(5)].tolist()
+    for item in body["items"]:
+        assert (item["user_weight"], item["movie_weight"]) == (0.0, 1.0)
+        assert 0.5 <= item["predicted_rating"] <= 5.0
+
+
+def test_explain_gives_weights_and_the_users_closest_liked_movies(http: httpx.Client, champion: Recommender):
+    top = http.get("/recommend", params={"user_id": 1, "k": 1}).json()["items"][0]
+    body = http.get("/explain", params={"user_id": 1, "movie_id": top["movie_id"]}).json()
+    assert body["predicted_rating"] == pytest.approx(top["predicted_rating"], abs=1e-4)
+    assert body["user_weight"] + body["movie_weight"] == pytest.approx(1, abs=1e-5)
+    assert body["user_weight"] == pytest.approx(top["user_weight"], abs=1e-5)
+    because = body["because_you_rated"]
+    assert 1 <= len(because) <= 5
+    user = champion.user_indices([1])[0]
+    own = {int(champion.ids.movie_ids[m]): float(r) for m, r in zip(
+        champion.history.movie[champion.history.user == user], champion.history.rating[champion.history.user == user],
+        strict=True)}
+    for b in because:
+        assert own[b["movie_id"]] == b["rating"] >= 4.0
+    similarities = [b["similarity"] for b in because]
+    assert similarities == sorted(similarities, reverse=True)
+    movie = champion.movie_indices([top["movie_id"]])[0]
+    np.testing.assert_allclose(similarities, champion.movie_similarity(
+        movie, champion.movie_indices([b["movie_id"] for b in because])), rtol=1e-4, atol=1e-6)
+    assert set(body["shared_genres"]) <= set(top["genres"])
+
+
+def test_predict_pairs_match_the_model(http: httpx.Client, champion: Recommender):
+    pairs = [{"user_id": 1, "movie_id": 1}, {"user_id": 2, "movie_id": 318}, {"user_id": 610, "movie_id": 1}]
+    body = http.post("/predict", json={"pairs": pairs}).json()
+    expected = champion.predict_pairs([p["user_id"] for p in pairs], [p["movie_id"] for p in pairs])
+    assert [(p["user_id"], p["movie_id"]) for p in body["predictions"]] == [(1, 1), (2, 318), (610, 1)]
+    for column in ("predicted_rating", "strength", "user_weight", "movie_weight"):
+        np.testing.assert_allclose([p[column] for p in body["predictions"]], expected[column], rtol=1e-5)
+    assert http.post("/predict", json={"pairs": []}).json()["predictions"] == []
+
+
+def test_predict_takes_ten_thousand_pairs(http: httpx.Client, champion: Recommender):
+    rng = np.random.default_rng(0)
+    users = rng.choice(champion.ids.user_ids, 10_000)
+    movies = rng.choice(champion.ids.movie_ids, 10_000)
+    pairs = [{"user_id": int(u), "movie_id": int(m)} for u, m in zip(users, movies, strict=True)]
+    response = http.post("/predict", json={"pairs": pairs})
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 10_000
+
+
+def test_history_lists_the_users_ratings_most_recent_first(http: httpx.Client, champion: Recommender):
+    body = http.get("/users/1/history").json()
+    assert body["user_id"] == 1
+    assert {r["movie_id"] for r in body["ratings"]} == seen_movies(champion, 1)
+    stamps = [r["timestamp"] for r in body["ratings"]]
+    assert stamps == sorted(stamps, reverse=True)
+    assert all(0.5 <= r["rating"] <= 5 and r["title"] for r in body["ratings"])
+
+
+def test_users_lists_every_known_user(http: httpx.Client, champion: Recommender):
+    body = http.get("/users", params={"limit": 5}).json()
+    assert body["count"] == champion.ids.n_users == 610
+    assert [u["user_id"] for u in body["users"]] == champion.ids.user_ids[:5].tolist()
+    assert body["users"][0]["n_ratings"] == len(seen_movies(champion, int(champion.ids.user_ids[0])))
+
+
+def test_movie_search_finds_titles_most_rated_first(http: httpx.Client):
+    body = http.get("/movies/search", params={"q": "toy story"}).json()
+    titles = [m["title"] for m in body["movies"]]
+    assert titles[0] == "Toy Story (1995)" and {"Toy Story 2 (1999)", "Toy Story 3 (2010)"} <= set(titles)
+    assert http.get("/movies/search", params={"q": "no such title zzz"}).json()["movies"] == []
+
+
+def test_version_and_health(http: httpx.Client, model_store):
+    version = http.get("/version").json()
+    assert version["model_name"] == "ncf-movielens"
+    assert version["run_id"] and version["loaded_at"]
+    assert version["model_uri"] == f"models:/ncf-movielens/{version['model_version']}"
+    health = http.get("/healthz").json()
+    assert health["status"] == "ok" and health["model_version"] == version["model_version"]
+
+
+def test_openapi_schema_lists_every_json_endpoint(http: httpx.Client):
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/recommend", "/explain", "/predict", "/users", "/users/{user_id}/history", "/movies/search",
+            "/healthz", "/version"} <= set(paths)
+
+
+def test_page_is_served_and_self_contained(http: httpx.Client):
+    response = http.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "<script>" in response.text
+    assert "http://" not in response.text and "https://" not in response.text  # nothing from the internet
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+TOO_BIG = str(2**64)
+BAD_REQUESTS = [
+    ("GET", "/recommend", {"user_id": -1}, 422, "user_id"),
+    ("GET", "/recommend", {"user_id": str(MAX_ID + 1)}, 422, "user_id"),
+    ("GET", "/recommend", {"user_id": TOO_BIG}, 422, "user_id"),
+    ("GET", "/recommend", {"user_id": "abc"}, 422, "user_id"),
+    ("GET", "/recommend", {"user_id": "1.5"}, 422, "user_id"),
+    ("GET", "/recommend", {}, 422, "user_id"),
+    ("GET", "/recommend", {"user_id": 1, "k": 0}, 422, "k"),
+    ("GET", "/recommend", {"user_id": 1, "k": 10**6}, 422, "k"),
+    ("GET", "/recommend", {"user_id": 1, "k": -3}, 422, "k"),
+    ("GET", "/recommend", {"user_id": 1, "k": "ten"}, 422, "k"),
+    ("GET", "/explain", {"user_id": 1}, 422, "movie_id"),
+    ("GET", "/explain", {"movie_id": 1}, 422, "user_id"),
+    ("GET", "/explain", {"user_id": 1, "movie_id": -5}, 422, "movie_id"),
+    ("GET", "/explain", {"user_id": 1, "movie_id": TOO_BIG}, 422, "movie_id"),
+    ("GET", "/explain", {"user_id": "x", "movie_id": 1}, 422, "user_id"),
+    ("GET", "/explain", {"user_id": 1, "movie_id": 999_999_999}, 404, "unknown movie id"),
+    ("GET", "/explain", {"user_id": 999_999, "movie_id": 1}, 404, "unknown user id"),
+    ("GET", "/users/abc/history", {}, 422, "user_id"),
+    ("GET", "/users/-1/history", {}, 422, "user_id"),
+    ("GET", f"/users/{TOO_BIG}/history", {}, 422, "user_id"),
+    ("GET", "/users/999999/history", {}, 404, "unknown user id"),
+    ("GET", "/users", {"limit": 0}, 422, "limit"),
+    ("GET", "/movies/search", {}, 422, "q"),
+    ("GET", "/movies/search", {"q": ""}, 422, "q"),
+    ("GET", "/movies/search", {"q": "   "}, 422, "q"),
+    ("GET", "/movies/search", {"q": "toy", "limit": 1000}, 422, "limit"),
+    ("GET", "/no/such/endpoint", {}, 404, "Not Found"),
+    ("GET", "/predict", {}, 405, "Method Not Allowed"),
+]
+BAD_BODIES = [
+    ('{"pairs": [', 422, "JSON"),
+    ("not json at all", 422, "JSON"),
+    ("", 422, "body"),
+    ("{}", 422, "pairs"),
+    ('{"pairs": "all"}', 422, "pairs"),
+    ('{"pairs": [{"user_id": 1}]}', 422, "pairs.0.movie_id"),
+    ('{"pairs": [{"user_id": -1, "movie_id": 1}]}', 422, "pairs.0.user_id"),
+    (f'{{"pairs": [{{"user_id": 1, "movie_id": {TOO_BIG}}}]}}', 422, "pairs.0.movie_id"),
+    ('{"pairs": [{"user_id": "one", "movie_id": 1}]}', 422, "pairs.0.user_id"),
+    ('{"pairs": [{"user_id": 1, "movie_id": 999999999}]}', 404, "999999999"),
+    ('{"pairs": [{"user_id": 123456, "movie_id": 1}]}', 404, "123456"),
+    ('{"pairs": [' + ",".join(['{"user_id": 1, "movie_id": 1}'] * 10_001) + "]}", 422, "pairs"),
+]
+
+
+def assert_json_error(response: httpx.Response, status: int, names: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert names in response.json()["error"], response.text
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(("method", "path", "params", "status", "names"), BAD_REQUESTS)
+def test_bad_request_is_a_json_4xx_naming_the_problem(http: httpx.Client, method, path, params, status, names):
+    assert_json_error(http.request(method, path, params=params), status, names)
+
+
+@pytest.mark.parametrize(("body", "status", "names"), BAD_BODIES)
+def test_bad_predict_body_is_a_json_4xx_naming_the_problem(http: httpx.Client, body, status, names):
+    response = http.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert_json_error(response, status, names)
+
+
+# ----------------------------------------------------------------------------- config for `serve deploy`
+
+
+def test_serve_deploy_config_is_valid_and_matches_conf():
+    spec = yaml.safe_load((REPO_ROOT / "serving" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(spec)
+    serve_conf = load_config().serve
+    assert (schema.http_options.host, schema.http_options.port) == (serve_conf.host, serve_conf.port)
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/"
+    deployment = build_app(app.args)._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == serve_conf.max_replicas
+    assert deployment._deployment_config.max_ongoing_requests == serve_conf.max_ongoing_requests
+
+
+# ----------------------------------------------------------------------------- model update (last: moves the champion)
+
+
+def test_new_champion_is_served_without_a_failed_request(http: httpx.Client, model_store,
+                                                         champion: Recommender):
+    old = http.get("/version").json()["model_version"]
+    new = model_store.register_tiny_model(seed=2)
+    answers: list[tuple[float, str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        users = list(champion.ids.user_ids) + [0]  # cached, uncached and cold-start users
+        with httpx.Client(base_url=str(http.base_url), timeout=30) as own:
+            i = 0
+            while not stop.is_set():
+                try:
+                    response = own.get("/recommend", params={"user_id": int(users[i % len(users)])})
+                    if response.status_code == 200:
+                        answers.append((time.monotonic(), response.json()["model_version"]))
+                    else:
+                        failures.append(f"{response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as err:
+                    failures.append(repr(err))
+                i += 7
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(1)
+        tracking.promote(new)
+        deadline = time.monotonic() + 60
+        while http.get("/version").json()["model_version"] != new and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not failures, failures[:5]
+    versions = [v for _, v in answers]
+    assert versions[0] == old and versions[-1] == new, "the new champion was not served within 60 s"
+    switch = versions.index(new)
+    assert set(versions[switch:]) == {new}, "answers went back to the old version"
+    assert switch >= 5 and len(versions) - switch >= 5
+    # The new weights answer, not just the new label.
+    expected = model_store.recommender(new).recommend([1], 10)["movie_id"].tolist()
+    assert [i["movie_id"] for i in http.get("/recommend", params={"user_id": 1}).json()["items"]] == expected
