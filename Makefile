@@ -41,3 +41,30 @@ gpu-train: venv  ## short training on every visible GPU, reports throughput
 
 clean:
 	rm -rf checkpoints reports/*.json
+
+# ---- Hyperparameter search, and the jobs on a Ray cluster (RAY_ADDRESS; default: the local head) ----
+.PHONY: tune cluster-up cluster-down submit-train submit-tune
+
+tune: venv  ## Ray Tune + Optuna + ASHA sweep (conf/tune.yaml); best model registered, champion if better; ARGS=--resume continues one
+	$(PY) -m jobs.tune $(ARGS)
+
+cluster-up: venv  ## a local Ray head; dashboard and job API on 127.0.0.1:$${RAY_DASHBOARD_PORT:-8265}
+	platform/ray-cluster.sh up
+
+cluster-down:  ## stop the local Ray head (`ray stop`: every Ray process on this machine)
+	platform/ray-cluster.sh down
+
+submit-train: venv  ## the train job as a Ray job at RAY_ADDRESS: code uploaded, logs followed, exit code kept
+	platform/ray-cluster.sh submit jobs.train $(ARGS)
+
+submit-tune: venv  ## the sweep as a Ray job at RAY_ADDRESS (same as submit-train)
+	platform/ray-cluster.sh submit jobs.tune $(ARGS)
+
+# ---- Serving: the champion over HTTP (API + web page), and its load test ----
+.PHONY: serve bench-serve
+
+serve: venv  ## API and web page on 127.0.0.1:8000 (conf/serve.yaml) following the champion; Ctrl-C stops it
+	$(PY) -m serving $(ARGS)
+
+bench-serve: venv  ## load test of /recommend vs the naive path, loopback only -> docs/benchmarks/serve_load.md
+	$(PY) -m jobs.bench_serve $(ARGS)

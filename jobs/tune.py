@@ -25,7 +25,8 @@ INTERRUPTED = 130  # the shell's code for Ctrl-C: the sweep can be resumed
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="NAME",
-                   help="continue a sweep (its folder name under train.checkpoint_dir; default: the newest)")
+                   help="continue an interrupted sweep with its own saved config (NAME: its folder under "
+                        "train.checkpoint_dir; default: the newest there)")
     p.add_argument("--report", type=Path, default=REPORT_PATH, help="where to write the sweep's Markdown report")
     args = p.parse_args(argv)
     try:

@@ -82,10 +82,14 @@ class TrainConfig(Section):
     max_failures: int = Field(ge=0)
 
 
+# A registered model: models:/<name>@<alias> follows the alias, models:/<name>/<version> pins one.
+MODEL_URI = r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))$"
+
+
 class ServeConfig(Section):
     host: str
     port: int = Field(gt=0, lt=65536)
-    model_uri: str = Field(pattern=r"^models:/[^/@]+(@[^/@]+|/[0-9]+)$")
+    model_uri: str = Field(pattern=MODEL_URI)
     poll_interval_s: float = Field(gt=0)
     warm_users: int = Field(ge=0)
     max_batch_size: int = Field(gt=0)
@@ -230,7 +234,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config, so a run can be reproduced from its own record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def flatten(config: Config) -> dict[str, object]:

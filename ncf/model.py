@@ -25,6 +25,16 @@ class Prediction(NamedTuple):
     movie_weight: torch.Tensor
 
 
+class MovieSide(NamedTuple):
+    """The movie halves of the attention logits (bias included) and of the first layer, and the
+    eval-mode layers with batch norm folded in: the part of `NCF.score_users` no user changes."""
+
+    movies: torch.Tensor
+    attention: torch.Tensor  # movies x 2
+    first: torch.Tensor  # movies x first hidden width
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class NCF(nn.Module):
     def __init__(self, n_users: int, n_movies: int, cfg: ModelConfig, genres: torch.Tensor | None = None):
         super().__init__()
@@ -107,36 +117,44 @@ class NCF(nn.Module):
         return layers
 
     @torch.no_grad()
-    def score_users(self, users: torch.Tensor, movies: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted ratings of every movie (or `movies`) for each user: [len(users), n].
+    def movie_side(self, movies: torch.Tensor | None = None) -> MovieSide:
+        """What `score_users` computes per movie; compute it once and pass it in while the weights stay fixed."""
+        if movies is None:
+            movies = torch.arange(self.movie_embedding.num_embeddings, device=self.movie_embedding.weight.device)
+        d = self.cfg.embedding_dim
+        m = self.movie_vectors(movies)
+        layers = self._inference_layers()
+        return MovieSide(movies, m @ self.attention.weight[:, d:].T + self.attention.bias, m @ layers[0][0][:, d:].T,
+                         layers)
+
+    @torch.no_grad()
+    def score_users(self, users: torch.Tensor, movies: torch.Tensor | None = None,
+                    movie_side: MovieSide | None = None) -> torch.Tensor:
+        """Predicted ratings of every movie (or `movies`, or `movie_side`'s movies) for each user: [len(users), n].
 
         The eval-mode `forward` on the user x movie grid, computed cheaper: the attention
         logits and the first layer are linear in [u; m], so their user and movie halves
         are computed once per user and once per movie rather than once per pair, and
         batch norm is folded into the linear layers.
         """
-        if movies is None:
-            movies = torch.arange(self.movie_embedding.num_embeddings, device=users.device)
+        side = movie_side or self.movie_side(movies)
         d = self.cfg.embedding_dim
-        u, m = self.user_embedding(users), self.movie_vectors(movies)
-        att_w = self.attention.weight
-        logits = (u @ att_w[:, :d].T)[:, None, :] + (m @ att_w[:, d:].T + self.attention.bias)[None, :, :]
+        u = self.user_embedding(users)
+        logits = (u @ self.attention.weight[:, :d].T)[:, None, :] + side.attention[None, :, :]
         weights = 2 * torch.softmax(logits, dim=-1)  # users x movies x 2, gates as in forward
-        (first_w, first_b), *rest = self._inference_layers()
+        (first_w, first_b), *rest = side.layers
         user_part = (u @ first_w[:, :d].T)[:, None, :]
-        movie_part = (m @ first_w[:, d:].T)[None, :, :]
         hidden = torch.mul(weights[..., :1], user_part)
-        hidden.addcmul_(weights[..., 1:], movie_part).add_(first_b).relu_()
+        hidden.addcmul_(weights[..., 1:], side.first[None, :, :]).add_(first_b).relu_()
         hidden = hidden.view(-1, hidden.shape[-1])
         for i, (weight, bias) in enumerate(rest):
             hidden = torch.addmm(bias, hidden, weight.T)
             if i < len(rest) - 1:
                 hidden.relu_()
-        logit = hidden.view(len(users), len(movies))
+        logit = hidden.view(len(users), len(side.movies))
         if self.cfg.use_bias:
-            logit = logit + self.user_bias(users) + self.movie_bias(movies).T
+            logit = logit + self.user_bias(users) + self.movie_bias(side.movies).T
         return self.cfg.rating_min + (self.cfg.rating_max - self.cfg.rating_min) * torch.sigmoid(logit)
-
 
 def count_flops_per_sample(cfg: ModelConfig) -> int:
     """Multiply-adds x 2 of one forward pass through attention and MLP (embeddings are lookups)."""

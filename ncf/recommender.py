@@ -65,7 +65,7 @@ class Recommender:
 
     @classmethod
     def from_training(cls, model: NCF, config: Config, data: MovieLens) -> Recommender:
-        return cls(model, config.model_dump(), data.ids, data.movies, data.splits.train_and_validation())
+        return cls(model, config.model_dump(mode="json"), data.ids, data.movies, data.splits.train_and_validation())
 
     # ------------------------------------------------------------------ persistence
 

@@ -173,6 +173,6 @@ def promote_if_better(version: str, val_rmse: float, client: MlflowClient | None
         "champion.decision": "promoted" if promoted else "kept",
         "champion.candidate_version": version,
         "champion.candidate_val_rmse": f"{val_rmse:.6f}",
-        "champion.incumbent_version": incumbent.version if incumbent else "none",
+        "champion.incumbent_version": str(incumbent.version) if incumbent else "none",
         "champion.incumbent_val_rmse": f"{incumbent_val:.6f}" if incumbent_val is not None else "none",
     }

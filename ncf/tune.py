@@ -14,7 +14,10 @@ checkpoint into the refit phase, then `finish_run` evaluates, logs and registers
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import NullFormatter
 from mlflow import MlflowClient
 from mlflow.entities import Param
 from ray import tune
@@ -40,6 +44,7 @@ from ncf.train import CHECKPOINT_FILE, format_epoch, train_loop
 METRIC, MODE = tracking.VALIDATION_METRIC, "min"
 SWEEP_CONFIG = "ncf_config.yaml"  # the sweep's base config, kept in its Tune folder for --resume
 TRIAL_TAG, SWEEP_TAG = "ncf.trial_id", "ncf.sweep_path"
+DRIVER_MEMORY = 256 * 2**20  # bytes a multi-worker trial's driver asks for
 
 
 class SweepInterrupted(RuntimeError):
@@ -118,7 +123,8 @@ def run_trial(params: dict, base: dict, data: MovieLens) -> None:
     if config.train.num_workers == 1:
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
         device = "cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu"
-        train_loop(config, data, TuneReporter(device))
+        # Arrays from the object store are read-only; a model buffer made from them could not load a checkpoint.
+        train_loop(config, copy.deepcopy(data), TuneReporter(device))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -134,7 +140,9 @@ def trial_resources(config: Config) -> dict[str, float]:
     t = config.tune
     if t.workers_per_trial == 1:
         return {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}
-    return {"CPU": 0}  # the TorchTrainer's workers hold the resources
+    # The TorchTrainer's workers hold the CPUs and GPUs; a driver holding a CPU would starve them.
+    # Tune needs a non-empty request: some memory, a resource every Ray node has.
+    return {"CPU": 0, "memory": DRIVER_MEMORY}
 
 
 def concurrent_trials(config: Config) -> int:
@@ -177,9 +185,6 @@ class TrialRuns(tune.Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_runs": {}}  # clients stay out of Tune's saved experiment state
 
-    def run_id(self, trial_id: str) -> str:
-        return self._logger(trial_id).run_id
-
     def _logger(self, trial_id: str, name: str | None = None) -> tracking.EpochLogger:
         if trial_id not in self._runs:
             client = MlflowClient(self.uri)
@@ -206,15 +211,20 @@ class TrialRuns(tune.Callback):
             print(f"[{trial}] {format_epoch(metrics)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._end(trial, "FINISHED")
+        self._end(trials, trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._end(trial, "FAILED")
+        self._end(trials, trial, "FAILED")
 
-    def _end(self, trial, status: str) -> None:
+    def _end(self, trials, trial, status: str) -> None:
         logger = self._logger(trial.trial_id)
         logger.client.set_terminated(logger.run_id, status)
-        print(f"[{trial}] {status.lower()}", flush=True)
+        result = trial.last_result or {}
+        ended = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+        best = min((t.last_result.get(METRIC, math.inf) for t in trials if t.last_result), default=math.nan)
+        total = self.base["tune"]["num_samples"]
+        print(f"[{trial}] {status.lower()} after {result.get('epoch', 0)} epoch(s), {METRIC} "
+              f"{result.get(METRIC, math.nan):.4f}; {ended}/{total} trials ended, best so far {best:.4f}", flush=True)
 
 
 def _short(value: object) -> str:
@@ -287,7 +297,7 @@ def trials_plot(board: pd.DataFrame, config: Config) -> plt.Figure:
     keys = list(search_space(config))
     cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, layout="constrained")
     done = board.dropna(subset=[METRIC])
     for ax, key in zip(axes.flat, keys, strict=False):
         section, name = key.split(".")
@@ -297,10 +307,12 @@ def trials_plot(board: pd.DataFrame, config: Config) -> plt.Figure:
             labels = [str(c) for c in spec.choice]
             x = values.map(lambda v, labels=labels: labels.index(str(v)))
             ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         else:
             x = values.astype(float)
             if spec.loguniform is not None:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
         points = ax.scatter(x, done[METRIC], c=done["epochs"], cmap="viridis", vmin=1,
                             vmax=config.tune.max_epochs, s=28, edgecolors="k", linewidths=0.3)
         ax.scatter(x.iloc[:1], done[METRIC].iloc[:1], marker="*", s=220, c="crimson", label="best")
@@ -350,7 +362,8 @@ class SweepOutcome:
 
     def report(self) -> str:
         """Leaderboard, ASHA savings, the best config's values and the metric table, as Markdown."""
-        chosen = "\n".join(f"- `{k}`: {v}" for k, v in self.board.iloc[0].items() if k in self.board.attrs["keys"])
+        values = flatten(self.best_config)
+        chosen = "\n".join(f"- `{key}`: {values[key]}" for key in search_space(self.best_config))
         return "\n".join([
             f"# Sweep {self.name}", "",
             f"MLflow parent run `{self.parent_run_id}`; {len(self.board)} trials in {self.seconds / 60:.1f} min.",
@@ -406,6 +419,8 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
     if resume and parent_id is None:
         raise SweepError(f"sweep {path} has no MLflow run in {tracking.tracking_uri()}")
     init_ray()
+    # Keeping one checkpoint per trial makes Tune save its state often (cheap here); no warning about it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if parent_id and "champion.decision" in MlflowClient().get_run(parent_id).data.tags:
         raise SweepError(f"sweep {path} already finished (MLflow run {parent_id})")
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else path.name,
@@ -422,9 +437,19 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
         results = tuner.fit()
         finished = results.num_terminated + results.num_errors
         if finished < config.tune.num_samples or len(results) < config.tune.num_samples:
+            _end_as_killed(parent.info.run_id, experiment_id)  # until resumed
             raise SweepInterrupted(f"sweep interrupted with {finished} of {config.tune.num_samples} trials "
                                    f"finished; continue it with: python -m jobs.tune --resume {path.name}")
         return _finish(config, data, results, path, parent.info.run_id, experiment_id, started)
+
+
+def _end_as_killed(parent_run_id: str, experiment_id: str) -> None:
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
+    mlflow.end_run("KILLED")
 
 
 def _saved_config(path: Path) -> Config:
@@ -449,7 +474,7 @@ def make_tuner(config: Config, trainable, path: Path, parent_run_id: str, experi
                                     reduction_factor=t.reduction_factor),
         ),
         run_config=tune.RunConfig(
-            name=path.name, storage_path=str(path.parent), verbose=1,
+            name=path.name, storage_path=str(path.parent), verbose=0,  # TrialRuns prints progress
             callbacks=[TrialRuns(parent_run_id, experiment_id, config, tracking.tracking_uri())],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.train.max_failures),
@@ -457,23 +482,24 @@ def make_tuner(config: Config, trainable, path: Path, parent_run_id: str, experi
     )
 
 
-def trial_checkpoint(result) -> Path:
+def trial_checkpoint(result):
     """The trial's last checkpoint: Tune's own, or the TorchTrainer's a multi-worker trial reported."""
     if result.checkpoint is not None:
-        return Path(result.checkpoint.to_directory())
+        return result.checkpoint
     from ray.train import Checkpoint
 
-    return Path(Checkpoint(result.metrics["checkpoint_path"]).to_directory())
+    return Checkpoint(result.metrics["checkpoint_path"])
 
 
 def _finish(config: Config, data: MovieLens, results, path: Path, parent_run_id: str, experiment_id: str,
             started: float) -> SweepOutcome:
     board = leaderboard(results, config)
-    board.attrs["keys"] = list(search_space(config))
     savings = epoch_savings(board, config)
     print("\n" + format_board(board, config) + "\n\n" + savings.describe(), flush=True)
     best = results.get_best_result(METRIC, MODE, scope="last")
     best_config = trial_config(config, best.config, refit=True)
+    if best_config.train.use_gpu and not torch.cuda.is_available():  # the refit runs here, in the driver
+        best_config = with_values(best_config, {"train.use_gpu": False})
     mlflow.log_text(format_board(board, config), "sweep/leaderboard.md")
     mlflow.log_text(board.to_csv(index_label="rank"), "sweep/leaderboard.csv")
     figure = trials_plot(board, config)
@@ -490,7 +516,8 @@ def _finish(config: Config, data: MovieLens, results, path: Path, parent_run_id:
         mlflow.set_tags({"sweep.best_trial": trial_id, "sweep.best_run_id": child})
         folder = Path(tmp) / "best"
         folder.mkdir()
-        (folder / CHECKPOINT_FILE).write_bytes((trial_checkpoint(best) / CHECKPOINT_FILE).read_bytes())
+        with trial_checkpoint(best).as_directory() as saved:  # the refit continues a copy
+            shutil.copy2(Path(saved) / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
         with mlflow.start_run(run_id=child, nested=True):
             mlflow.set_tag("ncf.refit_after_sweep", str(best_config.train.refit).lower())
             if best_config.train.refit:

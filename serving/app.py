@@ -12,6 +12,8 @@ users not cached yet are scored together, one catalogue pass per batch (`@serve.
 import asyncio
 import logging
 import re
+import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from ncf import tracking
-from ncf.config import ServeConfig, load_config
+from ncf.config import MODEL_URI, ServeConfig, load_config
 from ncf.data import NO_GENRES, Ratings
 from ncf.ranking import top_k_unseen
 from ncf.recommender import Recommender, UnknownIdError
@@ -48,7 +50,6 @@ MAX_ID = 2**63 - 1  # ids are int64 inside the model
 LIKED = 4.0  # "because you rated" draws from ratings this high (or the user's best, if lower)
 BECAUSE_N = 5
 PAGE = Path(__file__).parent / "static" / "index.html"
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))$")
 logger = logging.getLogger("ray.serve")
 
 
@@ -58,7 +59,7 @@ class ModelNotFoundError(LookupError):
 
 def resolve(model_uri: str, client: MlflowClient) -> ModelVersion:
     """The registered version a `models:/name@alias` or `models:/name/version` URI points at now."""
-    match = MODEL_URI.match(model_uri)
+    match = re.match(MODEL_URI, model_uri)
     if match is None:
         raise ValueError(f"model URI {model_uri!r} is neither models:/<name>@<alias> nor models:/<name>/<version>")
     try:
@@ -84,9 +85,8 @@ class Ranking:
 
 
 class Served:
-    """One model version and what is derived from it once: ratings by user, popularity, rankings.
-
-    `rankings` fills as users are asked for (or warmed) and dies with the version,
+    """One model version and what is derived from it once: the movie side of scoring, ratings by user,
+    popularity. `rankings` fills as users are asked for (or warmed) and dies with the version,
     so a new model never answers from its predecessor's cache.
     """
 
@@ -97,7 +97,7 @@ class Served:
         ids, history, movies = recommender.ids, recommender.history, recommender.movies
         order = np.argsort(history.user, kind="stable")
         self.user_start = np.searchsorted(history.user[order], np.arange(ids.n_users + 1))
-        self.rated = history.take(order)  # grouped by user, each user's ratings in time order
+        self.rated = history.take(order)  # grouped by user: user u's ratings are rows user_start[u]:[u + 1]
         self.titles = movies["title"].tolist()
         self.genres = [[] if g == NO_GENRES else g.split("|") for g in movies["genres"]]
         self.lower_titles = movies["title"].str.lower()
@@ -109,6 +109,7 @@ class Served:
         # Cold start: the most rated movies, each at its mean rating; only the movie side speaks.
         self.cold = Ranking(popular, means[popular], (means[popular] - lo) / (hi - lo),
                             np.zeros(len(popular)), np.ones(len(popular)))
+        self.movie_side = recommender.model.movie_side()  # the catalogue's half of every scoring pass
         self.rankings: dict[int, Ranking] = {}
 
     def user_index(self, user_id: int) -> int | None:
@@ -124,7 +125,9 @@ class Served:
         if len(todo) == 0:
             return
         rec = self.recommender
-        movies, scores = top_k_unseen(rec.scorer.score, todo, rec.seen, MAX_K)
+        movies, scores = top_k_unseen(
+            lambda batch: rec.model.score_users(torch.as_tensor(batch), movie_side=self.movie_side),
+            todo, rec.seen, MAX_K)
         k = movies.shape[1]
         pairs = rec.scorer.explain(np.repeat(todo, k), movies.ravel())
         for row, user in enumerate(todo):
@@ -174,8 +177,10 @@ class Served:
 
 
 def load_served(version: ModelVersion) -> Served:
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-    return Served(model.unwrap_python_model().recommender, version)
+    """Download and load one registered version; its files are read into memory, then deleted."""
+    with tempfile.TemporaryDirectory(prefix="ncf-serve-") as tmp:
+        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}", dst_path=tmp)
+        return Served(model.unwrap_python_model().recommender, version)
 
 
 # ----------------------------------------------------------------------------- HTTP schema
@@ -309,14 +314,10 @@ async def _unknown(request: Request, exc: UnknownIdError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=404)
 
 
-@api.middleware("http")
-async def _no_tracebacks(request: Request, call_next):
-    """A bug answers with a JSON error (and a log line), never a traceback."""
-    try:
-        return await call_next(request)
-    except Exception:
-        logger.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"error": "internal error"}, status_code=500)
+@api.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """A bug answers with a JSON error, never a traceback (the traceback goes to the replica's log)."""
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}) on {request.url.path}"}, status_code=500)
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -325,6 +326,9 @@ async def _no_tracebacks(request: Request, call_next):
 @serve.deployment
 @serve.ingress(api)
 class Recommendations:
+    """The ingress. Handlers that compute (explain, predict, history, search) are plain `def`, which
+    FastAPI runs in its thread pool, so the event loop stays free for cached answers."""
+
     async def __init__(self, settings: dict, tracking_uri: str):
         self.config = ServeConfig.model_validate(settings)
         torch.set_num_threads(max(1, int(self.config.cpus_per_replica)))
@@ -371,7 +375,7 @@ class Recommendations:
         return [served.rankings[user] for served, user in requests]
 
     @api.get("/", include_in_schema=False)
-    def page(self) -> HTMLResponse:
+    async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
 
     @api.get("/recommend", response_model=RecommendationsOut, responses=ERRORS)
@@ -397,7 +401,7 @@ class Recommendations:
         return {"model_version": served.version, "predictions": frame.to_dict(orient="records")}
 
     @api.get("/users", response_model=UsersOut)
-    def users(self, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> dict:
+    async def users(self, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> dict:
         """Known users by id, with their number of ratings (the page's user picker)."""
         served = self.served
         counts = np.diff(served.user_start)
@@ -428,14 +432,14 @@ class Recommendations:
         return {"query": q, "movies": [served.movie(m) for m in found]}
 
     @api.get("/version", response_model=VersionOut)
-    def version(self) -> dict:
+    async def version(self) -> dict:
         """The model version answering now."""
         served = self.served
         return {"model_name": served.name, "model_version": served.version, "run_id": served.run_id,
                 "model_uri": f"models:/{served.name}/{served.version}", "loaded_at": served.loaded_at}
 
     @api.get("/healthz", response_model=HealthOut)
-    def healthz(self) -> dict:
+    async def healthz(self) -> dict:
         return {"status": "ok", "model_version": self.served.version, "cached_users": len(self.served.rankings)}
 
 
@@ -460,6 +464,13 @@ def build_app(args: dict) -> Application:
     args = dict(args)
     tracking_uri = args.pop("tracking_uri", None) or tracking.tracking_uri()
     return build(ServeConfig.model_validate(load_config().serve.model_dump() | args), tracking_uri)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (tests and the load test: others share this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager

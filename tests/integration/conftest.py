@@ -7,7 +7,6 @@ tests/e2e/conftest.py loads these fixtures too, so the browser drives the same k
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from ncf.config import load_config
 from ncf.data import MovieLens
 from ncf.recommender import Recommender
 from ncf.train import LocalReporter, train_loop
-from serving.app import running
+from serving.app import free_port, running
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -69,22 +68,10 @@ def model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) 
             os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A loopback port nobody listens on (others run services on this machine too)."""
-    return _free_port()
-
-
 @pytest.fixture(scope="module")
 def served_url(model_store: Store) -> Iterator[str]:
     """The app on 127.0.0.1:<free port> following the store's champion (polled every 0.5 s)."""
-    config = load_config([f"serve.port={_free_port()}", "serve.poll_interval_s=0.5", "serve.warm_users=100",
+    config = load_config([f"serve.port={free_port()}", "serve.poll_interval_s=0.5", "serve.warm_users=100",
                           "serve.min_replicas=1", "serve.max_replicas=1"]).serve
     with running(config, model_store.uri) as url:
         yield url

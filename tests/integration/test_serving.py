@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 from ncf import tracking
 from ncf.config import REPO_ROOT, load_config
 from ncf.recommender import Recommender
-from serving.app import MAX_ID, build_app
+from serving.app import MAX_ID, build_app, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,8 @@ def test_make_serve_without_a_model_says_how_to_make_one(tmp_path: Path):
     assert "Traceback" not in done.stderr
 
 
-def test_make_serve_answers_then_stops_cleanly_on_sigterm(model_store, free_port: int):
-    port = free_port
+def test_make_serve_answers_then_stops_cleanly_on_sigterm(model_store):
+    port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": model_store.uri}
     process = subprocess.Popen([sys.executable, "-m", "serving", "--set", f"serve.port={port}",
                                 "--set", "serve.warm_users=0"], env=env, cwd=REPO_ROOT,

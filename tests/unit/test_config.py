@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ncf.config import CONF_DIR, Config, ConfigError, config_from_dict, flatten, load_config, save_config
+from ncf.config import (
+    CONF_DIR,
+    SECTIONS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    flatten,
+    load_config,
+    save_config,
+)
 
 
 @pytest.fixture
@@ -124,4 +133,4 @@ def test_flatten_gives_dotted_keys():
     assert flat["train.batch_size"] == 256
     assert flat["model.hidden_dims"] == [512, 256, 128, 64]
     assert not any(isinstance(v, dict) for v in flat.values())
-    assert {key.split(".")[0] for key in flat} == {"data", "model", "train"}
+    assert {key.split(".")[0] for key in flat} == set(SECTIONS)

@@ -1,0 +1,119 @@
+"""Jobs on a Ray cluster the way users submit them: a real Ray head of this test's own
+(non-default ports, its own temp dir, started by `platform/ray-cluster.sh up`, the script
+behind `make cluster-up`) and `platform/ray-cluster.sh submit`, the script behind
+`make submit-train` / `make submit-tune`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ncf import tracking
+from ncf.config import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = REPO_ROOT / "platform" / "ray-cluster.sh"
+TINY = ["model.embedding_dim=16", "model.hidden_dims=[32,16]", "model.dropouts=[0.1,0.0]", "train.max_epochs=1",
+        "train.refit=false", "train.batch_size=1024"]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _processes_of(marker: str) -> list[int]:
+    """PIDs whose command line names `marker` (this head's own temp dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in proc.joinpath("cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, data_dir):
+    """A Ray head on free loopback ports, stopped (its processes only) when the module ends."""
+    gcs, dashboard, client, agent = _free_ports(4)
+    temp_dir = tempfile.mkdtemp(prefix="ncfray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    store = tmp_path_factory.mktemp("mlflow")
+    env = dict(os.environ, RAY_DASHBOARD_PORT=str(dashboard), RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}", NCF_DATA_DIR=str(data_dir))
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - open for the head's lifetime
+    head = subprocess.Popen([str(SCRIPT), "up", "--block", "--port", str(gcs), "--ray-client-server-port", str(client),
+                             "--dashboard-agent-listen-port", str(agent), "--temp-dir", temp_dir, "--num-cpus", "2"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, Path(temp_dir, "head.log").read_text()
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # answering (auth may be required): up
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head's job API did not come up"
+                time.sleep(1)
+        yield env | {"RAY_ADDRESS": address}
+    finally:
+        head.terminate()  # `ray start --block` stops every process it started on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        leftovers = _processes_of(temp_dir)
+        for pid in leftovers:
+            os.kill(pid, 9)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not leftovers, f"processes of the test's Ray head outlived it: {leftovers}"
+
+
+def submit(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), "submit", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_submitted_train_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
+    sets = [arg for item in (*TINY, f"train.checkpoint_dir={tmp_path}") for arg in ("--set", item)]
+    job = submit(ray_head, "jobs.train", *sets)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert "succeeded" in job.stdout + job.stderr
+    assert "epoch   1" in job.stdout  # the job's logs are followed
+    client = MlflowClient(ray_head["MLFLOW_TRACKING_URI"])
+    [experiment] = [e for e in client.search_experiments() if e.name == tracking.EXPERIMENT]
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["launcher"] == "ray"
+    assert run.data.params["model.embedding_dim"] == "16" and "test_rmse" in run.data.metrics
+    assert client.get_model_version(tracking.MODEL_NAME, "1").run_id == run.info.run_id
+
+
+def test_job_exit_code_is_handed_back(ray_head, tmp_path):
+    # Nothing to resume under an empty checkpoint folder: the tune job exits 2.
+    job = submit(ray_head, "jobs.tune", "--resume", "--set", f"train.checkpoint_dir={tmp_path}")
+    assert job.returncode == 2, job.stdout[-4000:] + job.stderr[-4000:]
+    assert "no sweep to resume" in job.stdout + job.stderr
