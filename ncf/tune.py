@@ -15,6 +15,7 @@ checkpoint into the refit phase, then `finish_run` evaluates, logs and registers
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import shutil
@@ -121,6 +122,8 @@ def run_trial(params: dict, base: dict, data: MovieLens) -> None:
     """The Tune trainable: the training loop here, or under a TorchTrainer for several workers."""
     config = trial_config(config_from_dict(base), params)
     if config.train.num_workers == 1:
+        # A line per saved checkpoint would drown the progress lines the driver prints.
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
         device = "cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu"
         # Arrays from the object store are read-only; a model buffer made from them could not load a checkpoint.
@@ -279,9 +282,11 @@ class EpochSavings:
     without_asha_min: int  # each trial ASHA stopped run on only until early stopping could end it
 
     def describe(self) -> str:
-        return (f"trial-epochs run: {self.ran}; every trial to completion: {self.without_asha_min} to "
-                f"{self.without_asha_max} ({self.without_asha_min / max(self.ran, 1):.1f}x to "
-                f"{self.without_asha_max / max(self.ran, 1):.1f}x more)")
+        ran = max(self.ran, 1)
+        return (f"trial-epochs run: {self.ran}; every trial run to its epoch budget: {self.without_asha_max} "
+                f"({self.without_asha_max / ran:.1f}x); at least {self.without_asha_min} "
+                f"({self.without_asha_min / ran:.1f}x) if each trial ASHA stopped had then early-stopped "
+                "as soon as train.patience allows")
 
 
 def epoch_savings(board: pd.DataFrame, config: Config) -> EpochSavings:
