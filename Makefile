@@ -48,7 +48,7 @@ clean:
 tune: venv  ## Ray Tune + Optuna + ASHA sweep (conf/tune.yaml); best model registered, champion if better; ARGS=--resume continues one
 	$(PY) -m jobs.tune $(ARGS)
 
-cluster-up: venv  ## a local Ray head; dashboard and job API on 127.0.0.1:$${RAY_DASHBOARD_PORT:-8265}
+cluster-up: venv  ## a local Ray head; dashboard and job API on 127.0.0.1:8265 (RAY_DASHBOARD_PORT)
 	platform/ray-cluster.sh up
 
 cluster-down:  ## stop the local Ray head (`ray stop`: every Ray process on this machine)

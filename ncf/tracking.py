@@ -26,6 +26,7 @@ from ncf.config import REPO_ROOT, Config, flatten, save_config
 EXPERIMENT = "ncf-movielens"
 MODEL_NAME = "ncf-movielens"
 CHAMPION = "champion"
+VALIDATION_METRIC = "best_val_rmse"  # what decides the champion (logged by every finished run)
 MLRUNS = REPO_ROOT / "mlruns"
 
 
@@ -150,9 +151,6 @@ def champion_version(client: MlflowClient | None = None) -> mlflow.entities.mode
 
 def promote(version: str, client: MlflowClient | None = None) -> None:
     (client or MlflowClient()).set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-
-
-VALIDATION_METRIC = "best_val_rmse"
 
 
 def promote_if_better(version: str, val_rmse: float, client: MlflowClient | None = None) -> dict[str, str]:

@@ -525,9 +525,9 @@ def _finish(config: Config, data: MovieLens, results, path: Path, parent_run_id:
             shutil.copy2(Path(saved) / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
         with mlflow.start_run(run_id=child, nested=True):
             mlflow.set_tag("ncf.refit_after_sweep", str(best_config.train.refit).lower())
-            if best_config.train.refit:
+            if best_config.train.refit:  # the trial's own loop, continued into its refit phase
                 print(f"best trial {trial_id}: refitting on train + validation", flush=True)
-            fit_in_process(best_config, data, child, folder, resume=True)
+                fit_in_process(best_config, data, child, folder, resume=True)
             summary = finish_run(best_config, data, folder)
             decision = tracking.promote_if_better(summary.model_version, summary.best_val_rmse)
             mlflow.set_tags(decision)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -80,14 +81,16 @@ def ray_head(tmp_path_factory, data_dir):
                 time.sleep(1)
         yield env | {"RAY_ADDRESS": address}
     finally:
-        head.terminate()  # `ray start --block` stops every process it started on SIGTERM
+        head.terminate()  # `ray start --block` stops every process it started on SIGTERM ...
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # ... after draining for up to 30 s: not worth waiting for
             head.kill()
-        leftovers = _processes_of(temp_dir)
-        for pid in leftovers:
-            os.kill(pid, 9)
+            for pid in _processes_of(temp_dir):  # the head's own processes, named by its temp dir
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (leftovers := _processes_of(temp_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftovers, f"processes of the test's Ray head outlived it: {leftovers}"
@@ -104,7 +107,8 @@ def test_submitted_train_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
     assert "epoch   1" in job.stdout  # the job's logs are followed
-    client = MlflowClient(ray_head["MLFLOW_TRACKING_URI"])
+    uri = ray_head["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry another test set globally
     [experiment] = [e for e in client.search_experiments() if e.name == tracking.EXPERIMENT]
     [run] = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["launcher"] == "ray"

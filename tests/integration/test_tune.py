@@ -93,7 +93,7 @@ def resumed_sweep(env, weak_champion, tmp_path_factory):
     """A good sweep (3 trials x 2 epochs) run as users run it, interrupted with Ctrl-C after its
     first epoch, then resumed with `--resume`."""
     report = tmp_path_factory.mktemp("reports") / "tune.md"
-    args = [*env.overrides(*GOOD, "tune.num_samples=3", "tune.max_epochs=2", "tune.max_concurrent_trials=1"),
+    args = [*env.overrides(*GOOD, "tune.num_samples=3", "tune.max_epochs=2"),
             "--report", str(report)]
     child_env = dict(os.environ, RAY_ADDRESS=env.ray_address, PYTHONUNBUFFERED="1")
     job = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=REPO_ROOT, env=child_env,
@@ -114,10 +114,11 @@ def resumed_sweep(env, weak_champion, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worse_sweep(env, resumed_sweep):
-    """A weak sweep whose 2 trials each run a 2-worker TorchTrainer (1 CPU per worker), 1 epoch."""
+    """A weak sweep whose 2 trials each run a 2-worker TorchTrainer, 1 epoch; half a CPU per worker
+    lets both trials run at once."""
     known = {run.info.run_id for run in env.sweep_runs()}
     rc = tune_job.main([*env.overrides(*WEAK, "tune.num_samples=2", "tune.max_epochs=1", "train.refit=false",
-                                       "tune.workers_per_trial=2", "tune.cpus_per_worker=1"),
+                                       "tune.workers_per_trial=2", "tune.cpus_per_worker=0.5"),
                         "--report", str(resumed_sweep["report"].with_name("worse.md"))])
     [parent] = [run for run in env.sweep_runs() if run.info.run_id not in known]
     return rc, parent
