@@ -217,7 +217,8 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
         f"MLP {model.hidden_dims}, {served.recommender.ids.n_users} users x {served.recommender.ids.n_movies} movies.",
         f"- Served app: conf/serve.yaml (replicas {serve_conf.min_replicas}-{serve_conf.max_replicas}, "
         f"{serve_conf.cpus_per_replica:g} CPU each, batches of up to {serve_conf.max_batch_size} users, "
-        f"wait {1000 * serve_conf.batch_wait_timeout_s:g} ms) with warm_users=0: the cold pass starts from an "
+        f"wait {1000 * serve_conf.batch_wait_timeout_s:g} ms, proxy to replica over "
+        f"{'gRPC' if serve_conf.proxy_grpc else 'Ray actor calls'}) with warm_users=0: the cold pass starts from an "
         f"empty cache; {cached} users were cached after it.",
         "- Naive paths: one replica, no batching, no cache; `forward` runs the model's training-time forward over "
         "all (user, movie) pairs, `score_users` the catalogue scorer that computes movie-side work once per call.",
@@ -245,9 +246,11 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
         "",
         "Where it comes from: each user's top-100 unseen list is computed once per model version and cached "
         "(a new version starts a new cache), so a warm request is a dictionary lookup plus JSON. Users not cached "
-        "yet are scored together (`@serve.batch`), one catalogue pass per batch (the cold pass row). With 8 "
+        "yet are scored together (`@serve.batch`), one catalogue pass per batch that reuses the model's movie "
+        "side, computed once per version (the cold pass row). With 8 "
         "clients in a closed loop, latency = 8 / throughput (Little's law), so the p50 target is checked at the "
-        "offered rate the target names, not at saturation.",
+        "offered rate the target names, not at saturation. Latency at a fixed rate also depends on what else the "
+        "2 cores run (the load averages above): compare runs made on an idle machine.",
         "",
     ]
     return "\n".join(lines)

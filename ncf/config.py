@@ -99,6 +99,7 @@ class ServeConfig(Section):
     target_ongoing_requests: float = Field(gt=0)
     max_ongoing_requests: int = Field(gt=0)
     cpus_per_replica: float = Field(gt=0)
+    proxy_grpc: bool
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:

@@ -11,6 +11,7 @@ users not cached yet are scored together, one catalogue pass per batch (`@serve.
 # (e.g. `UserId`) at runtime, and Serve's class-based ingress cannot see this module's names to do it.
 import asyncio
 import logging
+import os
 import re
 import socket
 import tempfile
@@ -50,6 +51,7 @@ MAX_ID = 2**63 - 1  # ids are int64 inside the model
 LIKED = 4.0  # "because you rated" draws from ratings this high (or the user's best, if lower)
 BECAUSE_N = 5
 PAGE = Path(__file__).parent / "static" / "index.html"
+PROXY_GRPC = "RAY_SERVE_PROXY_USE_GRPC"  # see serve.proxy_grpc in conf/serve.yaml
 logger = logging.getLogger("ray.serve")
 
 
@@ -476,7 +478,16 @@ def free_port() -> int:
 @contextmanager
 def running(config: ServeConfig, tracking_uri: str) -> Iterator[str]:
     """A local Ray instance serving the app on config.host:config.port; yields the base URL, then stops both."""
-    ray.init(address="local", include_dashboard=False, configure_logging=False)
+    # Ray's processes take the transport flag from the environment they start in; this process keeps its own.
+    saved = os.environ.get(PROXY_GRPC)
+    os.environ[PROXY_GRPC] = "1" if config.proxy_grpc else "0"
+    try:
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
+    finally:
+        if saved is None:
+            os.environ.pop(PROXY_GRPC)
+        else:
+            os.environ[PROXY_GRPC] = saved
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build(config, tracking_uri), name=APP_NAME, route_prefix="/")
