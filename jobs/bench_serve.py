@@ -42,7 +42,8 @@ from jobs.cli import parser
 from jobs.train import run as train
 from ncf import tracking
 from ncf.config import REPO_ROOT, ServeConfig, load_config
-from serving.app import ModelNotFoundError, Ranking, Served, free_port, load_served, resolve, running
+from ncf.distributed import free_port
+from serving.app import ModelNotFoundError, Ranking, Served, load_served, resolve, running
 
 OUT = REPO_ROOT / "docs" / "benchmarks" / "serve_load.md"
 TARGETS = {"p50_ms": 20.0, "p99_ms": 60.0, "rate": 150.0}
@@ -56,7 +57,7 @@ class NaiveRecommender:
         torch.set_num_threads(1)
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-        self.served = load_served(resolve(model_uri, MlflowClient(tracking_uri, tracking_uri)))
+        self.served = load_served(resolve(model_uri, MlflowClient(tracking_uri, tracking_uri)), cache_users=1)
         self.scorer = scorer
 
     def __call__(self, request: Request) -> dict:
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                                     rng.choices(users, k=args.naive_requests), args.clients, args.max_seconds))
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    served = load_served(resolve(f"models:/{tracking.MODEL_NAME}/{version}", MlflowClient(tracking_uri, tracking_uri)))
+    served = load_served(resolve(f"models:/{tracking.MODEL_NAME}/{version}", MlflowClient(tracking_uri, tracking_uri)),
+                         config.cache_users)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(phases, args, config, version, served, load_before, cached))
     print(f"wrote {args.out}")

@@ -5,8 +5,9 @@
 `ray` (default) runs the training loop under Ray Train's TorchTrainer with
 `train.num_workers` data-parallel workers; `local` runs the same loop in this
 process. Either way the run lands in MLflow with its test metrics, plots and a
-registered `ncf-movielens` model version (which becomes `champion` if there is
-none yet), and `reports/metrics.json` is written.
+registered `ncf-movielens` model version (which becomes `champion` if its
+validation RMSE beats the champion's, or if there is none yet), and
+`reports/metrics.json` is written.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def run(config: Config, launcher: str = "ray", report_path: Path | None = REPORT
             else:
                 checkpoint = fit_in_process(config, data, active.info.run_id, Path(tmp) / "checkpoint")
             summary = finish_run(config, data, checkpoint)
-    promoted = tracking.champion_version() is None
-    if promoted:
-        tracking.promote(summary.model_version)
-    print(f"MLflow run {summary.run_id}: model {tracking.MODEL_NAME} version {summary.model_version}"
-          + (" is the champion" if promoted else f" (champion stays version {tracking.champion_version().version})"))
+        decision = tracking.promote_if_better(summary.model_version, summary.best_val_rmse)
+        mlflow.set_tags(decision)
+    promoted = decision["champion.decision"] == "promoted"
+    print(f"MLflow run {summary.run_id}: model {tracking.MODEL_NAME} version {summary.model_version} (val RMSE "
+          f"{decision['champion.candidate_val_rmse']}) " + ("is the champion" if promoted else
+          f"does not beat champion version {decision['champion.incumbent_version']} "
+          f"(val RMSE {decision['champion.incumbent_val_rmse']})"))
     if report_path:
         write_report(summary, data, report_path)
     return summary, promoted

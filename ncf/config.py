@@ -92,6 +92,7 @@ class ServeConfig(Section):
     model_uri: str = Field(pattern=MODEL_URI)
     poll_interval_s: float = Field(gt=0)
     warm_users: int = Field(ge=0)
+    cache_users: int = Field(gt=0)
     max_batch_size: int = Field(gt=0)
     batch_wait_timeout_s: float = Field(ge=0)
     min_replicas: int = Field(ge=1)
@@ -107,6 +108,8 @@ class ServeConfig(Section):
             raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("serve.max_ongoing_requests must be at least serve.max_batch_size")
+        if self.warm_users > self.cache_users:
+            raise ValueError("serve.warm_users must not exceed serve.cache_users")
         return self
 
 

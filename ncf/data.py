@@ -7,10 +7,12 @@ Everything downstream works on contiguous integer indices held in tensors; the
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -61,13 +63,17 @@ def _progress(label: str, done: int, total: int) -> None:
 
 def download_archive(url: str, dest: Path, timeout: float = 60.0) -> None:
     """Stream `url` to `dest`, refusing a body shorter than its Content-Length."""
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0)
-        done = 0
-        while chunk := response.read(1 << 16):
-            out.write(chunk)
-            done += len(chunk)
-            _progress(f"downloading {url}", done, total)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while chunk := response.read(1 << 16):
+                out.write(chunk)
+                done += len(chunk)
+                _progress(f"downloading {url}", done, total)
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as err:
+        raise DataError(f"could not download {url} ({err}); without network access, point NCF_DATA_DIR "
+                        "(or data.dir) at a folder holding the MovieLens files") from None
     print(file=sys.stderr)
     if total and done != total:
         raise DataError(f"download of {url} is truncated: {done} of {total} bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -56,12 +57,32 @@ def train_worker(params: dict) -> None:
     train_loop(config, data, RayTrainReporter(on_epoch))
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now (others share this machine: never assume a fixed port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray() -> None:
-    """Join RAY_ADDRESS (or a cluster started with `ray start`), else start a local one."""
+    """Join the cluster at RAY_ADDRESS (`auto`: the one `ray start` started here), else start a private one.
+
+    A private cluster gets RAY_ADDRESS pinned for its own processes: Ray Train's placement-group
+    cleaner finds "its" cluster through that variable, and on a machine running other Ray clusters it
+    would otherwise ask the wrong one and never free a stopped multi-worker trial's CPUs (the next
+    trial then waits forever).
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    dashboard_port = free_port()
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             runtime_env={"env_vars": {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}})
 
 
 def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list | None = None):

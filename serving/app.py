@@ -13,10 +13,10 @@ import asyncio
 import logging
 import os
 import re
-import socket
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,12 +88,14 @@ class Ranking:
 
 class Served:
     """One model version and what is derived from it once: the movie side of scoring, ratings by user,
-    popularity. `rankings` fills as users are asked for (or warmed) and dies with the version,
-    so a new model never answers from its predecessor's cache.
+    popularity. `rankings` fills as users are asked for (or warmed), keeps the `cache_users` most
+    recently asked for, and dies with the version, so a new model never answers from its
+    predecessor's cache.
     """
 
-    def __init__(self, recommender: Recommender, version: ModelVersion):
+    def __init__(self, recommender: Recommender, version: ModelVersion, cache_users: int):
         self.recommender = recommender
+        self.cache_users = cache_users
         self.name, self.version, self.run_id = version.name, str(version.version), version.run_id
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         ids, history, movies = recommender.ids, recommender.history, recommender.movies
@@ -112,7 +114,7 @@ class Served:
         self.cold = Ranking(popular, means[popular], (means[popular] - lo) / (hi - lo),
                             np.zeros(len(popular)), np.ones(len(popular)))
         self.movie_side = recommender.model.movie_side()  # the catalogue's half of every scoring pass
-        self.rankings: dict[int, Ranking] = {}
+        self.rankings: OrderedDict[int, Ranking] = OrderedDict()  # least recently asked for first
 
     def user_index(self, user_id: int) -> int | None:
         index = int(self.recommender.ids.user_index(np.asarray([user_id]))[0])
@@ -121,11 +123,20 @@ class Served:
     def ratings_of(self, user: int) -> Ratings:
         return self.rated.take(np.arange(self.user_start[user], self.user_start[user + 1]))
 
-    def rank(self, users: list[int]) -> None:
-        """Compute and cache the top-`MAX_K` unseen movies of the users not cached yet, in one pass."""
-        todo = np.asarray(sorted({u for u in users if u not in self.rankings}), dtype=np.int64)
+    def cached(self, user: int) -> Ranking | None:
+        ranking = self.rankings.get(user)
+        if ranking is not None:
+            with suppress(KeyError):  # another thread may have just evicted it
+                self.rankings.move_to_end(user)
+        return ranking
+
+    def rank(self, users: list[int]) -> dict[int, Ranking]:
+        """The top-`MAX_K` unseen movies of each user: cached ones as they are, the others in one pass,
+        then cached (the least recently asked for make room beyond `cache_users`)."""
+        found = {u: r for u in set(users) if (r := self.cached(u)) is not None}
+        todo = np.asarray(sorted(set(users) - found.keys()), dtype=np.int64)
         if len(todo) == 0:
-            return
+            return found
         rec = self.recommender
         movies, scores = top_k_unseen(
             lambda batch: rec.model.score_users(torch.as_tensor(batch), movie_side=self.movie_side),
@@ -135,8 +146,12 @@ class Served:
         for row, user in enumerate(todo):
             unseen = np.isfinite(scores[row])  # fewer than k unseen movies leave -inf at the end
             part = slice(row * k, (row + 1) * k)
-            self.rankings[int(user)] = Ranking(movies[row][unseen], *(
+            found[int(user)] = self.rankings[int(user)] = Ranking(movies[row][unseen], *(
                 pairs[field][part][unseen] for field in ("rating", "strength", "user_weight", "movie_weight")))
+        while len(self.rankings) > self.cache_users:
+            with suppress(KeyError, StopIteration):
+                self.rankings.popitem(last=False)
+        return found
 
     def warm(self, n_users: int, chunk: int = 8) -> None:
         """Rank the `n_users` most active users ahead of their requests."""
@@ -178,11 +193,11 @@ class Served:
         }
 
 
-def load_served(version: ModelVersion) -> Served:
+def load_served(version: ModelVersion, cache_users: int) -> Served:
     """Download and load one registered version; its files are read into memory, then deleted."""
     with tempfile.TemporaryDirectory(prefix="ncf-serve-") as tmp:
         model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}", dst_path=tmp)
-        return Served(model.unwrap_python_model().recommender, version)
+        return Served(model.unwrap_python_model().recommender, version, cache_users)
 
 
 # ----------------------------------------------------------------------------- HTTP schema
@@ -339,7 +354,8 @@ class Recommendations:
         self.client = MlflowClient(tracking_uri, tracking_uri)
         self._ranked.set_max_batch_size(self.config.max_batch_size)
         self._ranked.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        self.served = await asyncio.to_thread(load_served, resolve(self.config.model_uri, self.client))
+        self.served = await asyncio.to_thread(load_served, resolve(self.config.model_uri, self.client),
+                                              self.config.cache_users)
         self._follow_task = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
@@ -356,7 +372,7 @@ class Recommendations:
             if str(version.version) in (self.served.version, broken):
                 continue
             try:
-                new = await asyncio.to_thread(load_served, version)
+                new = await asyncio.to_thread(load_served, version, self.config.cache_users)
                 await asyncio.to_thread(new.warm, self.config.warm_users)
             except Exception:
                 logger.exception("could not load %s version %s; still serving version %s",
@@ -372,9 +388,8 @@ class Recommendations:
         users: dict[Served, list[int]] = {}
         for served, user in requests:
             users.setdefault(served, []).append(user)
-        for served, todo in users.items():
-            await asyncio.to_thread(served.rank, todo)
-        return [served.rankings[user] for served, user in requests]
+        ranked = {served: await asyncio.to_thread(served.rank, todo) for served, todo in users.items()}
+        return [ranked[served][user] for served, user in requests]
 
     @api.get("/", include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -385,7 +400,7 @@ class Recommendations:
         """The k best movies the user has not rated; an unknown user gets the most rated movies (cold start)."""
         served = self.served
         user = served.user_index(user_id)
-        cached = served.cold if user is None else served.rankings.get(user)
+        cached = served.cold if user is None else served.cached(user)
         ranking = cached or await self._ranked((served, user))
         return {"user_id": user_id, "cold_start": user is None, "model_version": served.version,
                 "items": served.items(ranking, k)}
@@ -466,13 +481,6 @@ def build_app(args: dict) -> Application:
     args = dict(args)
     tracking_uri = args.pop("tracking_uri", None) or tracking.tracking_uri()
     return build(ServeConfig.model_validate(load_config().serve.model_dump() | args), tracking_uri)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (tests and the load test: others share this machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -16,12 +16,14 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from mlflow import MlflowClient
 from ray.serve.schema import ServeDeploySchema
 
 from ncf import tracking
 from ncf.config import REPO_ROOT, load_config
+from ncf.distributed import free_port
 from ncf.recommender import Recommender
-from serving.app import MAX_ID, build_app, free_port
+from serving.app import MAX_ID, build_app, load_served, resolve
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +130,21 @@ def test_concurrent_first_requests_match_the_model(http: httpx.Client, champion:
     expected = champion.recommend(users, 10)
     for user in users:
         assert results[user] == expected[expected["user_id"] == user]["movie_id"].tolist()
+
+
+def test_ranking_cache_keeps_the_most_recently_asked_for_users(model_store, champion: Recommender):
+    served = load_served(resolve(f"models:/{tracking.MODEL_NAME}/{model_store.champion}", MlflowClient()),
+                         cache_users=3)
+    first = served.rank([0, 1, 2])
+    assert list(served.rankings) == [0, 1, 2]
+    assert served.cached(0) is first[0]  # asking again moves user 0 to the recent end
+    served.rank([3, 4])
+    assert list(served.rankings) == [0, 3, 4]
+    again = served.rank([1])[1]  # evicted, so computed again: the same answer
+    np.testing.assert_array_equal(again.movies, first[1].movies)
+    expected = champion.recommend(champion.ids.user_ids[[1]].tolist(), 100)["movie_id"].to_numpy()
+    np.testing.assert_array_equal(champion.ids.movie_ids[again.movies], expected)
+    assert list(served.rankings) == [3, 4, 1]
 
 
 @pytest.mark.parametrize("user_id", [0, 99_999_999, MAX_ID])

@@ -83,7 +83,8 @@ def test_run_records_everything(trained, store):
                                                 "movie_embeddings", "attention_weights")}
     assert "config.yaml" in {a.path for a in client.list_artifacts(summary.run_id)}
 
-    assert promoted
+    assert promoted and run.data.tags["champion.decision"] == "promoted"
+    assert run.data.tags["champion.incumbent_version"] == "none"
     champion = client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION)
     assert str(champion.version) == summary.model_version and champion.run_id == summary.run_id
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from jobs import train as train_job
 from jobs import tune as tune_job
 from ncf import tracking
 from ncf.config import REPO_ROOT, load_config
+from ncf.distributed import init_ray
 from ncf.tune import TRIAL_TAG, dropout_schedule, trial_config
 
 pytestmark = pytest.mark.integration
@@ -60,16 +60,12 @@ def env(tmp_path_factory, data_dir):
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     tracking.setup()
-    # Ray Train's placement-group cleaner finds "its" cluster through RAY_ADDRESS; without it, with
-    # other Ray instances on the machine, the cluster of a multi-worker trial that ASHA stops leaks its
-    # workers' placement group and the next trial waits for CPUs forever.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dashboard = s.getsockname()[1]
-    context = ray.init(address="local", num_cpus=2, log_to_driver=False, dashboard_port=dashboard,
-                       runtime_env={"env_vars": {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
+    # The jobs' own start: a private cluster with RAY_ADDRESS pinned for its processes (without it, with
+    # other Ray clusters on the machine, a multi-worker trial that ASHA stops leaks its CPUs).
+    assert "RAY_ADDRESS" not in os.environ, "the tests start their own cluster"
+    init_ray()
     try:
-        yield Env(uri, tmp_path_factory.mktemp("checkpoints"), context.address_info["gcs_address"])
+        yield Env(uri, tmp_path_factory.mktemp("checkpoints"), ray.get_runtime_context().gcs_address)
     finally:
         ray.shutdown()
         if previous is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +13,7 @@ import pytest
 
 from ncf.config import Config, DataConfig
 from ncf.data import DataError, download_dataset, resolve_data_dir, sha256_normalised
+from ncf.distributed import free_port
 
 FILES = ("README.txt", "links.csv", "movies.csv", "ratings.csv", "tags.csv")
 
@@ -158,6 +160,16 @@ def test_body_shorter_than_content_length_is_refused(server, good_zip, config, c
     cfg = data_config(config, server.serve("short.zip", half, content_length=len(good_zip)), cache_dir)
     with pytest.raises(DataError, match=f"truncated: {len(half)} of {len(good_zip)} bytes"):
         download_dataset(cfg)
+    assert_nothing_left(cache_dir)
+
+
+@pytest.mark.parametrize("where", ["missing.zip", "closed port"])
+def test_unreachable_archive_is_a_clear_error_and_leaves_nothing(server, config, cache_dir, where):
+    url = server.serve("ml.zip", b"").replace("ml.zip", "missing.zip")  # the server answers 404
+    if where == "closed port":
+        url = f"http://127.0.0.1:{free_port()}/ml.zip"
+    with pytest.raises(DataError, match=f"could not download {re.escape(url)} .*NCF_DATA_DIR"):
+        download_dataset(data_config(config, url, cache_dir))
     assert_nothing_left(cache_dir)
 
 

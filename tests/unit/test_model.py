@@ -95,6 +95,10 @@ def test_score_users_equals_forward_on_the_grid(options):
     some_users, some_movies = torch.tensor([4, 0, 8]), torch.tensor([22, 3, 3, 10])
     assert torch.allclose(model.score_users(some_users, some_movies), expected[some_users][:, some_movies],
                           atol=1e-5)
+    # The movie side computed once and reused (as the server does) gives the same scores.
+    side = model.movie_side(some_movies)
+    assert torch.equal(model.score_users(some_users, movie_side=side), model.score_users(some_users, some_movies))
+    assert torch.allclose(model.score_users(users, movie_side=model.movie_side()), expected, atol=1e-5)
 
 
 def test_xavier_init_and_zero_biases():
