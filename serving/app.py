@@ -149,7 +149,7 @@ class Served:
             found[int(user)] = self.rankings[int(user)] = Ranking(movies[row][unseen], *(
                 pairs[field][part][unseen] for field in ("rating", "strength", "user_weight", "movie_weight")))
         while len(self.rankings) > self.cache_users:
-            with suppress(KeyError, StopIteration):
+            with suppress(KeyError):  # another thread may have just evicted it
                 self.rankings.popitem(last=False)
         return found
 
