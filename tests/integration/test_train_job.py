@@ -131,18 +131,25 @@ def test_registered_model_loads_in_fresh_process(trained, store, data_dir, tmp_p
 
 
 def _kill_worker_after_checkpoints(storage: Path, address: str, outcome: list, stop: threading.Event) -> None:
-    """Once the run has two checkpoints (so the first is surely registered), kills the worker's process."""
+    """Once the run has two checkpoints (so the first is surely registered), kills the worker's process.
+
+    The worker is looked up at the first checkpoint: the state API can take seconds on a busy machine,
+    and looked up only at the second, the kill could land after the last epoch, with nothing to resume.
+    """
     from ray.util.state import list_actors
 
+    pid = None
     try:
         while not stop.is_set():
-            if len(list(storage.glob("*/checkpoint_*"))) >= 2:
+            checkpoints = len(list(storage.glob("*/checkpoint_*")))
+            if checkpoints >= 1 and pid is None:
                 workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
                                                                 ("state", "=", "ALIVE")])
-                if workers:
-                    os.kill(workers[0].pid, 9)
-                    outcome.append(workers[0].pid)
-                    return
+                pid = workers[0].pid if workers else None
+            if checkpoints >= 2 and pid is not None:
+                os.kill(pid, 9)
+                outcome.append(pid)
+                return
             time.sleep(0.2)
     except Exception as err:  # surfaced by the test, not lost in the thread
         outcome.append(err)
