@@ -1,11 +1,15 @@
-# One command per step; every target installs what it needs first (see `venv`).
+# One command per step; every target installs what it needs first (see `venv`). `make help` lists them.
 SHELL := /bin/bash
 PY := .venv/bin/python
 ARGS ?=
 export RAY_USAGE_STATS_ENABLED ?= 0
 
+.DEFAULT_GOAL := help
+.PHONY: help venv train train-local test test-unit lint ui bench-train gpu-train clean
 
-.PHONY: venv train train-local test lint ui bench-train gpu-train clean
+help:  ## list every target with what it does
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):[^#]*## (.*)/\1\t\2/' | \
+		awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 # torch is installed on its own first: a CPU build, so no multi-GB CUDA build is pulled in.
 .venv/.installed: pyproject.toml
@@ -15,7 +19,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-venv: .venv/.installed
+venv: .venv/.installed  ## create .venv and install the project with its test tools
 
 train: venv  ## train under Ray Train, evaluate, log to MLflow, register the model
 	$(PY) -m jobs.train $(ARGS)
@@ -23,15 +27,18 @@ train: venv  ## train under Ray Train, evaluate, log to MLflow, register the mod
 train-local: venv  ## the same training loop in this process (debugging)
 	$(PY) -m jobs.train --launcher local $(ARGS)
 
-test: venv
+test: venv  ## every test: unit, integration (real Ray, MLflow, HTTP) and e2e (browser)
 	$(PY) -m pytest $(ARGS)
 
-lint: venv
+test-unit: venv  ## the hermetic unit tests only (no data folder, network, Ray cluster or browser)
+	$(PY) -m pytest -m unit $(ARGS)
+
+lint: venv  ## ruff
 	$(PY) -m ruff check .
 
 UI_PORT ?= 5000
-ui: venv  ## MLflow UI on 127.0.0.1:$(UI_PORT) against the project's store
-	.venv/bin/mlflow ui --backend-store-uri "$$($(PY) -c "from ncf.tracking import tracking_uri; print(tracking_uri())")" --host 127.0.0.1 --port $(UI_PORT) --workers 1
+ui: venv  ## MLflow UI on 127.0.0.1:5000 (UI_PORT) against the store the jobs use (MLFLOW_TRACKING_URI or ./mlruns)
+	.venv/bin/mlflow ui --backend-store-uri "$$($(PY) -c "from ncf.integrations.mlflow_tracking import tracking_uri; print(tracking_uri())")" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 bench-train: venv  ## epoch time in-process vs Ray Train (1 and 2 workers) -> docs/benchmarks/
 	$(PY) -m jobs.bench_train $(ARGS)
@@ -39,8 +46,8 @@ bench-train: venv  ## epoch time in-process vs Ray Train (1 and 2 workers) -> do
 gpu-train: venv  ## short training on every visible GPU, reports throughput
 	$(PY) -m jobs.bench_train --gpu $(ARGS)
 
-clean:
-	rm -rf checkpoints reports/*.json
+clean:  ## remove checkpoints and metric reports (keeps the MLflow store)
+	rm -rf checkpoints reports/*.json reports/*.md
 
 # ---- Hyperparameter search, and the jobs on a Ray cluster (RAY_ADDRESS; default: the local head) ----
 .PHONY: tune cluster-up cluster-down submit-train submit-tune
@@ -55,10 +62,10 @@ cluster-down:  ## stop the local Ray head (`ray stop`: every Ray process on this
 	platform/ray-cluster.sh down
 
 submit-train: venv  ## the train job as a Ray job at RAY_ADDRESS: code uploaded, logs followed, exit code kept
-	platform/ray-cluster.sh submit jobs.train $(ARGS)
+	$(PY) -m jobs.submit jobs.train $(ARGS)
 
 submit-tune: venv  ## the sweep as a Ray job at RAY_ADDRESS (same as submit-train)
-	platform/ray-cluster.sh submit jobs.tune $(ARGS)
+	$(PY) -m jobs.submit jobs.tune $(ARGS)
 
 # ---- Serving: the champion over HTTP (API + web page), and its load test ----
 .PHONY: serve bench-serve

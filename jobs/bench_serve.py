@@ -38,14 +38,14 @@ from mlflow import MlflowClient
 from ray import serve
 from starlette.requests import Request
 
-from jobs.cli import parser
 from jobs.train import run as train
-from ncf import tracking
-from ncf.config import REPO_ROOT, ServeConfig, load_config
-from ncf.distributed import free_port
-from serving.app import ModelNotFoundError, Ranking, Served, load_served, resolve, running
+from ncf.config import ServeConfig, load_config, override_parser
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import free_port
+from serving.app import running
+from serving.model_version import ModelNotFoundError, Ranking, ServedVersion, load_version, resolve_version
 
-OUT = REPO_ROOT / "docs" / "benchmarks" / "serve_load.md"
+OUT = Path("docs") / "benchmarks" / "serve_load.md"  # run from the repository root (`make bench-serve`)
 TARGETS = {"p50_ms": 20.0, "p99_ms": 60.0, "rate": 150.0}
 
 
@@ -57,7 +57,7 @@ class NaiveRecommender:
         torch.set_num_threads(1)
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-        self.served = load_served(resolve(model_uri, MlflowClient(tracking_uri, tracking_uri)), cache_users=1)
+        self.served = load_version(resolve_version(model_uri, MlflowClient(tracking_uri, tracking_uri)), cache_users=1)
         self.scorer = scorer
 
     def __call__(self, request: Request) -> dict:
@@ -183,17 +183,17 @@ def ensure_model(model_uri: str, tracking_uri: str, overrides: list[str]) -> str
     URI points at nothing."""
     client = MlflowClient(tracking_uri, tracking_uri)
     try:
-        return str(resolve(model_uri, client).version)
+        return str(resolve_version(model_uri, client).version)
     except ModelNotFoundError:
         if model_uri != load_config().serve.model_uri:
             raise
     print(f"{model_uri} points at nothing in {tracking_uri}: training one with jobs.train (in-process) ...",
           flush=True)
     train(load_config(overrides), launcher="local", report_path=None, run_name="bench-serve")
-    return str(resolve(model_uri, client).version)
+    return str(resolve_version(model_uri, client).version)
 
 
-def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, served: Served, load_before: tuple,
+def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, served: ServedVersion, load_before: tuple,
            cached: int) -> str:
     by_name = {p.name: p for p in phases}
     naive, fast, paced = by_name["naive: forward per request"], by_name["served: warm, closed loop"], \
@@ -258,7 +258,7 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = override_parser(__doc__.splitlines()[0])
     p.add_argument("--model-uri", default=None, help="models:/<name>@<alias> or models:/<name>/<version> "
                                                      "(default: serve.model_uri from conf/serve.yaml)")
     p.add_argument("--clients", type=int, default=8)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     load_before = os.getloadavg()
-    tracking_uri = tracking.tracking_uri()
+    tracking_uri = mlflow_tracking.tracking_uri()
     model_uri = args.model_uri or load_config(args.overrides).serve.model_uri
     version = ensure_model(model_uri, tracking_uri, args.overrides)
     config = load_config([*args.overrides, f"serve.model_uri={model_uri}", f"serve.port={free_port()}",
@@ -295,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
                                     rng.choices(users, k=args.naive_requests), args.clients, args.max_seconds))
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    served = load_served(resolve(f"models:/{tracking.MODEL_NAME}/{version}", MlflowClient(tracking_uri, tracking_uri)),
-                         config.cache_users)
+    client = MlflowClient(tracking_uri, tracking_uri)
+    pinned = f"models:/{mlflow_tracking.MODEL_NAME}/{version}"
+    served = load_version(resolve_version(pinned, client), config.cache_users)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(phases, args, config, version, served, load_before, cached))
     print(f"wrote {args.out}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

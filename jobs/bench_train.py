@@ -17,17 +17,17 @@ import platform as host
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from jobs.cli import config_from, parser
-from ncf.config import REPO_ROOT, Config
+from ncf.config import Config, load_config, override_parser
 from ncf.data import load_movielens, resolve_data_dir
-from ncf.distributed import fit_with_ray, init_ray
+from ncf.integrations.ray_train import fit_with_ray, init_ray
 from ncf.model import count_flops_per_sample
-from ncf.train import LocalReporter, load_checkpoint, train_loop
+from ncf.training import LocalReporter, load_checkpoint, train_loop
 
-OUT_DIR = REPO_ROOT / "docs" / "benchmarks"
+OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -99,11 +99,11 @@ def to_markdown(title: str, result: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = override_parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--gpu", action="store_true", help="short training on every visible GPU")
     args = p.parse_args(argv)
-    config = config_from(args)
+    config = load_config(args.overrides)
     config.data.dir = str(resolve_data_dir(config.data))
     config.train.max_epochs, config.train.patience, config.train.refit = args.epochs, args.epochs, False
     if args.gpu:

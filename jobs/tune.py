@@ -3,34 +3,229 @@
     python -m jobs.tune [--set section.key=value ...]     a new sweep (conf/tune.yaml)
     python -m jobs.tune --resume [NAME]                   continue an interrupted sweep (default: the newest)
 
-Each trial is a child MLflow run of the sweep's run. The best trial is refit, evaluated on
-the test split, registered as an `ncf-movielens` version and made `champion` only if its
-validation RMSE beats the champion's. The sweep's report (leaderboard, ASHA savings, test
-metrics) is printed and written to `reports/tune.md`.
+Optuna's TPE proposes configs from `conf/tune.yaml`'s space and ASHA stops weak trials
+early, both on the validation metric `best_val_rmse` (the trials: `jobs.sweep_trials`).
+Each trial is a child MLflow run of the sweep's run. When the sweep ends, the best trial
+continues from its last checkpoint into the refit phase, is evaluated on the test split,
+registered as an `ncf-movielens` version and made `champion` only if its validation RMSE
+beats the champion's. The sweep's report (`jobs.sweep_report`: leaderboard, ASHA savings,
+test metrics) is printed and written to `reports/tune.md`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from jobs.cli import config_from, parser
-from ncf.config import REPO_ROOT
-from ncf.tune import SweepError, SweepInterrupted, sweep
+import mlflow
+import torch
+import yaml
+from mlflow import MlflowClient
+from ray import tune
 
-REPORT_PATH = REPO_ROOT / "reports" / "tune.md"
+from jobs.publish import finish_run, log_data_tags
+from jobs.sweep_report import SweepOutcome, epoch_savings, format_board, leaderboard
+from jobs.sweep_trials import (
+    METRIC,
+    MODE,
+    TrialRuns,
+    concurrent_trials,
+    find_child_run,
+    run_trial,
+    search_space,
+    trial_config,
+    trial_resources,
+)
+from ncf import plots
+from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
+from ncf.data import MovieLens, load_movielens, resolve_data_dir
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import init_ray
+from ncf.training import CHECKPOINT_FILE, fit_in_process
+
+SWEEP_CONFIG = "ncf_config.yaml"  # the sweep's base config, kept in its Tune folder for --resume
+SWEEP_TAG = "ncf.sweep_path"
 INTERRUPTED = 130  # the shell's code for Ctrl-C: the sweep can be resumed
 
 
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial finished; its message says how to resume."""
+
+
+class SweepError(RuntimeError):
+    """Nothing to resume, or the sweep already finished; the message says which."""
+
+
+def latest_sweep(storage: Path, name: str | None = None) -> Path:
+    """The sweep folder to resume: `name`, or the newest one under `storage`."""
+    if name:
+        path = Path(name) if Path(name).is_absolute() else storage / name
+        candidates = [path]
+    else:
+        candidates = sorted((p for p in storage.glob("sweep-*") if (p / SWEEP_CONFIG).exists()),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        if tune.Tuner.can_restore(str(path)):
+            return path
+    raise SweepError(f"no sweep to resume {'at ' + str(candidates[0]) if name else 'under ' + str(storage)}")
+
+
+def _parent_run(path: Path) -> str | None:
+    runs = mlflow.search_runs(filter_string=f"tags.`{SWEEP_TAG}` = '{path}'", max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
+    """Run (or with `resume` = a sweep name or "latest", continue) a sweep; see the module doc."""
+    started = time.perf_counter()
+    storage = Path(config.train.checkpoint_dir).expanduser().resolve()
+    if resume:
+        path = latest_sweep(storage, None if resume == "latest" else resume)
+        config = _saved_config(path)
+        print(f"resuming sweep {path}", flush=True)
+    else:
+        config = config.model_copy(deep=True)
+        config.data.dir = str(resolve_data_dir(config.data))  # trials and the refit load the same files
+        config.train.checkpoint_dir = str(storage)
+        path = storage / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        path.mkdir(parents=True)
+        save_config(config, path / SWEEP_CONFIG)
+    data = load_movielens(config.data)
+    experiment_id = mlflow_tracking.setup()
+    parent_id = _parent_run(path) if resume else None
+    if resume and parent_id is None:
+        raise SweepError(f"sweep {path} has no MLflow run in {mlflow_tracking.tracking_uri()}")
+    init_ray()
+    # Keeping one checkpoint per trial makes Tune save its state often (cheap here); no warning about it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if parent_id and "champion.decision" in MlflowClient().get_run(parent_id).data.tags:
+        raise SweepError(f"sweep {path} already finished (MLflow run {parent_id})")
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else path.name,
+                          tags=None if parent_id else {SWEEP_TAG: str(path), "ncf.kind": "sweep"}) as parent:
+        if not parent_id:
+            mlflow_tracking.log_config(config)
+            log_data_tags(data)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data),
+                                        trial_resources(config))
+        if resume:
+            tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        else:
+            tuner = make_tuner(config, trainable, path, parent.info.run_id, experiment_id)
+        results = tuner.fit()
+        finished = results.num_terminated + results.num_errors
+        if finished < config.tune.num_samples or len(results) < config.tune.num_samples:
+            _end_as_killed(parent.info.run_id, experiment_id)  # until resumed
+            raise SweepInterrupted(f"sweep interrupted with {finished} of {config.tune.num_samples} trials "
+                                   f"finished; continue it with: python -m jobs.tune --resume {path.name}")
+        return _finish(config, data, results, path, parent.info.run_id, experiment_id, started)
+
+
+def _end_as_killed(parent_run_id: str, experiment_id: str) -> None:
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
+    mlflow.end_run("KILLED")
+
+
+def _saved_config(path: Path) -> Config:
+    return config_from_dict(yaml.safe_load((path / SWEEP_CONFIG).read_text()))
+
+
+def make_tuner(config: Config, trainable, path: Path, parent_run_id: str, experiment_id: str) -> tune.Tuner:
+    from optuna.samplers import TPESampler
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    t = config.tune
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(config),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(config),
+            search_alg=OptunaSearch(sampler=TPESampler(seed=t.seed, n_startup_trials=t.startup_trials)),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
+                                    reduction_factor=t.reduction_factor),
+        ),
+        run_config=tune.RunConfig(
+            name=path.name, storage_path=str(path.parent), verbose=0,  # TrialRuns prints progress
+            callbacks=[TrialRuns(parent_run_id, experiment_id, config, mlflow_tracking.tracking_uri())],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=config.train.max_failures),
+        ),
+    )
+
+
+def trial_checkpoint(result):
+    """The trial's last checkpoint: Tune's own, or the TorchTrainer's a multi-worker trial reported."""
+    if result.checkpoint is not None:
+        return result.checkpoint
+    from ray.train import Checkpoint
+
+    return Checkpoint(result.metrics["checkpoint_path"])
+
+
+def _finish(config: Config, data: MovieLens, results, path: Path, parent_run_id: str, experiment_id: str,
+            started: float) -> SweepOutcome:
+    board = leaderboard(results, config)
+    savings = epoch_savings(board, config)
+    print("\n" + format_board(board, config) + "\n\n" + savings.describe(), flush=True)
+    best = results.get_best_result(METRIC, MODE, scope="last")
+    best_config = trial_config(config, best.config, refit=True)
+    if best_config.train.use_gpu and not torch.cuda.is_available():  # the refit runs here, in the driver
+        best_config = with_values(best_config, {"train.use_gpu": False})
+    mlflow.log_text(format_board(board, config), "sweep/leaderboard.md")
+    mlflow.log_text(board.to_csv(index_label="rank"), "sweep/leaderboard.csv")
+    figure = plots.trials_plot(board, config, METRIC)
+    mlflow.log_figure(figure, "sweep/trials_vs_hyperparameters.png")
+    plots.plt.close(figure)
+    with tempfile.TemporaryDirectory(prefix="ncf-sweep-") as tmp:
+        save_config(best_config, Path(tmp) / "best_config.yaml")
+        mlflow.log_artifact(str(Path(tmp) / "best_config.yaml"), "sweep")
+        mlflow.log_metrics({METRIC: float(board[METRIC].iloc[0]), "trials": len(board),
+                            "trial_epochs": savings.ran, "trial_epochs_without_asha_min": savings.without_asha_min,
+                            "trial_epochs_without_asha_max": savings.without_asha_max})
+        trial_id = best.metrics["trial_id"]
+        child = find_child_run(MlflowClient(), experiment_id, parent_run_id, trial_id)
+        mlflow.set_tags({"sweep.best_trial": trial_id, "sweep.best_run_id": child})
+        folder = Path(tmp) / "best"
+        folder.mkdir()
+        with trial_checkpoint(best).as_directory() as saved:  # the refit continues a copy
+            shutil.copy2(Path(saved) / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
+        with mlflow.start_run(run_id=child, nested=True):
+            mlflow.set_tag("ncf.refit_after_sweep", str(best_config.train.refit).lower())
+            if best_config.train.refit:  # the trial's own loop, continued into its refit phase
+                print(f"best trial {trial_id}: refitting on train + validation", flush=True)
+                fit_in_process(best_config, data, folder, resume=True, on_epoch=mlflow_tracking.EpochLogger(child))
+            summary = finish_run(best_config, data, folder)
+            decision = mlflow_tracking.promote_if_better(summary.model_version, summary.best_val_rmse)
+            mlflow.set_tags(decision)
+        mlflow_tracking.log_test_metrics({"ncf": summary.metrics["ncf"]})
+        mlflow.set_tags(decision)
+    outcome = SweepOutcome(path.name, path, parent_run_id, board, savings, best_config, summary, decision,
+                           time.perf_counter() - started)
+    mlflow.log_text(outcome.report(), "sweep/report.md")
+    print(f"\nbest trial {trial_id} -> {mlflow_tracking.MODEL_NAME} version {summary.model_version}: "
+          f"{decision['champion.decision']} (val RMSE {decision['champion.candidate_val_rmse']} vs champion "
+          f"{decision['champion.incumbent_val_rmse']}); test RMSE {summary.metrics['ncf']['rmse']:.4f}", flush=True)
+    return outcome
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = override_parser(__doc__.splitlines()[0])
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="NAME",
                    help="continue an interrupted sweep with its own saved config (NAME: its folder under "
                         "train.checkpoint_dir; default: the newest there)")
-    p.add_argument("--report", type=Path, default=REPORT_PATH, help="where to write the sweep's Markdown report")
+    p.add_argument("--report", type=Path, default=Path("reports") / "tune.md",
+                   help="where to write the sweep's Markdown report (relative: to the working directory)")
     args = p.parse_args(argv)
     try:
-        outcome = sweep(config_from(args), resume=args.resume)
+        outcome = sweep(load_config(args.overrides), resume=args.resume)
     except SweepInterrupted as stop:
         print(stop, file=sys.stderr, flush=True)
         return INTERRUPTED

@@ -2,10 +2,15 @@
 
 Each `conf/<section>.yaml` becomes one section of `Config`. Unknown keys and wrong
 types are errors that name the key; `--set section.key=value` overrides any value.
+
+The defaults travel with the code: a source checkout reads `conf/` beside `ncf/`; an
+installed package (`pip install .`, a cluster image) reads the copy shipped inside it
+as package data (`ncf/conf/`). `NCF_CONF_DIR` points at another folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = Path(os.environ.get("NCF_CONF_DIR", REPO_ROOT / "conf"))
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class ConfigError(ValueError):
@@ -148,6 +152,10 @@ class TuneConfig(Section):
     max_concurrent_trials: int | None = Field(gt=0)
     space: dict[str, dict[str, Distribution]] = Field(min_length=1)
 
+    def searched_keys(self) -> list[str]:
+        """`section.key` of every searched value: the names trials, Optuna, MLflow and reports share."""
+        return [f"{section}.{key}" for section, keys in self.space.items() for key in keys]
+
 
 class Config(Section):
     data: DataConfig
@@ -218,9 +226,17 @@ def config_from_dict(tree: dict) -> Config:
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def default_conf_dir() -> Path:
+    """`NCF_CONF_DIR`, else the defaults shipped inside the installed package, else the checkout's `conf/`."""
+    if os.environ.get("NCF_CONF_DIR"):
+        return Path(os.environ["NCF_CONF_DIR"]).expanduser()
+    shipped = PACKAGE_DIR / "conf"
+    return shipped if shipped.is_dir() else PACKAGE_DIR.parent / "conf"
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | None = None) -> Config:
-    """Read every section from `conf_dir`, apply `section.key=value` overrides, validate."""
-    conf_dir = Path(conf_dir or CONF_DIR)
+    """Read every section from `conf_dir` (default: `default_conf_dir()`), apply overrides, validate."""
+    conf_dir = Path(conf_dir or default_conf_dir())
     tree: dict = {}
     for section in SECTIONS:
         path = conf_dir / f"{section}.yaml"
@@ -254,3 +270,11 @@ def flatten(config: Config) -> dict[str, object]:
 
     walk("", config.model_dump())
     return flat
+
+
+def override_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every entry point shares: `--set section.key=value` overrides."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set model.embedding_dim=64 (repeatable)")
+    return p

@@ -18,7 +18,9 @@ from torch import nn
 from ncf.config import ModelConfig
 
 
-class Prediction(NamedTuple):
+class ModelOutput(NamedTuple):
+    """What the model says of each (user, movie) pair."""
+
     rating: torch.Tensor
     strength: torch.Tensor
     user_weight: torch.Tensor
@@ -89,7 +91,7 @@ class NCF(nn.Module):
             m = m + self.genre_projection(self.genres[movies])
         return m
 
-    def forward(self, users: torch.Tensor, movies: torch.Tensor) -> Prediction:
+    def forward(self, users: torch.Tensor, movies: torch.Tensor) -> ModelOutput:
         u = self.user_embedding(users)
         m = self.movie_vectors(movies)
         weights = torch.softmax(self.attention(torch.cat([u, m], dim=-1)), dim=-1)
@@ -99,7 +101,7 @@ class NCF(nn.Module):
             logit = logit + self.user_bias(users).squeeze(-1) + self.movie_bias(movies).squeeze(-1)
         strength = torch.sigmoid(logit)
         rating = self.cfg.rating_min + (self.cfg.rating_max - self.cfg.rating_min) * strength
-        return Prediction(rating, strength, weights[:, 0], weights[:, 1])
+        return ModelOutput(rating, strength, weights[:, 0], weights[:, 1])
 
     def _inference_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) of each linear layer with its eval-mode batch norm folded in."""
@@ -155,6 +157,20 @@ class NCF(nn.Module):
         if self.cfg.use_bias:
             logit = logit + self.user_bias(users) + self.movie_bias(side.movies).T
         return self.cfg.rating_min + (self.cfg.rating_max - self.cfg.rating_min) * torch.sigmoid(logit)
+
+
+@torch.no_grad()
+def forward_batched(model: NCF, users: torch.Tensor, movies: torch.Tensor, batch_size: int = 65536) -> ModelOutput:
+    """The eval-mode forward pass over any number of pairs, a batch at a time, gathered on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    users, movies = torch.as_tensor(users), torch.as_tensor(movies)
+    parts = [model(users[i: i + batch_size].to(device), movies[i: i + batch_size].to(device))
+             for i in range(0, len(users), batch_size)]
+    if not parts:
+        return ModelOutput(*(torch.empty(0) for _ in ModelOutput._fields))
+    return ModelOutput(*(torch.cat([getattr(p, f).float().cpu() for p in parts]) for f in ModelOutput._fields))
+
 
 def count_flops_per_sample(cfg: ModelConfig) -> int:
     """Multiply-adds x 2 of one forward pass through attention and MLP (embeddings are lookups)."""

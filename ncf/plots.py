@@ -1,23 +1,29 @@
-"""Figures logged with every run: learning curves, rating fit, embeddings, attention."""
+"""Figures logged to MLflow: learning curves, rating fit, embeddings, attention, a sweep's trials."""
 
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
+import math  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
+from ncf.config import Config  # noqa: E402
 from ncf.data import MovieLens  # noqa: E402
 from ncf.model import NCF  # noqa: E402
+from ncf.training import Phase  # noqa: E402
 
 
 def learning_curves(history: list[dict[str, float]]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
-    search = [h for h in history if h["phase"] == 0.0]
-    refit = [h for h in history if h["phase"] == 1.0]
+    search = [h for h in history if h["phase"] == Phase.SEARCH]
+    refit = [h for h in history if h["phase"] == Phase.REFIT]
     ax.plot([h["epoch"] for h in search], [h["train_rmse"] for h in search], "o-", label="train RMSE")
     ax.plot([h["epoch"] for h in search], [h["val_rmse"] for h in search], "o-", label="validation RMSE")
     if refit:
@@ -70,4 +76,39 @@ def attention_histogram(user_weight: np.ndarray) -> plt.Figure:
     ax.set(xlabel="attention weight", ylabel="test pairs", title="Attention weights (sum to 1 per pair)")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def trials_plot(board: pd.DataFrame, config: Config, metric: str) -> plt.Figure:
+    """A sweep's trials: `metric` against each searched value; colour: epochs each trial ran."""
+    keys = config.tune.searched_keys()
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, layout="constrained")
+    done = board.dropna(subset=[metric])
+    for ax, key in zip(axes.flat, keys, strict=False):
+        section, name = key.split(".")
+        spec = config.tune.space[section][name]
+        values = done[key]
+        if spec.choice is not None:
+            labels = [str(c) for c in spec.choice]
+            x = values.map(lambda v, labels=labels: labels.index(str(v)))
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        else:
+            x = values.astype(float)
+            if spec.loguniform is not None:
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+        points = ax.scatter(x, done[metric], c=done["epochs"], cmap="viridis", vmin=1,
+                            vmax=config.tune.max_epochs, s=28, edgecolors="k", linewidths=0.3)
+        ax.scatter(x.iloc[:1], done[metric].iloc[:1], marker="*", s=220, c="crimson", label="best")
+        ax.set(xlabel=key, ylabel=metric if ax in axes[:, 0] else None)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if len(done):
+        fig.colorbar(points, ax=axes, label="epochs run (ASHA / early stopping)", shrink=0.8)
+        axes.flat[0].legend(loc="upper right")
+    fig.suptitle("Trials against their hyperparameters")
     return fig

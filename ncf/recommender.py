@@ -1,7 +1,8 @@
 """A trained model plus everything needed to recommend with it, in raw MovieLens ids.
 
-`Recommender` is what MLflow ships (see ncf/tracking.py) and what Ray Serve loads:
-weights, config, id maps, the movie table and every user's known ratings. It
+`Recommender` is what the registered MLflow model carries and what Ray Serve loads:
+weights, config, id maps, the movie table and every user's known ratings, with the
+indexes built from them once (ratings grouped by user, popularity, genres). It
 answers pair predictions, top-k over unseen movies and explanations.
 """
 
@@ -15,8 +16,8 @@ import torch
 import yaml
 
 from ncf.config import Config, ModelConfig
-from ncf.data import IdMaps, MovieLens, Ratings, genre_matrix
-from ncf.model import NCF
+from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
+from ncf.model import NCF, forward_batched
 from ncf.ranking import SeenItems, top_k_unseen
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
@@ -36,14 +37,10 @@ class NCFScorer:
         self.model = model.eval()
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def explain(self, users: np.ndarray, movies: np.ndarray) -> dict[str, np.ndarray]:
         """Predicted rating, strength and the two attention weights of each pair."""
-        users, movies = torch.as_tensor(np.asarray(users)), torch.as_tensor(np.asarray(movies))
-        parts = [self.model(users[i: i + self.batch_size], movies[i: i + self.batch_size])
-                 for i in range(0, len(users), self.batch_size)]
-        fields = ("rating", "strength", "user_weight", "movie_weight")
-        return {f: torch.cat([getattr(p, f) for p in parts]).numpy() if parts else np.empty(0) for f in fields}
+        out = forward_batched(self.model, np.asarray(users), np.asarray(movies), self.batch_size)
+        return {name: value.numpy() for name, value in out._asdict().items()}
 
     def predict(self, users: np.ndarray, movies: np.ndarray) -> np.ndarray:
         return self.explain(users, movies)["rating"]
@@ -60,8 +57,17 @@ class Recommender:
         self.movies = movies.reset_index(drop=True)
         self.history = history  # every known rating (train + validation), encoded
         self.scorer = NCFScorer(self.model)
-        self.seen = SeenItems(history.user, history.movie, ids.n_users)
+        order = np.argsort(history.user, kind="stable")
+        self.rated = history.take(order)  # grouped by user: user u's ratings are rows user_start[u]:user_start[u + 1]
+        self.user_start = np.searchsorted(self.rated.user, np.arange(ids.n_users + 1))
+        self.seen = SeenItems(self.rated.user, self.rated.movie, ids.n_users)
         self.popularity = np.bincount(history.movie, minlength=ids.n_movies)
+        self.by_popularity = np.argsort(-self.popularity, kind="stable")
+        self.movie_means = (np.bincount(history.movie, weights=history.rating, minlength=ids.n_movies)
+                            / np.maximum(self.popularity, 1))
+        self.titles = self.movies["title"].tolist()
+        self.lower_titles = self.movies["title"].str.lower()
+        self.genre_lists = [[] if g == NO_GENRES else g.split("|") for g in self.movies["genres"]]
 
     @classmethod
     def from_training(cls, model: NCF, config: Config, data: MovieLens) -> Recommender:
@@ -109,8 +115,17 @@ class Recommender:
             raise UnknownIdError(f"unknown movie id(s): {sorted(set(np.asarray(movie_ids)[index < 0].tolist()))[:20]}")
         return index
 
-    def knows_user(self, user_id: int) -> bool:
-        return bool(self.ids.user_index(np.asarray([user_id]))[0] >= 0)
+    def user_index(self, user_id: int) -> int | None:
+        """The index of a raw user id; None for a user the model has never seen."""
+        index = int(self.ids.user_index(np.asarray([user_id]))[0])
+        return index if index >= 0 else None
+
+    def ratings_of(self, user: int) -> Ratings:
+        """The known ratings of one user (by index)."""
+        return self.rated.take(np.arange(self.user_start[user], self.user_start[user + 1]))
+
+    def ratings_per_user(self) -> np.ndarray:
+        return np.diff(self.user_start)
 
     # ------------------------------------------------------------------ answers
 
@@ -144,7 +159,12 @@ class Recommender:
 
     def popular(self, k: int) -> np.ndarray:
         """Movie indices by number of known ratings: the cold-start answer."""
-        return np.argsort(-self.popularity, kind="stable")[:k]
+        return self.by_popularity[:k]
+
+    def search_titles(self, query: str, limit: int) -> np.ndarray:
+        """Indices of movies whose title contains `query` (any case), most rated first."""
+        matches = self.lower_titles.str.contains(query.lower(), regex=False).to_numpy()
+        return self.by_popularity[matches[self.by_popularity]][:limit]
 
     @torch.no_grad()
     def movie_similarity(self, movie: int, others: np.ndarray) -> np.ndarray:

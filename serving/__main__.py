@@ -13,17 +13,18 @@ import threading
 
 from mlflow import MlflowClient
 
-from jobs.cli import config_from, parser
-from ncf import tracking
-from serving.app import ModelNotFoundError, resolve, running
+from ncf.config import load_config, override_parser
+from ncf.integrations import mlflow_tracking
+from serving.app import running
+from serving.model_version import ModelNotFoundError, resolve_version
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    config = config_from(args).serve
-    uri = tracking.tracking_uri()
+    args = override_parser(__doc__.splitlines()[0]).parse_args(argv)
+    config = load_config(args.overrides).serve
+    uri = mlflow_tracking.tracking_uri()
     try:
-        version = resolve(config.model_uri, MlflowClient(uri, uri))
+        version = resolve_version(config.model_uri, MlflowClient(uri, uri))
     except ModelNotFoundError as err:
         print(f"{err}\nstore: {uri}\nTrain and register a model first: `make train` "
               "(its first model becomes the champion), or point MLFLOW_TRACKING_URI at a store that has one.",

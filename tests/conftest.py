@@ -1,6 +1,16 @@
-"""Shared fixtures: the real MovieLens folder (from NCF_DATA_DIR), the data built from it, and the
-served app (a tiny model trained on the real data, registered in a temporary MLflow store, served by
-a real local Ray Serve on a free loopback port) that the integration and browser tests both use."""
+"""Shared fixtures and the three test layers.
+
+Layers (a marker each, set from the folder a test lives in): `unit` (tests/unit: hermetic,
+on the tiny synthetic dataset in tests/fixtures/ml-tiny; no data folder, network, Ray
+cluster or browser), `integration` (tests/integration: the real MovieLens data, real Ray,
+MLflow and HTTP services), `e2e` (tests/e2e: a real browser). `make test-unit` runs the
+first; `make test` all three.
+
+The real data is found as `make train` finds it (NCF_DATA_DIR, else `data.dir`, else a
+verified download); the served app (a tiny model trained on the real data, registered in a
+temporary MLflow store, served by a real local Ray Serve on a free loopback port) is shared
+by the integration and browser tests.
+"""
 
 from __future__ import annotations
 
@@ -14,55 +24,73 @@ import mlflow
 import pandas as pd
 import pytest
 
-from ncf import tracking
-from ncf.config import REPO_ROOT, Config, load_config
-from ncf.data import (
-    DataError,
-    MovieLens,
-    encode_movielens,
-    load_movielens,
-    resolve_data_dir,
-    validate_movies,
-    validate_ratings,
-)
-from ncf.distributed import free_port
+from ncf.config import Config, load_config
+from ncf.data import DataError, MovieLens, encode_movielens, load_movielens, resolve_data_dir
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import free_port
 from ncf.recommender import Recommender
-from ncf.train import LocalReporter, train_loop
+from ncf.training import LocalReporter, train_loop
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-DATA_FILES = ("links.csv", "movies.csv", "ratings.csv", "tags.csv")
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "e2e")
+
+# A synthetic dataset in the ml-latest-small format: 60 users, 405 movies (5 never rated), 3,105 ratings from
+# biases and latent factors (something to learn), titles with commas and quotes, movies without genres.
+TINY_DIR = TESTS / "fixtures" / "ml-tiny"
+TINY_SHA256 = {"movies.csv": "12512e9e06eb42fc6ea67c9c809037014620585f422a503b74209d576592a9f8",
+               "ratings.csv": "ef08fc08cc4301d00f18c4860902385a4cc7c7bafa90ac99113307cb98be2b83"}
 
 
-def _resolve_data_dir(value: str) -> Path:
-    """NCF_DATA_DIR as given; a relative path is taken from the working directory, else the repo root."""
-    path = Path(value).expanduser()
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    return path.resolve()
-
-
-@pytest.fixture(scope="session")
-def data_dir(config: Config) -> Path:
-    """The real ml-latest-small folder, found as `make train` finds it: NCF_DATA_DIR, else `data.dir`,
-    else a verified download into the cache; tests that need it are skipped when none can be had."""
-    value = os.environ.get("NCF_DATA_DIR")
-    if not value:
-        try:
-            return resolve_data_dir(config.data)
-        except DataError as err:
-            pytest.skip(f"no MovieLens data for the real-data tests: {err}")
-    folder = _resolve_data_dir(value)
-    missing = [name for name in DATA_FILES if not (folder / name).is_file()]
-    if missing:
-        pytest.fail(f"NCF_DATA_DIR={value!r} resolves to {folder}, which lacks {missing}")
-    return folder
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test gets the marker of its layer's folder."""
+    for item in items:
+        layer = Path(item.fspath).relative_to(TESTS).parts[0]
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 @pytest.fixture(scope="session")
 def config() -> Config:
     """The default configuration from conf/."""
     return load_config()
+
+
+# ----------------------------------------------------------------------------- the tiny synthetic dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The tiny dataset's folder (read-only: copy it before changing anything)."""
+    return TINY_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    """The defaults, with the data section pointing at the tiny dataset and its checksums."""
+    return load_config([f"data.dir={TINY_DIR}", f"data.sha256={TINY_SHA256}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_movielens(tiny_config: Config) -> MovieLens:
+    """The tiny dataset, verified, encoded and split with the default (seed) protocol."""
+    return load_movielens(tiny_config.data, TINY_DIR)
+
+
+# ----------------------------------------------------------------------------- the real data
+
+
+@pytest.fixture(scope="session")
+def data_dir(config: Config) -> Path:
+    """The real ml-latest-small folder, found as `make train` finds it; the tests that need it are
+    skipped, saying why, when none can be had (and fail when NCF_DATA_DIR names a wrong folder)."""
+    try:
+        return resolve_data_dir(config.data)
+    except DataError as err:
+        if os.environ.get("NCF_DATA_DIR"):
+            pytest.fail(f"NCF_DATA_DIR={os.environ['NCF_DATA_DIR']!r}: {err}")
+        pytest.skip(f"no MovieLens data for the real-data tests: {err}")
 
 
 @pytest.fixture(scope="session")
@@ -72,21 +100,19 @@ def movielens(data_dir: Path, config: Config) -> MovieLens:
 
 
 @pytest.fixture(scope="session")
-def raw_frames(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The validated (ratings, movies) frames of the real data, before encoding."""
+def small_movielens(data_dir: Path, config: Config) -> MovieLens:
+    """The ratings of the first 60 users (about 8,750), over the whole movie catalogue: fast to train on."""
+    from ncf.data import validate_movies, validate_ratings
+
     read = {"dtype": str, "keep_default_na": False}
     ratings = validate_ratings(pd.read_csv(data_dir / "ratings.csv", **read))
     movies = validate_movies(pd.read_csv(data_dir / "movies.csv", **read))
-    return ratings, movies
-
-
-@pytest.fixture(scope="session")
-def small_movielens(raw_frames: tuple[pd.DataFrame, pd.DataFrame], config: Config) -> MovieLens:
-    """The ratings of the first 60 users (about 8,750), over the whole movie catalogue: fast to train on."""
-    ratings, movies = raw_frames
     first_users = ratings["userId"].drop_duplicates().sort_values().iloc[:60]
     subset = ratings[ratings["userId"].isin(first_users)].reset_index(drop=True)
     return encode_movielens(subset, movies, config.data.split)
+
+
+# ----------------------------------------------------------------------------- a store and the served app
 
 
 TINY_MODEL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]",
@@ -105,13 +131,13 @@ class Store:
         result = train_loop(config, self.data, LocalReporter(verbose=False))
         with tempfile.TemporaryDirectory(prefix="ncf-recommender-") as tmp:
             folder = Recommender.from_training(result.model, config, self.data).save(Path(tmp))
-            tracking.setup()
+            mlflow_tracking.setup()
             with mlflow.start_run(run_name=f"tiny-seed-{seed}"):
-                return str(tracking.log_recommender(folder).registered_model_version)
+                return str(mlflow_tracking.log_recommender(folder).registered_model_version)
 
     def recommender(self, version: str) -> Recommender:
         """The registered version as the app loads it, for comparing answers."""
-        model = mlflow.pyfunc.load_model(f"models:/{tracking.MODEL_NAME}/{version}")
+        model = mlflow.pyfunc.load_model(f"models:/{mlflow_tracking.MODEL_NAME}/{version}")
         return model.unwrap_python_model().recommender
 
 
@@ -124,7 +150,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) 
     try:
         store = Store(uri, movielens, champion="")
         store.champion = store.register_tiny_model(seed=1)
-        tracking.promote(store.champion)
+        mlflow_tracking.promote(store.champion)
         yield store
     finally:
         if previous is None:

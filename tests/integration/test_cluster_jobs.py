@@ -1,6 +1,6 @@
 """Jobs on a Ray cluster the way users submit them: a real Ray head of this test's own
 (non-default ports, its own temp dir, started by `platform/ray-cluster.sh up`, the script
-behind `make cluster-up`) and `platform/ray-cluster.sh submit`, the script behind
+behind `make cluster-up`) and `python -m jobs.submit`, the module behind
 `make submit-train` / `make submit-tune`."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -19,14 +20,15 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ncf import tracking
-from ncf.config import REPO_ROOT
+from ncf.integrations import mlflow_tracking
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = REPO_ROOT / "platform" / "ray-cluster.sh"
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+SCRIPT = ROOT / "platform" / "ray-cluster.sh"
 TINY = ["model.embedding_dim=16", "model.hidden_dims=[32,16]", "model.dropouts=[0.1,0.0]", "train.max_epochs=1",
         "train.refit=false", "train.batch_size=1024"]
+
 
 
 def _free_ports(n: int) -> list[int]:
@@ -97,8 +99,8 @@ def ray_head(tmp_path_factory, data_dir):
 
 
 def submit(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPT), "submit", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "jobs.submit", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_submitted_train_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
@@ -109,11 +111,11 @@ def test_submitted_train_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
     assert "epoch   1" in job.stdout  # the job's logs are followed
     uri = ray_head["MLFLOW_TRACKING_URI"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry another test set globally
-    [experiment] = [e for e in client.search_experiments() if e.name == tracking.EXPERIMENT]
+    [experiment] = [e for e in client.search_experiments() if e.name == mlflow_tracking.EXPERIMENT]
     [run] = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["launcher"] == "ray"
     assert run.data.params["model.embedding_dim"] == "16" and "test_rmse" in run.data.metrics
-    assert client.get_model_version(tracking.MODEL_NAME, "1").run_id == run.info.run_id
+    assert client.get_model_version(mlflow_tracking.MODEL_NAME, "1").run_id == run.info.run_id
 
 
 def test_job_exit_code_is_handed_back(ray_head, tmp_path):

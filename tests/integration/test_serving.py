@@ -19,13 +19,17 @@ import yaml
 from mlflow import MlflowClient
 from ray.serve.schema import ServeDeploySchema
 
-from ncf import tracking
-from ncf.config import REPO_ROOT, load_config
-from ncf.distributed import free_port
+from ncf.config import load_config
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import free_port
 from ncf.recommender import Recommender
-from serving.app import MAX_ID, build_app, load_served, resolve
+from serving.app import build_app
+from serving.model_version import load_version, resolve_version
+from serving.schemas import MAX_ID
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def seen_movies(recommender: Recommender, user_id: int) -> set[int]:
 def test_make_serve_without_a_model_says_how_to_make_one(tmp_path: Path):
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
     done = subprocess.run([sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=REPO_ROOT)
+                          cwd=ROOT)
     assert done.returncode == 1
     assert "models:/ncf-movielens@champion" in done.stderr and "make train" in done.stderr
     assert "Traceback" not in done.stderr
@@ -60,7 +64,7 @@ def test_make_serve_answers_then_stops_cleanly_on_sigterm(model_store):
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": model_store.uri}
     process = subprocess.Popen([sys.executable, "-m", "serving", "--set", f"serve.port={port}",
-                                "--set", "serve.warm_users=0"], env=env, cwd=REPO_ROOT,
+                                "--set", "serve.warm_users=0"], env=env, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output = []
@@ -133,8 +137,8 @@ def test_concurrent_first_requests_match_the_model(http: httpx.Client, champion:
 
 
 def test_ranking_cache_keeps_the_most_recently_asked_for_users(model_store, champion: Recommender):
-    served = load_served(resolve(f"models:/{tracking.MODEL_NAME}/{model_store.champion}", MlflowClient()),
-                         cache_users=3)
+    uri = f"models:/{mlflow_tracking.MODEL_NAME}/{model_store.champion}"
+    served = load_version(resolve_version(uri, MlflowClient()), cache_users=3)
     first = served.rank([0, 1, 2])
     assert list(served.rankings) == [0, 1, 2]
     assert served.cached(0) is first[0]  # asking again moves user 0 to the recent end
@@ -316,7 +320,7 @@ def test_bad_predict_body_is_a_json_4xx_naming_the_problem(http: httpx.Client, b
 
 
 def test_serve_deploy_config_is_valid_and_matches_conf():
-    spec = yaml.safe_load((REPO_ROOT / "serving" / "serve_config.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(spec)
     serve_conf = load_config().serve
     assert (schema.http_options.host, schema.http_options.port) == (serve_conf.host, serve_conf.port)
@@ -358,7 +362,7 @@ def test_new_champion_is_served_without_a_failed_request(http: httpx.Client, mod
     try:
         time.sleep(1)
         promoted_at = time.monotonic()
-        tracking.promote(new)
+        mlflow_tracking.promote(new)
         deadline = time.monotonic() + 60
         while http.get("/version").json()["model_version"] != new and time.monotonic() < deadline:
             time.sleep(0.2)

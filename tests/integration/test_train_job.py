@@ -16,13 +16,13 @@ import ray
 from mlflow import MlflowClient
 
 from jobs import train as train_job
-from ncf import tracking
 from ncf.config import load_config
 from ncf.data import load_movielens
-from ncf.distributed import fit_with_ray
-from ncf.evaluate import evaluate
+from ncf.evaluation import evaluate
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import fit_with_ray
 from ncf.recommender import NCFScorer
-from ncf.train import load_checkpoint, model_from_checkpoint
+from ncf.training import load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def test_run_records_everything(trained, store):
 
     assert promoted and run.data.tags["champion.decision"] == "promoted"
     assert run.data.tags["champion.incumbent_version"] == "none"
-    champion = client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION)
+    champion = client.get_model_version_by_alias(mlflow_tracking.MODEL_NAME, mlflow_tracking.CHAMPION)
     assert str(champion.version) == summary.model_version and champion.run_id == summary.run_id
 
     written = json.loads(report.read_text())
@@ -209,7 +209,7 @@ def test_make_ui_serves_the_same_store(trained, store):
             except OSError:
                 time.sleep(1)
         assert body is not None, "the MLflow UI did not answer"
-        assert tracking.EXPERIMENT in [e["name"] for e in body["experiments"]]
+        assert mlflow_tracking.EXPERIMENT in [e["name"] for e in body["experiments"]]
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)

@@ -18,10 +18,10 @@ from mlflow import MlflowClient
 
 from jobs import train as train_job
 from jobs import tune as tune_job
-from ncf import tracking
-from ncf.config import REPO_ROOT, load_config
-from ncf.distributed import init_ray
-from ncf.tune import TRIAL_TAG, dropout_schedule, trial_config
+from jobs.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
+from ncf.config import load_config
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import init_ray
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +32,8 @@ TINY = ["model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]", "tune.startup
 # Learning rates that make a sweep's best trial clearly better, or clearly worse, than the other side.
 GOOD = ["tune.space.train.learning_rate={loguniform: [0.002, 0.004]}"]
 WEAK = ["tune.space.train.learning_rate={loguniform: [0.00005, 0.0001]}"]
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 @dataclass
@@ -59,7 +61,7 @@ def env(tmp_path_factory, data_dir):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    tracking.setup()
+    mlflow_tracking.setup()
     # The jobs' own start: a private cluster with RAY_ADDRESS pinned for its processes (without it, with
     # other Ray clusters on the machine, a multi-worker trial that ASHA stops leaks its CPUs).
     assert "RAY_ADDRESS" not in os.environ, "the tests start their own cluster"
@@ -92,7 +94,7 @@ def resumed_sweep(env, weak_champion, tmp_path_factory):
     args = [*env.overrides(*GOOD, "tune.num_samples=3", "tune.max_epochs=2"),
             "--report", str(report)]
     child_env = dict(os.environ, RAY_ADDRESS=env.ray_address, PYTHONUNBUFFERED="1")
-    job = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=REPO_ROOT, env=child_env,
+    job = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=ROOT, env=child_env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     before = []
     for line in job.stdout:
@@ -180,13 +182,13 @@ def test_better_sweep_model_is_registered_and_promoted(env, weak_champion, resum
     best_run = MlflowClient().get_run(tags["sweep.best_run_id"])
     assert best_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert best_run.data.metrics["test_rmse"] < 1.0 and "baselines/user_item_bias/test_rmse" in best_run.data.metrics
-    version = MlflowClient().get_model_version(tracking.MODEL_NAME, "2")
+    version = MlflowClient().get_model_version(mlflow_tracking.MODEL_NAME, "2")
     assert version.run_id == best_run.info.run_id
     assert tags["champion.decision"] == "promoted"
     assert (tags["champion.candidate_version"], tags["champion.incumbent_version"]) == ("2", weak_champion[0])
     assert float(tags["champion.candidate_val_rmse"]) < float(tags["champion.incumbent_val_rmse"])
     assert float(tags["champion.incumbent_val_rmse"]) == pytest.approx(weak_champion[1], abs=1e-6)
-    assert str(tracking.champion_version().version) == "2"
+    assert str(mlflow_tracking.champion_version().version) == "2"
 
 
 def test_multi_worker_trials_stream_their_epochs(env, worse_sweep):
@@ -206,8 +208,8 @@ def test_worse_sweep_model_is_registered_but_not_promoted(env, worse_sweep):
     assert tags["champion.decision"] == "kept"
     assert (tags["champion.candidate_version"], tags["champion.incumbent_version"]) == ("3", "2")
     assert float(tags["champion.candidate_val_rmse"]) > float(tags["champion.incumbent_val_rmse"])
-    assert MlflowClient().get_model_version(tracking.MODEL_NAME, "3").run_id == tags["sweep.best_run_id"]
-    assert str(tracking.champion_version().version) == "2"
+    assert MlflowClient().get_model_version(mlflow_tracking.MODEL_NAME, "3").run_id == tags["sweep.best_run_id"]
+    assert str(mlflow_tracking.champion_version().version) == "2"
 
 
 def test_finished_sweep_is_not_resumed_twice(env, worse_sweep, capsys):

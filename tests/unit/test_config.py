@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from ncf.config import (
-    CONF_DIR,
     SECTIONS,
     Config,
     ConfigError,
     config_from_dict,
+    default_conf_dir,
     flatten,
     load_config,
     save_config,
@@ -24,7 +24,7 @@ from ncf.config import (
 def conf_copy(tmp_path: Path) -> Path:
     """A writable copy of conf/ to break on purpose."""
     target = tmp_path / "conf"
-    shutil.copytree(CONF_DIR, target)
+    shutil.copytree(default_conf_dir(), target)
     return target
 
 

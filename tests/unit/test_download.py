@@ -13,9 +13,9 @@ import pytest
 
 from ncf.config import Config, DataConfig
 from ncf.data import DataError, download_dataset, resolve_data_dir, sha256_normalised
-from ncf.distributed import free_port
+from ncf.integrations.ray_train import free_port
 
-FILES = ("README.txt", "links.csv", "movies.csv", "ratings.csv", "tags.csv")
+README = b"A synthetic MovieLens-format dataset for the tests.\n"
 
 
 class ArchiveServer:
@@ -71,10 +71,11 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def real_files(data_dir: Path) -> dict[str, bytes]:
-    files = {name: (data_dir / name).read_bytes() for name in FILES}
+def real_files(tiny_dir: Path) -> dict[str, bytes]:
+    """The files of an archive: the tiny dataset's CSVs (checksummed) and a README (not)."""
+    files = {name: (tiny_dir / name).read_bytes() for name in ("movies.csv", "ratings.csv")}
     assert b"\r\n" not in files["ratings.csv"]  # the originals use LF
-    return files
+    return files | {"README.txt": README}
 
 
 def make_zip(files: dict[str, bytes]) -> bytes:
@@ -106,8 +107,8 @@ def assert_nothing_left(cache_dir: Path) -> None:
     assert leftovers == [], f"the failed download left {leftovers} in {cache_dir}"
 
 
-def test_good_archive_is_extracted_and_verified(server, good_zip, config, cache_dir, real_files):
-    cfg = data_config(config, server.serve("ml.zip", good_zip), cache_dir)
+def test_good_archive_is_extracted_and_verified(server, good_zip, tiny_config, cache_dir, real_files):
+    cfg = data_config(tiny_config, server.serve("ml.zip", good_zip), cache_dir)
     folder = download_dataset(cfg)
     assert folder == cache_dir / "ml-latest-small"
     for name, digest in cfg.sha256.items():
@@ -117,9 +118,9 @@ def test_good_archive_is_extracted_and_verified(server, good_zip, config, cache_
     assert server.hit_count("ml.zip") == 1
 
 
-def test_crlf_archive_verifies_and_is_written_with_lf(server, real_files, config, cache_dir):
+def test_crlf_archive_verifies_and_is_written_with_lf(server, real_files, tiny_config, cache_dir):
     crlf = {name: content.replace(b"\n", b"\r\n") for name, content in real_files.items()}
-    cfg = data_config(config, server.serve("crlf.zip", make_zip(crlf)), cache_dir)
+    cfg = data_config(tiny_config, server.serve("crlf.zip", make_zip(crlf)), cache_dir)
     folder = download_dataset(cfg)
     for name, digest in cfg.sha256.items():
         content = (folder / name).read_bytes()
@@ -128,61 +129,61 @@ def test_crlf_archive_verifies_and_is_written_with_lf(server, real_files, config
         assert sha256_normalised(folder / name) == digest
 
 
-def test_corrupt_archive_is_refused_and_leaves_nothing(server, real_files, config, cache_dir):
+def test_corrupt_archive_is_refused_and_leaves_nothing(server, real_files, tiny_config, cache_dir):
     ratings = bytearray(real_files["ratings.csv"])
-    at = ratings.index(b"\n1,1,4.0,") + len(b"\n1,1,")
-    ratings[at] = ord("3")
+    at = ratings.index(b"\n1,14,3.5,") + len(b"\n1,14,")
+    ratings[at] = ord("4")
     archive = make_zip({**real_files, "ratings.csv": bytes(ratings)})
-    cfg = data_config(config, server.serve("corrupt.zip", archive), cache_dir)
+    cfg = data_config(tiny_config, server.serve("corrupt.zip", archive), cache_dir)
     with pytest.raises(DataError, match="ratings.csv is corrupt"):
         download_dataset(cfg)
     assert not (cache_dir / "ml-latest-small").exists()
     assert_nothing_left(cache_dir)
 
 
-def test_archive_missing_a_file_is_refused(server, real_files, config, cache_dir):
-    archive = make_zip({name: content for name, content in real_files.items() if name != "tags.csv"})
-    cfg = data_config(config, server.serve("partial.zip", archive), cache_dir)
-    with pytest.raises(DataError, match="tags.csv is missing"):
+def test_archive_missing_a_file_is_refused(server, real_files, tiny_config, cache_dir):
+    archive = make_zip({name: content for name, content in real_files.items() if name != "movies.csv"})
+    cfg = data_config(tiny_config, server.serve("partial.zip", archive), cache_dir)
+    with pytest.raises(DataError, match="movies.csv is missing"):
         download_dataset(cfg)
     assert_nothing_left(cache_dir)
 
 
-def test_truncated_archive_is_refused_and_leaves_nothing(server, good_zip, config, cache_dir):
-    cfg = data_config(config, server.serve("half.zip", good_zip[: len(good_zip) // 2]), cache_dir)
+def test_truncated_archive_is_refused_and_leaves_nothing(server, good_zip, tiny_config, cache_dir):
+    cfg = data_config(tiny_config, server.serve("half.zip", good_zip[: len(good_zip) // 2]), cache_dir)
     with pytest.raises(DataError, match="corrupt"):
         download_dataset(cfg)
     assert_nothing_left(cache_dir)
 
 
-def test_body_shorter_than_content_length_is_refused(server, good_zip, config, cache_dir):
+def test_body_shorter_than_content_length_is_refused(server, good_zip, tiny_config, cache_dir):
     half = good_zip[: len(good_zip) // 2]
-    cfg = data_config(config, server.serve("short.zip", half, content_length=len(good_zip)), cache_dir)
+    cfg = data_config(tiny_config, server.serve("short.zip", half, content_length=len(good_zip)), cache_dir)
     with pytest.raises(DataError, match=f"truncated: {len(half)} of {len(good_zip)} bytes"):
         download_dataset(cfg)
     assert_nothing_left(cache_dir)
 
 
 @pytest.mark.parametrize("where", ["missing.zip", "closed port"])
-def test_unreachable_archive_is_a_clear_error_and_leaves_nothing(server, config, cache_dir, where):
+def test_unreachable_archive_is_a_clear_error_and_leaves_nothing(server, tiny_config, cache_dir, where):
     url = server.serve("ml.zip", b"").replace("ml.zip", "missing.zip")  # the server answers 404
     if where == "closed port":
         url = f"http://127.0.0.1:{free_port()}/ml.zip"
     with pytest.raises(DataError, match=f"could not download {re.escape(url)} .*NCF_DATA_DIR"):
-        download_dataset(data_config(config, url, cache_dir))
+        download_dataset(data_config(tiny_config, url, cache_dir))
     assert_nothing_left(cache_dir)
 
 
-def test_verified_cache_is_not_downloaded_again(server, good_zip, config, cache_dir):
-    cfg = data_config(config, server.serve("ml.zip", good_zip), cache_dir)
+def test_verified_cache_is_not_downloaded_again(server, good_zip, tiny_config, cache_dir):
+    cfg = data_config(tiny_config, server.serve("ml.zip", good_zip), cache_dir)
     first = download_dataset(cfg)
     assert server.hit_count("ml.zip") == 1
     assert download_dataset(cfg) == first
     assert server.hit_count("ml.zip") == 1
 
 
-def test_corrupted_cache_is_refused(server, good_zip, config, cache_dir):
-    cfg = data_config(config, server.serve("ml.zip", good_zip), cache_dir)
+def test_corrupted_cache_is_refused(server, good_zip, tiny_config, cache_dir):
+    cfg = data_config(tiny_config, server.serve("ml.zip", good_zip), cache_dir)
     folder = download_dataset(cfg)
     with open(folder / "movies.csv", "ab") as f:
         f.write(b"999999,Extra (2020),Drama\n")
@@ -209,8 +210,8 @@ def test_resolve_data_dir_uses_configured_dir(monkeypatch, tmp_path, config):
         resolve_data_dir(config.data.model_copy(update={"dir": str(tmp_path / "nope")}))
 
 
-def test_resolve_data_dir_downloads_when_nothing_configured(monkeypatch, server, good_zip, config, cache_dir):
+def test_resolve_data_dir_downloads_when_nothing_configured(monkeypatch, server, good_zip, tiny_config, cache_dir):
     monkeypatch.delenv("NCF_DATA_DIR", raising=False)
-    cfg = data_config(config, server.serve("ml.zip", good_zip), cache_dir).model_copy(update={"dir": None})
+    cfg = data_config(tiny_config, server.serve("ml.zip", good_zip), cache_dir).model_copy(update={"dir": None})
     assert resolve_data_dir(cfg) == cache_dir / "ml-latest-small"
     assert server.hit_count("ml.zip") == 1

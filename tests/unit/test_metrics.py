@@ -1,4 +1,4 @@
-"""Metrics on small cases worked out by hand (DESIGN.md section 3)."""
+"""Metrics on small cases worked out by hand (the formulas: docs/evaluation.md)."""
 
 from __future__ import annotations
 

@@ -11,74 +11,94 @@ import torch
 from ncf.config import load_config
 from ncf.data import MovieLens
 from ncf.recommender import PAIR_COLUMNS, TOP_K_COLUMNS, Recommender, UnknownIdError
-from ncf.train import build_model
+from ncf.training import build_model
 
 
 @pytest.fixture(scope="module")
-def recommender(small_movielens: MovieLens) -> Recommender:
+def recommender(tiny_movielens: MovieLens) -> Recommender:
     """An untrained model with both options on: the ranking plumbing does not need a good model."""
     config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
                           "model.use_bias=true", "model.use_genres=true"])
     torch.manual_seed(0)
-    model = build_model(config, small_movielens)
+    model = build_model(config, tiny_movielens)
     with torch.no_grad():
         model.movie_bias.weight.normal_()  # spread the scores so the ranking is not all ties
-    return Recommender.from_training(model, config, small_movielens)
+    return Recommender.from_training(model, config, tiny_movielens)
 
 
-def test_recommend_ranks_unseen_movies(recommender: Recommender, small_movielens: MovieLens):
-    user_id = int(small_movielens.ids.user_ids[3])
+def test_recommend_ranks_unseen_movies(recommender: Recommender, tiny_movielens: MovieLens):
+    user_id = int(tiny_movielens.ids.user_ids[3])
     top = recommender.recommend([user_id], k=7)
     assert list(top.columns) == TOP_K_COLUMNS
     assert top["rank"].tolist() == list(range(1, 8))
     assert (top["user_id"] == user_id).all()
-    seen = small_movielens.splits.train_and_validation()
-    seen_ids = set(small_movielens.ids.movie_ids[seen.movie[seen.user == 3]].tolist())
+    seen = tiny_movielens.splits.train_and_validation()
+    seen_ids = set(tiny_movielens.ids.movie_ids[seen.movie[seen.user == 3]].tolist())
     assert len(seen_ids) > 7
     assert not seen_ids & set(top["movie_id"].tolist())
     assert top["movie_id"].is_unique
     assert (np.diff(top["predicted_rating"].to_numpy()) <= 1e-5).all()  # best first
     # Nothing unseen scores above the 7th recommendation.
     all_scores = recommender.scorer.score(np.array([3]))[0].numpy()
-    unseen = np.setdiff1d(np.arange(small_movielens.n_movies), seen.movie[seen.user == 3])
+    unseen = np.setdiff1d(np.arange(tiny_movielens.n_movies), seen.movie[seen.user == 3])
     assert all_scores[unseen].max() == pytest.approx(top["predicted_rating"].iloc[0], abs=1e-5)
     assert np.sort(all_scores[unseen])[-7] == pytest.approx(top["predicted_rating"].iloc[-1], abs=1e-5)
-    titles = dict(zip(small_movielens.movies["movieId"], small_movielens.movies["title"], strict=True))
+    titles = dict(zip(tiny_movielens.movies["movieId"], tiny_movielens.movies["title"], strict=True))
     assert top["title"].tolist() == [titles[m] for m in top["movie_id"]]
 
 
-def test_predict_pairs_and_unknown_ids(recommender: Recommender, small_movielens: MovieLens):
-    user_id = int(small_movielens.ids.user_ids[0])
-    pairs = recommender.predict_pairs([user_id, user_id], [1, 193609])
+def test_predict_pairs_and_unknown_ids(recommender: Recommender, tiny_movielens: MovieLens):
+    user_id = int(tiny_movielens.ids.user_ids[0])
+    first, last = int(tiny_movielens.ids.movie_ids[0]), int(tiny_movielens.ids.movie_ids[-1])
+    pairs = recommender.predict_pairs([user_id, user_id], [first, last])
     assert list(pairs.columns) == PAIR_COLUMNS
-    assert pairs["movie_id"].tolist() == [1, 193609]
+    assert pairs["movie_id"].tolist() == [first, last]
     assert ((pairs["predicted_rating"] >= 0.5) & (pairs["predicted_rating"] <= 5.0)).all()
     np.testing.assert_allclose(pairs["user_weight"] + pairs["movie_weight"], 1.0, atol=1e-6)
     with pytest.raises(UnknownIdError, match="99999"):
-        recommender.predict_pairs([99999], [1])
+        recommender.predict_pairs([99999], [first])
     with pytest.raises(UnknownIdError, match="424242"):
         recommender.predict_pairs([user_id], [424242])
     with pytest.raises(UnknownIdError):
         recommender.recommend([user_id, 99999])
-    assert recommender.knows_user(user_id) and not recommender.knows_user(99999)
+    assert recommender.user_index(user_id) == 0 and recommender.user_index(99999) is None
 
 
-def test_popular_is_ordered_by_known_ratings(recommender: Recommender, small_movielens: MovieLens):
-    counts = np.bincount(small_movielens.splits.train_and_validation().movie, minlength=small_movielens.n_movies)
+def test_popular_is_ordered_by_known_ratings(recommender: Recommender, tiny_movielens: MovieLens):
+    counts = np.bincount(tiny_movielens.splits.train_and_validation().movie, minlength=tiny_movielens.n_movies)
     top = recommender.popular(5)
     assert len(top) == 5
     assert (np.diff(counts[top]) <= 0).all()
     assert counts[top[-1]] >= np.sort(counts)[-5]
 
 
-def test_save_and_load_round_trip(recommender: Recommender, small_movielens: MovieLens, tmp_path: Path):
+def test_save_and_load_round_trip(recommender: Recommender, tiny_movielens: MovieLens, tmp_path: Path):
     loaded = Recommender.load(recommender.save(tmp_path / "model"))
     assert loaded.config == recommender.config
     np.testing.assert_array_equal(loaded.ids.movie_ids, recommender.ids.movie_ids)
     np.testing.assert_array_equal(loaded.ids.user_ids, recommender.ids.user_ids)
     assert loaded.movies["title"].tolist() == recommender.movies["title"].tolist()
     torch.testing.assert_close(loaded.model.genres, recommender.model.genres)
-    user_ids = small_movielens.ids.user_ids[:4]
+    user_ids = tiny_movielens.ids.user_ids[:4]
     before, after = recommender.recommend(user_ids, k=5), loaded.recommend(user_ids, k=5)
     assert after["movie_id"].tolist() == before["movie_id"].tolist()
     np.testing.assert_allclose(after["predicted_rating"], before["predicted_rating"], atol=1e-6)
+
+
+def test_indexes_built_once_for_serving(recommender: Recommender, tiny_movielens: MovieLens):
+    """Ratings by user, popularity, means, genres and title search: what the HTTP service answers from."""
+    known = tiny_movielens.splits.train_and_validation()
+    per_user = np.bincount(known.user, minlength=tiny_movielens.n_users)
+    np.testing.assert_array_equal(recommender.ratings_per_user(), per_user)
+    rated = recommender.ratings_of(3)
+    assert sorted(rated.movie.tolist()) == sorted(known.movie[known.user == 3].tolist())
+    assert set(rated.user.tolist()) == {3}
+    movie = int(rated.movie[0])
+    assert recommender.movie_means[movie] == pytest.approx(known.rating[known.movie == movie].mean())
+    no_genres = int(np.flatnonzero(tiny_movielens.movies["genres"] == "(no genres listed)")[0])
+    assert recommender.genre_lists[no_genres] == []
+    found = recommender.search_titles("BIG, BOLD", limit=50)
+    assert len(found) > 0
+    assert all("big, bold" in recommender.titles[m].lower() for m in found)
+    assert (np.diff(recommender.popularity[found]) <= 0).all()  # most rated first
+    assert len(recommender.search_titles("no such title", limit=5)) == 0

@@ -2,7 +2,8 @@
 
 The loop only talks to a `Reporter`: it asks it for the device, the rank, a
 checkpoint to resume from, and hands it each epoch's metrics (and, on rank 0, a
-checkpoint folder). Launchers differ only in the reporter they pass.
+checkpoint folder). Launchers differ only in the reporter they pass: `LocalReporter`
+here (`fit_in_process`), the Ray ones in `ncf.integrations.ray_train`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from ncf.config import Config
 from ncf.data import MovieLens, epoch_batches
-from ncf.model import NCF
+from ncf.model import NCF, forward_batched
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -86,14 +88,19 @@ def format_epoch(m: dict[str, float]) -> str:
             f"{m['epoch_seconds']:.1f}s" + ("  *" if m.get("improved") else ""))
 
 
-SEARCH, REFIT = "search", "refit"
+class Phase(IntEnum):
+    """Search: early stopping on validation. Refit: the best epoch count again on train + validation.
+    Stored as its number in checkpoints and in every epoch's metrics (`phase`)."""
+
+    SEARCH = 0
+    REFIT = 1
 
 
 @dataclass
 class TrainState:
     """Everything a restarted run needs to continue exactly where it stopped."""
 
-    phase: str = SEARCH
+    phase: Phase = Phase.SEARCH
     epoch: int = 0
     refit_epochs: int = 0
     resumed: int = 0  # how many times the run continued from a checkpoint after a failure
@@ -119,7 +126,8 @@ def build_model(config: Config, data: MovieLens) -> NCF:
 
 def save_checkpoint(folder: Path, model: NCF, optimizer, scheduler, state: TrainState) -> None:
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state.__dict__}, folder / CHECKPOINT_FILE)
+                "scheduler": scheduler.state_dict(),
+                "state": state.__dict__ | {"phase": int(state.phase)}}, folder / CHECKPOINT_FILE)
 
 
 def load_checkpoint(folder: Path) -> dict:
@@ -129,7 +137,7 @@ def load_checkpoint(folder: Path) -> dict:
 def final_weights(saved: dict) -> dict[str, torch.Tensor]:
     """The run's answer: the refit weights once refitting started, else the best by validation."""
     state = saved["state"]
-    if state["phase"] == REFIT or state["best_weights"] is None:
+    if state["phase"] == Phase.REFIT or state["best_weights"] is None:
         return saved["model"]
     return state["best_weights"]
 
@@ -147,15 +155,6 @@ def _same_on_all_ranks(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.broadcast(tensor, src=0)
     return tensor.tolist()
-
-
-@torch.no_grad()
-def predict_ratings(model: NCF, users: torch.Tensor, movies: torch.Tensor, device: torch.device,
-                    batch_size: int = 65536) -> torch.Tensor:
-    model.eval()
-    out = [model(users[i: i + batch_size].to(device), movies[i: i + batch_size].to(device)).rating.float().cpu()
-           for i in range(0, len(users), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
 
 
 def _train_epoch(wrapped: nn.Module, optimizer, tensors, cfg, epoch: int, reporter: Reporter) -> float:
@@ -209,18 +208,18 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["state"])
+        state = TrainState(**(saved["state"] | {"phase": Phase(saved["state"]["phase"])}))
         state.resumed += 1
-        print(f"resuming at epoch {state.epoch + 1} ({state.phase} phase, best val_rmse {state.best_val_rmse:.4f})",
-              flush=True)
+        print(f"resuming at epoch {state.epoch + 1} ({state.phase.name.lower()} phase, "
+              f"best val_rmse {state.best_val_rmse:.4f})", flush=True)
     wrapped = reporter.prepare(model)
     val_users, val_movies, val_ratings = data.splits.validation.tensors()
 
-    while state.phase == SEARCH and state.epoch < cfg.max_epochs and state.stale_epochs < cfg.patience:
+    while state.phase == Phase.SEARCH and state.epoch < cfg.max_epochs and state.stale_epochs < cfg.patience:
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss = _train_epoch(wrapped, optimizer, data.splits.train.tensors(), cfg, state.epoch, reporter)
-        predicted = predict_ratings(model, val_users, val_movies, reporter.device)
+        predicted = forward_batched(model, val_users, val_movies).rating
         val_mse, val_mae = _same_on_all_ranks([float(torch.mean((predicted - val_ratings) ** 2)),
                                               float(torch.mean(torch.abs(predicted - val_ratings)))])
         scheduler.step(val_mse)
@@ -233,19 +232,20 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
             state.stale_epochs += 1
         state.epoch += 1
         _report(reporter, {
-            "epoch": state.epoch, "phase": 0.0, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
+            "epoch": state.epoch, "phase": float(Phase.SEARCH), "train_loss": train_loss,
+            "train_rmse": math.sqrt(train_loss),
             "val_loss": val_mse, "val_rmse": val_rmse, "val_mae": val_mae, "best_val_rmse": state.best_val_rmse,
             "lr": lr, "epoch_seconds": time.perf_counter() - started, "improved": float(improved),
         }, model, optimizer, scheduler, state)
 
-    if cfg.refit and state.phase == SEARCH and state.best_epoch > 0:
-        state.phase = REFIT
+    if cfg.refit and state.phase == Phase.SEARCH and state.best_epoch > 0:
+        state.phase = Phase.REFIT
         torch.manual_seed(cfg.seed)
         model.reset_parameters()  # in place, identically on every rank: a DDP wrapper stays valid
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         print(f"refitting on train + validation for {state.best_epoch} epoch(s)", flush=True)
-    if state.phase == REFIT:
-        search_lrs = [m["lr"] for m in state.history if m["phase"] == 0.0]
+    if state.phase == Phase.REFIT:
+        search_lrs = [m["lr"] for m in state.history if m["phase"] == Phase.SEARCH]
         all_train = data.splits.train_and_validation().tensors()
         while state.refit_epochs < state.best_epoch:
             started = time.perf_counter()
@@ -255,7 +255,8 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
             state.refit_epochs += 1
             state.epoch += 1
             _report(reporter, {
-                "epoch": state.epoch, "phase": 1.0, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
+                "epoch": state.epoch, "phase": float(Phase.REFIT), "train_loss": train_loss,
+                "train_rmse": math.sqrt(train_loss),
                 "best_val_rmse": state.best_val_rmse, "lr": search_lrs[state.refit_epochs - 1],
                 "epoch_seconds": time.perf_counter() - started,
             }, model, optimizer, scheduler, state)
@@ -263,3 +264,11 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
     final = copy.deepcopy(model).cpu()
     final.load_state_dict(final_weights({"model": final.state_dict(), "state": state.__dict__}))
     return TrainResult(final.eval(), state.best_epoch, state.best_val_rmse, state.history)
+
+
+def fit_in_process(config: Config, data: MovieLens, checkpoint_dir: Path, resume: bool = False,
+                   on_epoch: Callable[[dict[str, float]], None] | None = None) -> Path:
+    """Train in this process (the `local` launcher); `resume` continues from the checkpoint in `checkpoint_dir`."""
+    device = "cuda" if config.train.use_gpu else "cpu"
+    train_loop(config, data, LocalReporter(checkpoint_dir, resume=resume, device=device, on_epoch=on_epoch))
+    return checkpoint_dir

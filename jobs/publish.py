@@ -1,6 +1,6 @@
-"""What happens to every finished training, whoever launched it (train job, Tune sweep):
-evaluate on the test split next to the baselines, log metrics, plots and the
-recommender model to the active MLflow run, and register a model version."""
+"""Publishing a finished training, whoever launched it (train job, Tune sweep): evaluate on
+the test split next to the baselines, log metrics, plots and the recommender model to the
+active MLflow run, register a model version, and write the metric report."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from pathlib import Path
 
 import mlflow
 
-from ncf import plots, tracking
+from ncf import plots
 from ncf.config import Config
 from ncf.data import MovieLens
-from ncf.evaluate import DECK_REPORTED, evaluate, evaluate_baselines, format_table
+from ncf.evaluation import DECK_REPORTED, evaluate, evaluate_baselines, format_table
+from ncf.integrations import mlflow_tracking
 from ncf.model import NCF
 from ncf.recommender import NCFScorer, Recommender
-from ncf.train import load_checkpoint, model_from_checkpoint
+from ncf.training import load_checkpoint, model_from_checkpoint
 
 
 @dataclass
@@ -53,11 +54,11 @@ def finish_run(config: Config, data: MovieLens, checkpoint: Path, register: bool
     mlflow.log_metrics({"best_epoch": state["best_epoch"], "best_val_rmse": state["best_val_rmse"]})
     print("evaluating on the test split ...", flush=True)
     results = {"ncf": evaluate(NCFScorer(model), data)} | evaluate_baselines(data)
-    tracking.log_test_metrics(results)
+    mlflow_tracking.log_test_metrics(results)
     log_plots(model, state["history"], data)
     with tempfile.TemporaryDirectory(prefix="ncf-recommender-") as tmp:
         folder = Recommender.from_training(model, config, data).save(Path(tmp))
-        info = tracking.log_recommender(folder, register=register)
+        info = mlflow_tracking.log_recommender(folder, register=register)
     version = str(info.registered_model_version) if register else ""
     return RunSummary(mlflow.active_run().info.run_id, results, float(state["best_val_rmse"]), version)
 
@@ -68,7 +69,7 @@ def write_report(summary: RunSummary, data: MovieLens, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "split": data.splits.sizes(), "models": summary.metrics, "reference": {"deck_reported": DECK_REPORTED},
-        "mlflow": {"run_id": summary.run_id, "model": tracking.MODEL_NAME, "version": summary.model_version},
+        "mlflow": {"run_id": summary.run_id, "model": mlflow_tracking.MODEL_NAME, "version": summary.model_version},
     }, indent=2, default=float))
     print(f"wrote {path}")
 

@@ -1,4 +1,5 @@
-"""Launchers for the one training loop: in-process and Ray Train (TorchTrainer, Train V2)."""
+"""Ray glue for the one training loop: joining a cluster, the Ray Train launcher (TorchTrainer,
+Train V2) and the reporters a Ray Train worker or a Ray Tune trial hands the loop."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ncf import tracking
+import torch
+
 from ncf.config import Config, config_from_dict
-from ncf.data import MovieLens, load_movielens
-from ncf.train import LocalReporter, format_epoch, train_loop
+from ncf.data import load_movielens
+from ncf.integrations import mlflow_tracking
+from ncf.training import format_epoch, train_loop
 
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -49,11 +52,34 @@ class RayTrainReporter:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
+class TuneReporter:
+    """Reporter of a one-worker Ray Tune trial: every epoch (and its checkpoint) goes to Tune."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+    def prepare(self, model):
+        return model
+
+    def restore(self) -> Path | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        return Path(checkpoint.to_directory()) if checkpoint else None
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
 def train_worker(params: dict) -> None:
     """The function every Ray Train worker runs."""
     config = config_from_dict(params["config"])
     data = load_movielens(config.data)
-    on_epoch = tracking.EpochLogger(params["run_id"], params["tracking_uri"]) if params.get("run_id") else None
+    on_epoch = mlflow_tracking.EpochLogger(params["run_id"], params["tracking_uri"]) if params.get("run_id") else None
     train_loop(config, data, RayTrainReporter(on_epoch))
 
 
@@ -98,7 +124,8 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(), "run_id": run_id, "tracking_uri": tracking.tracking_uri()},
+        train_loop_config={"config": config.model_dump(), "run_id": run_id,
+                           "tracking_uri": mlflow_tracking.tracking_uri()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -121,13 +148,3 @@ def fit_with_ray(config: Config, run_id: str | None) -> Path:
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     return Path(result.checkpoint.to_directory())
-
-
-def fit_in_process(config: Config, data: MovieLens, run_id: str | None, checkpoint_dir: Path,
-                   resume: bool = False) -> Path:
-    """Train in this process; `resume` continues from the checkpoint already in `checkpoint_dir`."""
-    on_epoch = tracking.EpochLogger(run_id) if run_id else None
-    reporter = LocalReporter(checkpoint_dir, resume=resume, device="cuda" if config.train.use_gpu else "cpu",
-                             on_epoch=on_epoch)
-    train_loop(config, data, reporter)
-    return checkpoint_dir

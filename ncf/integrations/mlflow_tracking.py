@@ -1,9 +1,9 @@
-"""MLflow: where runs go, what each run records, and the registered recommender model.
+"""MLflow glue: where runs go, what each run records, and the registered recommender model.
 
-The store defaults to SQLite at `<repo>/mlruns/mlflow.db` with artifacts under
-`mlruns/artifacts` (absolute paths, so workers and `make ui` agree). The driver
-creates the experiment once before any worker logs (concurrent creation of a
-fresh SQLite store crashes).
+`MLFLOW_TRACKING_URI` selects the store; without it, SQLite at `./mlruns/mlflow.db`
+in the working directory with artifacts under `./mlruns/artifacts` (made absolute,
+so Ray workers and `make ui` agree). The driver creates the experiment once before
+any worker logs (concurrent creation of a fresh SQLite store crashes).
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from ncf.config import REPO_ROOT, Config, flatten, save_config
+from ncf.config import PACKAGE_DIR, Config, flatten, save_config
 
 EXPERIMENT = "ncf-movielens"
 MODEL_NAME = "ncf-movielens"
 CHAMPION = "champion"
 VALIDATION_METRIC = "best_val_rmse"  # what decides the champion (logged by every finished run)
-MLRUNS = REPO_ROOT / "mlruns"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the SQLite store under the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -94,7 +94,7 @@ def log_test_metrics(models: dict[str, dict[str, float]], primary: str = "ncf") 
 
 
 class RecommenderModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc face of `ncf.recommender.Recommender`.
+    """The pyfunc face of `ncf.recommender.Recommender` (the registered model).
 
     Input with `user_id` and `movie_id`: one row per pair. Input with `user_id`
     only: the top-k (param `k`, default 10) unseen movies of each user. Unknown
@@ -134,7 +134,7 @@ def log_recommender(recommender_dir: Path, register: bool = True) -> mlflow.mode
         name="model",
         python_model=RecommenderModel(),
         artifacts={"recommender": str(recommender_dir)},
-        code_paths=[str(REPO_ROOT / "ncf")],
+        code_paths=[str(PACKAGE_DIR)],  # the whole `ncf` package: the model loads without this repo
         pip_requirements=pip_requirements(),
         signature=SIGNATURE,
         registered_model_name=MODEL_NAME if register else None,

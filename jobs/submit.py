@@ -1,0 +1,90 @@
+"""Run a job module on a Ray cluster through `ray job submit` (`make submit-train`, `make submit-tune`).
+
+    python -m jobs.submit jobs.train [args ...]
+
+Run from the repository root: its code and config travel as the job's `working_dir`
+(no virtualenv, stores, checkpoints, reports, docs or tests). The job's logs are
+followed and its own exit code is returned. `RAY_ADDRESS` names the cluster's job API
+(default: the local head `make cluster-up` starts, http://127.0.0.1:$RAY_DASHBOARD_PORT).
+The job records its runs at `MLFLOW_TRACKING_URI` (default: this directory's SQLite
+store, which only a cluster on this machine can reach: remote clusters need an MLflow
+server both sides reach).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ncf.integrations.mlflow_tracking import tracking_uri
+
+EXCLUDES = [".git", ".venv", "mlruns", "checkpoints", "reports", "docs", "tests", "data", "**/__pycache__",
+            "*.egg-info", ".pytest_cache", ".ruff_cache"]
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "auto")
+
+
+def cluster_address() -> str:
+    return os.environ.get("RAY_ADDRESS") or f"http://127.0.0.1:{os.environ.get('RAY_DASHBOARD_PORT', '8265')}"
+
+
+def use_token_auth_if_present(env: dict[str, str]) -> None:
+    """Once a token exists, clusters started here require it and clients must send it: do that quietly."""
+    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    has_token = env.get("RAY_AUTH_TOKEN") or (token_file.is_file() and token_file.stat().st_size > 0)
+    if "RAY_AUTH_MODE" not in env and has_token:
+        env["RAY_AUTH_MODE"] = "token"
+
+
+def runtime_env(address: str) -> dict:
+    """What travels with the job: code, config and the environment variables that locate stores and data."""
+    uri = tracking_uri()
+    host = urlparse(address if "://" in address else "//" + address).hostname or ""
+    if uri.startswith("sqlite:") and host not in LOCAL_HOSTS:
+        print(f"warning: runs go to {uri} on the cluster's machines; set MLFLOW_TRACKING_URI to an MLflow "
+              "server both sides reach", file=sys.stderr)
+    env = {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+           "PYTHONUNBUFFERED": "1"}
+    if os.environ.get("NCF_DATA_DIR"):
+        env["NCF_DATA_DIR"] = os.path.abspath(os.environ["NCF_DATA_DIR"])
+    return {"working_dir": ".", "excludes": EXCLUDES, "env_vars": env}
+
+
+def job_exit_code(address: str, submission_id: str, env: dict[str, str]) -> int | None:
+    """The job driver's own exit code (`ray job submit` exits 1 for any failure)."""
+    code = ("import sys\nfrom ray.job_submission import JobSubmissionClient\n"
+            "info = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2])\n"
+            "print('' if info.driver_exit_code is None else info.driver_exit_code)")
+    out = subprocess.run([sys.executable, "-c", code, address, submission_id], env=env, capture_output=True,
+                         text=True, check=False)
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    module, args = argv[0], argv[1:]
+    address = cluster_address()
+    env = dict(os.environ)
+    use_token_auth_if_present(env)
+    submission_id = f"ncf-{module.removeprefix('jobs.')}-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(10**6)}"
+    ray = Path(sys.executable).with_name("ray")
+    rc = subprocess.run([str(ray), "job", "submit", "--address", address, "--submission-id", submission_id,
+                         "--runtime-env-json", json.dumps(runtime_env(address)), "--", "python", "-m", module, *args],
+                        env=env, check=False).returncode
+    if rc != 0:
+        code = job_exit_code(address, submission_id, env)
+        rc = code if code else rc
+        print(f"job {submission_id} ended with exit code {rc}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

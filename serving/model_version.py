@@ -1,0 +1,152 @@
+"""The model version being served: which registered version a model URI points at, loading it,
+and what is computed from it once per version (scoring's movie side, cached rankings)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections import OrderedDict
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from ncf.config import MODEL_URI
+from ncf.ranking import top_k_unseen
+from ncf.recommender import Recommender
+from serving.schemas import MAX_K
+
+LIKED = 4.0  # "because you rated" draws from ratings this high (or the user's best, if lower)
+BECAUSE_N = 5
+
+
+class ModelNotFoundError(LookupError):
+    """The model URI points at no registered version."""
+
+
+def resolve_version(model_uri: str, client: MlflowClient) -> ModelVersion:
+    """The registered version a `models:/name@alias` or `models:/name/version` URI points at now."""
+    match = re.match(MODEL_URI, model_uri)
+    if match is None:
+        raise ValueError(f"model URI {model_uri!r} is neither models:/<name>@<alias> nor models:/<name>/<version>")
+    try:
+        if match["alias"]:
+            return client.get_model_version_by_alias(match["name"], match["alias"])
+        return client.get_model_version(match["name"], match["version"])
+    except MlflowException as err:
+        raise ModelNotFoundError(f"no model version at {model_uri}: {err.message}") from None
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Movies best first, with what the model says of each (user, movie) pair."""
+
+    movies: np.ndarray
+    rating: np.ndarray
+    strength: np.ndarray
+    user_weight: np.ndarray
+    movie_weight: np.ndarray
+
+
+class ServedVersion:
+    """One registered model version and its per-version state: the movie side of scoring (computed
+    once), the cold-start answer, and `rankings`, which fills as users are asked for (or warmed),
+    keeps the `cache_users` most recently asked for, and dies with the version, so a new model
+    never answers from its predecessor's cache. Ratings by user, popularity and genres are the
+    recommender's own indexes.
+    """
+
+    def __init__(self, recommender: Recommender, version: ModelVersion, cache_users: int):
+        self.recommender = recommender
+        self.cache_users = cache_users
+        self.name, self.version, self.run_id = version.name, str(version.version), version.run_id
+        self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        popular = recommender.popular(MAX_K)
+        means = recommender.movie_means[popular]
+        lo, hi = recommender.model.cfg.rating_min, recommender.model.cfg.rating_max
+        # Cold start: the most rated movies, each at its mean rating; only the movie side speaks.
+        self.cold = Ranking(popular, means, (means - lo) / (hi - lo), np.zeros(len(popular)), np.ones(len(popular)))
+        self.movie_side = recommender.model.movie_side()  # the catalogue's half of every scoring pass
+        self.rankings: OrderedDict[int, Ranking] = OrderedDict()  # least recently asked for first
+
+    def cached(self, user: int) -> Ranking | None:
+        ranking = self.rankings.get(user)
+        if ranking is not None:
+            with suppress(KeyError):  # another thread may have just evicted it
+                self.rankings.move_to_end(user)
+        return ranking
+
+    def rank(self, users: list[int]) -> dict[int, Ranking]:
+        """The top-`MAX_K` unseen movies of each user: cached ones as they are, the others in one pass,
+        then cached (the least recently asked for make room beyond `cache_users`)."""
+        found = {u: r for u in set(users) if (r := self.cached(u)) is not None}
+        todo = np.asarray(sorted(set(users) - found.keys()), dtype=np.int64)
+        if len(todo) == 0:
+            return found
+        rec = self.recommender
+        movies, scores = top_k_unseen(
+            lambda batch: rec.model.score_users(torch.as_tensor(batch), movie_side=self.movie_side),
+            todo, rec.seen, MAX_K)
+        k = movies.shape[1]
+        pairs = rec.scorer.explain(np.repeat(todo, k), movies.ravel())
+        for row, user in enumerate(todo):
+            unseen = np.isfinite(scores[row])  # fewer than k unseen movies leave -inf at the end
+            part = slice(row * k, (row + 1) * k)
+            found[int(user)] = self.rankings[int(user)] = Ranking(movies[row][unseen], *(
+                pairs[field][part][unseen] for field in ("rating", "strength", "user_weight", "movie_weight")))
+        while len(self.rankings) > self.cache_users:
+            with suppress(KeyError):  # another thread may have just evicted it
+                self.rankings.popitem(last=False)
+        return found
+
+    def warm(self, n_users: int, chunk: int = 8) -> None:
+        """Rank the `n_users` most active users ahead of their requests."""
+        most_active = np.argsort(-self.recommender.ratings_per_user(), kind="stable")[:n_users]
+        for start in range(0, len(most_active), chunk):
+            self.rank(most_active[start: start + chunk].tolist())
+
+    def movie(self, index: int) -> dict:
+        rec = self.recommender
+        return {"movie_id": int(rec.ids.movie_ids[index]), "title": rec.titles[index], "genres": rec.genre_lists[index]}
+
+    def items(self, ranking: Ranking, k: int) -> list[dict]:
+        return [self.movie(m) | {"predicted_rating": float(r), "strength": float(s), "user_weight": float(uw),
+                                 "movie_weight": float(mw)}
+                for m, r, s, uw, mw in zip(ranking.movies[:k], ranking.rating[:k], ranking.strength[:k],
+                                           ranking.user_weight[:k], ranking.movie_weight[:k], strict=True)]
+
+    def explain(self, user_id: int, movie_id: int) -> dict:
+        """The pair's prediction and attention weights, and the user's liked movies closest to it."""
+        rec = self.recommender
+        user, movie = int(rec.user_indices([user_id])[0]), int(rec.movie_indices([movie_id])[0])
+        out = rec.scorer.explain(np.asarray([user]), np.asarray([movie]))
+        rated = rec.ratings_of(user)
+        liked = rated.take(np.flatnonzero((rated.rating >= min(LIKED, rated.rating.max())) & (rated.movie != movie)))
+        similarity = rec.movie_similarity(movie, liked.movie) if len(liked) else np.empty(0)
+        closest = np.argsort(-similarity, kind="stable")[:BECAUSE_N]
+        genre_counts: dict[str, int] = {}
+        for m in liked.movie:
+            for genre in rec.genre_lists[m]:
+                genre_counts[genre] = genre_counts.get(genre, 0) + 1
+        shared = sorted((g for g in rec.genre_lists[movie] if g in genre_counts), key=lambda g: (-genre_counts[g], g))
+        return {
+            "user_id": user_id, **self.movie(movie), "model_version": self.version,
+            "predicted_rating": float(out["rating"][0]), "strength": float(out["strength"][0]),
+            "user_weight": float(out["user_weight"][0]), "movie_weight": float(out["movie_weight"][0]),
+            "because_you_rated": [self.movie(liked.movie[i]) | {"rating": float(liked.rating[i]),
+                                                                "similarity": float(similarity[i])} for i in closest],
+            "shared_genres": shared,
+        }
+
+
+def load_version(version: ModelVersion, cache_users: int) -> ServedVersion:
+    """Download and load one registered version; its files are read into memory, then deleted."""
+    with tempfile.TemporaryDirectory(prefix="ncf-serve-") as tmp:
+        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}", dst_path=tmp)
+        return ServedVersion(model.unwrap_python_model().recommender, version, cache_users)

@@ -1,0 +1,112 @@
+"""The HTTP API's request and response bodies (they make the OpenAPI schema at /docs)."""
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+MAX_K = 100  # the API's limit on k, and the length of each cached ranking
+MAX_PAIRS = 10_000
+MAX_ID = 2**63 - 1  # ids are int64 inside the model
+
+
+class Movie(BaseModel):
+    movie_id: int
+    title: str
+    genres: list[str]
+
+
+class Scored(BaseModel):
+    predicted_rating: float = Field(description="rating the model predicts, in the rating range")
+    strength: float = Field(description="recommendation strength in [0, 1] (the rating before scaling)")
+    user_weight: float = Field(description="attention on the user side; the two weights sum to 1")
+    movie_weight: float = Field(description="attention on the movie side")
+
+
+class Item(Movie, Scored):
+    pass
+
+
+class RecommendationsOut(BaseModel):
+    user_id: int
+    cold_start: bool = Field(description="unknown user: the most rated movies at their mean rating, "
+                                         "user_weight 0, movie_weight 1")
+    model_version: str
+    items: list[Item]
+
+
+class BecauseYouRated(Movie):
+    rating: float = Field(description="the user's own rating")
+    similarity: float = Field(description="cosine similarity of the two movies' representations")
+
+
+class ExplanationOut(Movie, Scored):
+    user_id: int
+    model_version: str
+    because_you_rated: list[BecauseYouRated]
+    shared_genres: list[str] = Field(description="genres of this movie among those the user's liked movies have, "
+                                                 "most shared first")
+
+
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+
+class Pair(BaseModel):
+    user_id: Id
+    movie_id: Id
+
+
+class PredictIn(BaseModel):
+    pairs: list[Pair] = Field(max_length=MAX_PAIRS)
+
+
+class PairPrediction(Scored):
+    user_id: int
+    movie_id: int
+
+
+class PredictionsOut(BaseModel):
+    model_version: str
+    predictions: list[PairPrediction]
+
+
+class Rated(Movie):
+    rating: float
+    timestamp: int
+
+
+class HistoryOut(BaseModel):
+    user_id: int
+    ratings: list[Rated] = Field(description="most recent first")
+
+
+class UserSummary(BaseModel):
+    user_id: int
+    n_ratings: int
+
+
+class UsersOut(BaseModel):
+    count: int = Field(description="known users in all")
+    users: list[UserSummary]
+
+
+class SearchOut(BaseModel):
+    query: str
+    movies: list[Movie] = Field(description="titles containing the query, most rated first")
+
+
+class VersionOut(BaseModel):
+    model_name: str
+    model_version: str
+    run_id: str
+    model_uri: str
+    loaded_at: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    model_version: str
+    cached_users: int
+
+
+class ErrorOut(BaseModel):
+    error: str
