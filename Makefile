@@ -49,6 +49,12 @@ gpu-train: venv  ## short training on every visible GPU, reports throughput
 clean:  ## remove checkpoints and metric reports (keeps the MLflow store)
 	rm -rf checkpoints reports/*.json reports/*.md
 
+.PHONY: synth
+SHAPE ?= tiny
+SYNTH_OUT ?= data/synth/$(SHAPE)
+synth: venv  ## synthetic MovieLens in the ml-25m CSV format: SHAPE=tiny|small|ml-100k ... ml-25m|ml-32m [SYNTH_OUT=dir]
+	$(PY) -m jobs.synth --shape $(SHAPE) --out $(SYNTH_OUT) $(ARGS)
+
 # ---- Hyperparameter search, and the jobs on a Ray cluster (RAY_ADDRESS; default: the local head) ----
 .PHONY: tune cluster-up cluster-down submit-train submit-tune
 
@@ -66,6 +72,10 @@ submit-train: venv  ## the train job as a Ray job at RAY_ADDRESS: code uploaded,
 
 submit-tune: venv  ## the sweep as a Ray job at RAY_ADDRESS (same as submit-train)
 	$(PY) -m jobs.submit jobs.tune $(ARGS)
+
+.PHONY: check-deploy
+check-deploy: venv  ## validate platform/ offline (Dockerfiles, KubeRay manifests, ray-cluster.yaml) against conf/ and the installed Ray
+	$(PY) -m jobs.check_deployment
 
 # ---- Serving: the champion over HTTP (API + web page), and its load test ----
 .PHONY: serve bench-serve
