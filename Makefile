@@ -36,6 +36,10 @@ test-unit: venv  ## the hermetic unit tests only (no data folder, network, Ray c
 lint: venv  ## ruff
 	$(PY) -m ruff check .
 
+.PHONY: mlflow-server
+mlflow-server: venv  ## MLflow server on 127.0.0.1:5050 (MLFLOW_PORT): PostgreSQL in mlruns/postgres, artifacts to MLFLOW_ARTIFACTS_DESTINATION or mlruns/server-artifacts; Ctrl-C stops it
+	platform/mlflow-server.sh
+
 UI_PORT ?= 5000
 ui: venv  ## MLflow UI on 127.0.0.1:5000 (UI_PORT) against the store the jobs use (MLFLOW_TRACKING_URI or ./mlruns)
 	.venv/bin/mlflow ui --backend-store-uri "$$($(PY) -c "from ncf.integrations.mlflow_tracking import tracking_uri; print(tracking_uri())")" --host 127.0.0.1 --port $(UI_PORT) --workers 1
