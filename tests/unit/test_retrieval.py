@@ -1,0 +1,269 @@
+"""Retrievers, the blend and the sampled/bootstrap metrics on hand-sized cases worked out by hand."""
+
+from __future__ import annotations
+
+from math import log2, sqrt
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from ncf.data import Ratings
+from ncf.metrics import (
+    full_ranking_metrics,
+    full_ranking_per_user,
+    leave_one_out,
+    paired_bootstrap,
+    sample_negatives,
+    sampled_ranking_metrics,
+)
+from ncf.ranking import SeenItems, top_k_unseen
+from ncf.retrieval import (
+    ALS,
+    EASE,
+    Retriever,
+    blend,
+    full_ranking_against,
+    interaction_matrix,
+    load_retriever,
+    recency_age,
+    retrieve_and_rerank,
+)
+
+pytestmark = pytest.mark.unit
+
+# 4 users x 5 items; item 4 is the most rated (4), then 0 and 2 (3 each), 1 (2), 3 (1).
+X = np.array([[1, 1, 0, 0, 1],
+              [1, 0, 1, 0, 1],
+              [0, 1, 1, 1, 1],
+              [1, 0, 1, 0, 1]], dtype=np.float64)
+
+
+def ease_by_hand(x: np.ndarray, lam: float) -> np.ndarray:
+    p = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
+    b = np.eye(x.shape[1]) - p @ np.diag(1.0 / np.diag(p))
+    assert np.allclose(np.diag(b), 0.0)
+    return b
+
+
+def ratings(user, movie, rating, timestamp) -> Ratings:
+    return Ratings(np.asarray(user), np.asarray(movie), np.asarray(rating, dtype=float), np.asarray(timestamp))
+
+
+# ----------------------------------------------------------------------------- EASE
+
+
+def test_ease_matches_its_closed_form():
+    model = EASE(lam=2.0, max_items=None).fit(sp.csr_matrix(X))
+    b = ease_by_hand(X, 2.0)
+    assert model.weights.dtype == np.float32
+    assert np.array_equal(model.items, np.arange(5))
+    np.testing.assert_allclose(model.weights, b, atol=1e-5)
+    np.testing.assert_allclose(model.score(np.array([2, 0])), X[[2, 0]] @ b, atol=1e-5)
+
+
+def test_ease_keeps_only_the_most_rated_items():
+    model = EASE(lam=1.0, max_items=3).fit(sp.csr_matrix(X))
+    kept = np.array([0, 2, 4])
+    assert np.array_equal(model.items, kept)
+    assert model.weights.shape == (3, 3) and model.item_matrix_bytes() == 9 * 4
+    scores = model.score(np.arange(4))
+    assert scores.shape == (4, 5)
+    assert np.isneginf(scores[:, [1, 3]]).all()
+    np.testing.assert_allclose(scores[:, kept], X[:, kept] @ ease_by_hand(X[:, kept], 1.0), atol=1e-5)
+
+
+def test_ease_scores_a_separate_profile_and_round_trips(tmp_path):
+    profiles = sp.csr_matrix(X * np.array([[0.5], [1.0], [0.25], [2.0]]))
+    model = EASE(lam=3.0, max_items=None).fit(sp.csr_matrix(X), profiles=profiles)
+    np.testing.assert_allclose(model.score(np.array([0])), profiles[[0]].toarray() @ ease_by_hand(X, 3.0), atol=1e-5)
+    loaded = load_retriever(model.save(tmp_path / "ease").parent)
+    assert isinstance(loaded, EASE) and isinstance(loaded, Retriever)
+    np.testing.assert_array_equal(loaded.score(np.arange(4)), model.score(np.arange(4)))
+    with pytest.raises(ValueError, match="'ease' retriever, not 'als'"):
+        ALS.load(tmp_path / "ease")
+
+
+# ----------------------------------------------------------------------------- ALS
+
+
+def random_interactions(n_users=30, n_items=20, density=0.25, seed=0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    return sp.csr_matrix((rng.random((n_users, n_items)) < density).astype(np.float32))
+
+
+def test_als_is_deterministic_given_the_seed(tmp_path):
+    x = random_interactions()
+    settings = {"factors": 4, "regularization": 0.1, "iterations": 5}
+    first, second = ALS(**settings, seed=3).fit(x), ALS(**settings, seed=3).fit(x)
+    np.testing.assert_array_equal(first.user_factors, second.user_factors)
+    np.testing.assert_array_equal(first.item_factors, second.item_factors)
+    assert not np.allclose(ALS(**settings, seed=4).fit(x).item_factors, first.item_factors)
+    users = np.array([5, 0, 29])
+    scores = first.score(users)
+    assert scores.shape == (3, 20) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, first.user_factors[users] @ first.item_factors.T)
+    loaded = load_retriever(first.save(tmp_path).parent)
+    assert isinstance(loaded, ALS) and (loaded.factors, loaded.seed) == (4, 3)
+    np.testing.assert_array_equal(loaded.score(users), scores)
+
+
+def test_als_fits_what_users_rated():
+    # Two blocks of users who rate two disjoint blocks of items: ALS scores a user's own block higher.
+    block = np.kron(np.eye(2), np.ones((10, 5)))
+    model = ALS(factors=4, regularization=0.1, iterations=10, seed=0).fit(sp.csr_matrix(block))
+    scores = model.score(np.array([0, 15]))
+    assert scores[0, :5].min() > scores[0, 5:].max()
+    assert scores[1, 5:].min() > scores[1, :5].max()
+
+
+# ----------------------------------------------------------------------------- interactions
+
+
+def test_interaction_matrix_thresholds_and_binarises():
+    r = ratings([0, 0, 0, 1], [0, 1, 2, 1], [5.0, 3.0, 4.0, 4.5], [100, 200, 300, 50])
+    assert interaction_matrix(r, 3, 4).toarray().tolist() == [[1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    liked = interaction_matrix(r, 3, 4, min_rating=4.0)
+    assert liked.dtype == np.float32 and sp.isspmatrix_csr(liked)
+    assert liked.toarray().tolist() == [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_recency_weights_by_rank_and_by_days():
+    # User 0: movies 0, 1, 2 at t = 100, 200, 300 (rated 5, 3, 4); user 1: movies 3 and 1 in the same second.
+    r = ratings([0, 0, 0, 1, 1], [0, 1, 2, 3, 1], [5.0, 3.0, 4.0, 4.0, 4.0], [100, 200, 300, 70, 70])
+    weighted = interaction_matrix(r, 2, 4, recency_half_life=1.0).toarray()
+    # Ages 2, 1, 0 for user 0; user 1's two ratings tie, so both are the newest.
+    np.testing.assert_allclose(weighted, [[0.25, 0.5, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    # Ages are counted among the kept ratings: without movie 1, movie 0 is one step old.
+    liked = interaction_matrix(r, 2, 4, min_rating=4.0, recency_half_life=2.0).toarray()
+    np.testing.assert_allclose(liked[0], [0.5**0.5, 0.0, 1.0, 0.0])
+    days = ratings([0, 0], [0, 1], [4.0, 4.0], [0, 10 * 86_400])
+    np.testing.assert_allclose(recency_age(days.user, days.timestamp, "days"), [10.0, 0.0])
+    np.testing.assert_allclose(interaction_matrix(days, 1, 2, recency_half_life=5.0, recency_unit="days").toarray(),
+                               [[0.25, 1.0]])
+
+
+# ----------------------------------------------------------------------------- blend and re-rank
+
+
+def test_blend_standardises_each_users_candidates():
+    z = sqrt(1.5)  # z-scores of (1, 2, 3): -1.2247, 0, 1.2247 (population std sqrt(2/3))
+    got = blend(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]), np.array([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]]), 0.5)
+    np.testing.assert_allclose(got[0], [-z + 0.5 * z, 0.0 - 0.5 * z, z + 0.0])
+    # No spread in the retriever's scores: only the NCF's standardised scores count.
+    np.testing.assert_allclose(got[1], [-0.5 * z, 0.0, 0.5 * z])
+    # Scale-free: multiplying either model's scores changes nothing.
+    np.testing.assert_allclose(blend(np.array([[10.0, 20.0, 30.0]]), np.array([[300.0, 100.0, 200.0]]), 0.5),
+                               got[:1])
+
+
+def test_blend_keeps_unscorable_candidates_last():
+    got = blend(np.array([[1.0, -np.inf, 3.0]]), np.array([[0.0, 100.0, 1.0]]), 10.0)
+    assert np.isneginf(got[0, 1]) and np.isfinite(got[0, [0, 2]]).all()
+    np.testing.assert_allclose(got[0, [0, 2]], [-1.0 - 10.0 * 1.0, 1.0 + 10.0 * 1.0])
+
+
+def test_retrieve_and_rerank_never_returns_a_seen_movie():
+    rng = np.random.default_rng(0)
+    n_users, n_movies = 12, 40
+    retriever = rng.normal(size=(n_users, n_movies))
+    ncf = rng.normal(size=(n_users, n_movies))
+    seen_users = np.repeat(np.arange(n_users), 15)
+    seen_movies = np.concatenate([rng.choice(n_movies, 15, replace=False) for _ in range(n_users)])
+    seen = SeenItems(seen_users, seen_movies, n_users)
+    users = np.array([3, 0, 11, 7])
+    for weight in (0.0, 1.0, 1e6):
+        items, scores = retrieve_and_rerank(lambda u: retriever[u], lambda u: ncf[u], users, seen, 10, 5, weight,
+                                            chunk=3)
+        assert items.shape == scores.shape == (4, 5)
+        assert all(np.intersect1d(items[i], seen.of(u)).size == 0 for i, u in enumerate(users))
+        assert (np.diff(scores, axis=1) <= 0).all()
+        candidates, _ = top_k_unseen(lambda u: retriever[u], users, seen, 10)
+        assert all(np.isin(items[i], candidates[i]).all() for i in range(4))
+        if weight == 0.0:  # the retriever's own order
+            np.testing.assert_array_equal(items, candidates[:, :5])
+        if weight == 1e6:  # the NCF's order among the retrieved candidates
+            best = np.argsort(-np.take_along_axis(ncf[users], candidates, axis=1), axis=1)[:, :5]
+            np.testing.assert_array_equal(items, np.take_along_axis(candidates, best, axis=1))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_full_ranking_per_user_averages_to_full_ranking_metrics():
+    top = np.array([[0, 1, 2], [3, 4, 5]])
+    users, items = np.array([0, 0, 1]), np.array([1, 7, 5])
+    per_user = full_ranking_per_user(top, users, items, 8)
+    np.testing.assert_allclose(per_user["full_ndcg_at_3"], [(1 / log2(3)) / (1 + 1 / log2(3)), 0.5])
+    summary = full_ranking_metrics(top, users, items, 8)
+    assert summary == pytest.approx({n: v.mean() for n, v in per_user.items()} | {"full_coverage": 6 / 8})
+
+
+def test_full_ranking_against_any_held_out_slice():
+    # Scores prefer higher movie indices. User 0 saw movie 0 and holds out 2 (relevant) and 3 (rated 2: not);
+    # user 1 saw 1 and holds out 0; user 2 holds out nothing relevant and is not ranked.
+    seen = SeenItems(np.array([0, 1]), np.array([0, 1]), 3)
+    target = ratings([0, 0, 1, 2], [2, 3, 0, 3], [5.0, 2.0, 4.0, 3.5], [0, 0, 0, 0])
+    summary, per_user = full_ranking_against(lambda u: np.tile(np.arange(4.0), (len(u), 1)), seen, target, 4, k=2)
+    # Top 2: user 0 [3, 2] (hit at rank 2), user 1 [3, 2] (miss).
+    np.testing.assert_allclose(per_user["full_ndcg_at_2"], [1 / log2(3), 0.0])
+    np.testing.assert_allclose(per_user["full_hit_rate_at_2"], [1.0, 0.0])
+    assert summary["full_coverage"] == 0.5 and summary["full_ndcg_at_2"] == pytest.approx(1 / log2(3) / 2)
+
+
+def test_leave_one_out_holds_out_each_users_latest():
+    mask = leave_one_out(np.array([1, 0, 1, 0, 1]), np.array([5, 9, 7, 3, 7]))
+    # User 0: t = 9 (row 1); user 1: t = 7 twice, the later row (4) wins.
+    assert mask.tolist() == [False, True, False, False, True]
+
+
+def test_sampled_metrics_by_hand():
+    # 6 items; each user rated 3, so the 3 negatives are forced: the figures do not depend on the draw.
+    # user 0 rated 0, 1, 5 (5 held out), negatives 2, 3, 4; user 1 rated 2, 3, 4 (3 held out), negatives 0, 1, 5.
+    item_score = np.array([0.0, 0.0, 9.0, 1.0, 7.0, 5.0])
+    rated_users, rated_items = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 5, 2, 3, 4])
+
+    def run(score, k):
+        return sampled_ranking_metrics(score, np.array([0, 1]), np.array([5, 3]), rated_users, rated_items, 6,
+                                       n_negatives=3, k=k, seed=7)
+
+    by_item = lambda users, items: item_score[items]  # noqa: E731
+    # User 0: item 5 (5.0) below 9 and 7: rank 2. User 1: item 3 (1.0) below 5 only: rank 1.
+    assert run(by_item, 3) == pytest.approx({"sampled_hr_at_3": 1.0, "sampled_ndcg_at_3": (0.5 + 1 / log2(3)) / 2})
+    assert run(by_item, 2) == pytest.approx({"sampled_hr_at_2": 0.5, "sampled_ndcg_at_2": (0 + 1 / log2(3)) / 2})
+    # Ties count against the model: a constant scorer ranks its item last.
+    assert run(lambda users, items: np.zeros(items.shape), 3) == {"sampled_hr_at_3": 0.0, "sampled_ndcg_at_3": 0.0}
+    per_user = sampled_ranking_metrics(by_item, np.array([0, 1]), np.array([5, 3]), rated_users, rated_items, 6,
+                                       n_negatives=3, k=3, per_user=True)
+    np.testing.assert_allclose(per_user["sampled_ndcg_at_3"], [0.5, 1 / log2(3)])
+
+
+def test_sampled_negatives_are_distinct_unrated_and_seeded():
+    rng = np.random.default_rng(1)
+    n_items = 300
+    rated_users = np.repeat(np.arange(50), 150)
+    rated_items = np.concatenate([rng.choice(n_items, 150, replace=False) for _ in range(50)])
+    users = np.arange(50)
+    negatives = sample_negatives(users, rated_users, rated_items, n_items, seed=5)
+    assert negatives.shape == (50, 99)
+    for u in users:
+        assert len(np.unique(negatives[u])) == 99
+        assert not np.isin(negatives[u], rated_items[rated_users == u]).any()
+    np.testing.assert_array_equal(negatives, sample_negatives(users, rated_users, rated_items, n_items, seed=5))
+    assert not np.array_equal(negatives, sample_negatives(users, rated_users, rated_items, n_items, seed=6))
+    with pytest.raises(ValueError, match="too much of the catalogue"):
+        sample_negatives(users, rated_users, rated_items, 200)
+
+
+def test_paired_bootstrap_covers_the_true_difference_and_is_seeded():
+    rng = np.random.default_rng(0)
+    b = rng.random(800)
+    a = b + 0.05 + rng.normal(0.0, 0.1, size=800)  # true mean difference 0.05
+    got = paired_bootstrap(a, b, seed=1)
+    assert got.low < 0.05 < got.high
+    assert got.difference == pytest.approx(np.mean(a - b))
+    assert got.low < got.difference < got.high and got.high - got.low < 0.03  # about 4 x 0.1 / sqrt(800)
+    assert paired_bootstrap(a, b, seed=1) == got
+    assert paired_bootstrap(a, b, seed=2) != got
+    # Pairing: a constant shift has no spread at all.
+    assert paired_bootstrap(b + 0.1, b) == pytest.approx((0.1, 0.1, 0.1))
