@@ -88,6 +88,7 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+@dataclass
 class SweepOutcome:
     name: str
     path: Path
