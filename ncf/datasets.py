@@ -17,7 +17,6 @@ Pure computing code: no Ray, no MLflow.
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ncf.data import NO_GENRES, DataError
+from ncf.data import NO_GENRES, DataError, verify_checksums
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens"
 FORMATS = ("ml-100k", "dat", "csv")
@@ -105,23 +104,6 @@ def get_spec(name: str) -> DatasetSpec:
         return DATASETS[name]
     except KeyError:
         raise DataError(f"unknown MovieLens dataset '{name}'; known: {', '.join(DATASETS)}") from None
-
-
-# ----------------------------------------------------------------------------- checksums
-
-
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    """SHA-256 with CRLF turned into LF, streamed: the digest of `ncf.data.sha256_normalised`
-    without holding a multi-GB file in memory."""
-    digest = hashlib.sha256()
-    carry = b""
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            data = carry + chunk
-            carry = b"\r" if data.endswith(b"\r") else b""  # a CRLF may straddle two reads
-            digest.update(data[: len(data) - len(carry)].replace(b"\r\n", b"\n"))
-    digest.update(carry)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -562,13 +544,7 @@ def verify(name: str, folder: Path, *, sha256: Mapping[str, str] | None = None,
     ratings into disjoint train and test parts.
     """
     spec, folder = get_spec(name), Path(folder)
-    expected = dict(spec.sha256 if sha256 is None else sha256)
-    digests = {}
-    for file, want in expected.items():
-        got = sha256_file(_require(folder / file))
-        if got != want:
-            raise DataError(f"{folder / file} is corrupt or modified: sha256 {got}, expected {want}")
-        digests[file] = got
+    digests = verify_checksums(folder, spec.sha256 if sha256 is None else sha256)
     ratings, movies = read_dataset(name, folder)
     found = {"ratings": len(ratings), "users": int(ratings["userId"].nunique()), "movies": len(movies)}
     published = {"ratings": spec.n_ratings, "users": spec.n_users, "movies": spec.n_movies}
