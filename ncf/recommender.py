@@ -57,9 +57,8 @@ class Recommender:
         self.movies = movies.reset_index(drop=True)
         self.history = history  # every known rating (train + validation), encoded
         self.scorer = NCFScorer(self.model)
-        order = np.argsort(history.user, kind="stable")
-        self.rated = history.take(order)  # grouped by user: user u's ratings are rows user_start[u]:user_start[u + 1]
-        self.user_start = np.searchsorted(self.rated.user, np.arange(ids.n_users + 1))
+        # Grouped by user: user u's ratings are rows seen.indptr[u]:seen.indptr[u + 1] (the CSR of `seen`).
+        self.rated = history.take(np.argsort(history.user, kind="stable"))
         self.seen = SeenItems(self.rated.user, self.rated.movie, ids.n_users)
         self.popularity = np.bincount(history.movie, minlength=ids.n_movies)
         self.by_popularity = np.argsort(-self.popularity, kind="stable")
@@ -122,10 +121,10 @@ class Recommender:
 
     def ratings_of(self, user: int) -> Ratings:
         """The known ratings of one user (by index)."""
-        return self.rated.take(np.arange(self.user_start[user], self.user_start[user + 1]))
+        return self.rated.take(np.arange(self.seen.indptr[user], self.seen.indptr[user + 1]))
 
     def ratings_per_user(self) -> np.ndarray:
-        return np.diff(self.user_start)
+        return np.diff(self.seen.indptr)
 
     # ------------------------------------------------------------------ answers
 
