@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
 
 from ncf.config import Config, load_config
-from ncf.data import DataError, MovieLens, encode_movielens, load_movielens, resolve_data_dir
+from ncf.data import DataError, MovieLens, load_movielens, resolve_data_dir
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import free_port
 from ncf.recommender import Recommender
@@ -99,20 +98,18 @@ def movielens(data_dir: Path, config: Config) -> MovieLens:
     return load_movielens(config.data, data_dir)
 
 
-@pytest.fixture(scope="session")
-def small_movielens(data_dir: Path, config: Config) -> MovieLens:
-    """The ratings of the first 60 users (about 8,750), over the whole movie catalogue: fast to train on."""
-    from ncf.data import validate_movies, validate_ratings
-
-    read = {"dtype": str, "keep_default_na": False}
-    ratings = validate_ratings(pd.read_csv(data_dir / "ratings.csv", **read))
-    movies = validate_movies(pd.read_csv(data_dir / "movies.csv", **read))
-    first_users = ratings["userId"].drop_duplicates().sort_values().iloc[:60]
-    subset = ratings[ratings["userId"].isin(first_users)].reset_index(drop=True)
-    return encode_movielens(subset, movies, config.data.split)
-
-
 # ----------------------------------------------------------------------------- a store and the served app
+
+
+# A 1-epoch tiny model: the train job runs for real (data, training, evaluation, MLflow) in seconds.
+TINY_TRAINING = ["model.embedding_dim=16", "model.hidden_dims=[32,16]", "model.dropouts=[0.1,0.0]",
+                 "train.max_epochs=1", "train.refit=false", "train.batch_size=1024"]
+
+
+@pytest.fixture(scope="session")
+def tiny_training_args() -> list[str]:
+    """`--set` arguments of `python -m jobs.train` for the tiny model."""
+    return [arg for key in TINY_TRAINING for arg in ("--set", key)]
 
 
 TINY_MODEL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]",

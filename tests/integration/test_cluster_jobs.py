@@ -26,8 +26,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 SCRIPT = ROOT / "platform" / "ray-cluster.sh"
-TINY = ["model.embedding_dim=16", "model.hidden_dims=[32,16]", "model.dropouts=[0.1,0.0]", "train.max_epochs=1",
-        "train.refit=false", "train.batch_size=1024"]
 
 
 
@@ -103,8 +101,8 @@ def submit(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_submitted_train_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
-    sets = [arg for item in (*TINY, f"train.checkpoint_dir={tmp_path}") for arg in ("--set", item)]
+def test_submitted_train_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path, tiny_training_args):
+    sets = [*tiny_training_args, "--set", f"train.checkpoint_dir={tmp_path}"]
     job = submit(ray_head, "jobs.train", *sets)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-TINY = ["model.embedding_dim=16", "model.hidden_dims=[32,16]", "model.dropouts=[0.1,0.0]", "train.max_epochs=1",
-        "train.refit=false", "train.batch_size=1024"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +36,8 @@ def run_installed(site: Path, cwd: Path, *args: str, **env: str) -> subprocess.C
                           timeout=600)
 
 
-def test_installed_package_trains_from_any_directory(installed: Path, tmp_path: Path, data_dir: Path):
+def test_installed_package_trains_from_any_directory(installed: Path, tmp_path: Path, data_dir: Path,
+                                                     tiny_training_args: list[str]):
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = run_installed(installed, work, "-c",
@@ -46,8 +45,7 @@ def test_installed_package_trains_from_any_directory(installed: Path, tmp_path: 
     module_file, conf_dir = where.stdout.split()
     assert module_file.startswith(str(installed)) and conf_dir == str(installed / "ncf" / "conf")
 
-    overrides = [arg for key in TINY for arg in ("--set", key)]
-    done = run_installed(installed, work, "-m", "jobs.train", "--launcher", "local", *overrides,
+    done = run_installed(installed, work, "-m", "jobs.train", "--launcher", "local", *tiny_training_args,
                          NCF_DATA_DIR=str(data_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (work / "mlruns" / "mlflow.db").is_file()

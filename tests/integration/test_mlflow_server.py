@@ -37,8 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 SCRIPT = ROOT / "platform" / "mlflow-server.sh"
 BUCKET = "ncf-mlflow"
 PREFIX = "mlflow"  # the artifacts destination is s3://BUCKET/PREFIX
-TINY = ["model.embedding_dim=16", "model.hidden_dims=[32,16]", "model.dropouts=[0.1,0.0]", "train.max_epochs=1",
-        "train.refit=false", "train.batch_size=1024"]
 ALLOWED_HOST = "mlflow-tracking:*"  # an in-cluster service name, as MLFLOW_ALLOWED_HOSTS lists it
 # Only the server gets these: the secret is random, so finding it anywhere else means it leaked.
 AWS = {"AWS_ACCESS_KEY_ID": "ncf-test-key-id", "AWS_SECRET_ACCESS_KEY": f"ncf-secret-{secrets.token_hex(16)}",
@@ -256,11 +254,11 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(server: Server, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+def trained(server: Server, data_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+            tiny_training_args: list[str]) -> Trained:
     """The real train job (in-process launcher, a tiny model) run against the server from an empty directory."""
     work = tmp_path_factory.mktemp("work")
-    overrides = [arg for key in TINY for arg in ("--set", key)]
-    done = subprocess.run([sys.executable, "-m", "jobs.train", "--launcher", "local", *overrides], cwd=work,
+    done = subprocess.run([sys.executable, "-m", "jobs.train", "--launcher", "local", *tiny_training_args], cwd=work,
                           env=client_env(MLFLOW_TRACKING_URI=server.url, NCF_DATA_DIR=str(data_dir)),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stderr[-4000:]}\nserver log:\n{tail(server.log)}"
