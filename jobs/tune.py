@@ -201,7 +201,8 @@ def _finish(config: Config, data: MovieLens, results, path: Path, parent_run_id:
             mlflow.set_tag("ncf.refit_after_sweep", str(best_config.train.refit).lower())
             if best_config.train.refit:  # the trial's own loop, continued into its refit phase
                 print(f"best trial {trial_id}: refitting on train + validation", flush=True)
-                fit_in_process(best_config, data, folder, resume=True, on_epoch=mlflow_tracking.EpochLogger(child))
+                fit_in_process(best_config, data, folder, resume=True,
+                               on_epoch=mlflow_tracking.EpochLogger(child) if child else None)
             summary = finish_run(best_config, data, folder)
             decision = mlflow_tracking.promote_if_better(summary.model_version, summary.best_val_rmse)
             mlflow.set_tags(decision)
