@@ -33,12 +33,13 @@ def cluster_address() -> str:
     return os.environ.get("RAY_ADDRESS") or f"http://127.0.0.1:{os.environ.get('RAY_DASHBOARD_PORT', '8265')}"
 
 
-def use_token_auth_if_present(env: dict[str, str]) -> None:
-    """Once a token exists, clusters started here require it and clients must send it: do that quietly."""
-    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    has_token = env.get("RAY_AUTH_TOKEN") or (token_file.is_file() and token_file.stat().st_size > 0)
-    if "RAY_AUTH_MODE" not in env and has_token:
-        env["RAY_AUTH_MODE"] = "token"
+def use_token_auth_if_present() -> None:
+    """Once a token exists, clusters started here require it and clients must send it: do that quietly
+    (for this process and the `ray` command it runs)."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.is_file() and token_file.stat().st_size > 0)
+    if "RAY_AUTH_MODE" not in os.environ and has_token:
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def runtime_env(address: str) -> dict:
@@ -55,14 +56,14 @@ def runtime_env(address: str) -> dict:
     return {"working_dir": ".", "excludes": EXCLUDES, "env_vars": env}
 
 
-def job_exit_code(address: str, submission_id: str, env: dict[str, str]) -> int | None:
-    """The job driver's own exit code (`ray job submit` exits 1 for any failure)."""
-    code = ("import sys\nfrom ray.job_submission import JobSubmissionClient\n"
-            "info = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2])\n"
-            "print('' if info.driver_exit_code is None else info.driver_exit_code)")
-    out = subprocess.run([sys.executable, "-c", code, address, submission_id], env=env, capture_output=True,
-                         text=True, check=False)
-    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+def job_exit_code(address: str, submission_id: str) -> int | None:
+    """The job driver's own exit code (`ray job submit` exits 1 for any failure); None when unknown."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address).get_job_info(submission_id).driver_exit_code
+    except Exception:  # the job never started, or the cluster is gone: `ray job submit` said why
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,15 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, args = argv[0], argv[1:]
     address = cluster_address()
-    env = dict(os.environ)
-    use_token_auth_if_present(env)
+    use_token_auth_if_present()
     submission_id = f"ncf-{module.removeprefix('jobs.')}-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(10**6)}"
     ray = Path(sys.executable).with_name("ray")
     rc = subprocess.run([str(ray), "job", "submit", "--address", address, "--submission-id", submission_id,
                          "--runtime-env-json", json.dumps(runtime_env(address)), "--", "python", "-m", module, *args],
-                        env=env, check=False).returncode
+                        check=False).returncode
     if rc != 0:
-        code = job_exit_code(address, submission_id, env)
+        code = job_exit_code(address, submission_id)
         rc = code if code else rc
         print(f"job {submission_id} ended with exit code {rc}", file=sys.stderr)
     return rc
