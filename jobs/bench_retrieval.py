@@ -27,9 +27,10 @@ import scipy.sparse as sp
 from ncf.baselines import MostPopular
 from ncf.config import load_config
 from ncf.data import MovieLens, Ratings, load_movielens, resolve_data_dir
+from ncf.evaluation import full_ranking_against
 from ncf.metrics import leave_one_out, paired_bootstrap, sampled_ranking_metrics
 from ncf.ranking import SeenItems
-from ncf.retrieval import ALS, EASE, full_ranking_against, interaction_matrix
+from ncf.retrieval import ALS, EASE, interaction_matrix
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "benchmarks" / "retrieval.md"
@@ -64,7 +65,7 @@ class Slice:
 
     def evaluate(self, score: Callable[[np.ndarray], np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
         """Summary metrics and per-user NDCG@10 (rows in the order of the sorted user ids)."""
-        metrics, per_user = full_ranking_against(score, self.seen, self.target, self.n_movies)
+        metrics, per_user = full_ranking_against(score, self.seen, self.target, self.n_movies, chunk=128)
         return metrics, per_user[NDCG]
 
     def n_ranked_users(self) -> int:

@@ -7,8 +7,8 @@ from typing import Protocol
 import numpy as np
 
 from ncf.baselines import BASELINES
-from ncf.data import MovieLens
-from ncf.metrics import K, full_ranking_metrics, mae, rmse, seed_ranking_metrics
+from ncf.data import MovieLens, Ratings
+from ncf.metrics import K, full_ranking_per_user, full_ranking_summary, mae, rmse, seed_ranking_metrics
 from ncf.ranking import ScoreFn, SeenItems, top_k_unseen
 
 FULL_RANKING_THRESHOLD = 4.0
@@ -25,6 +25,21 @@ def seen_in_training(data: MovieLens) -> SeenItems:
     return SeenItems(seen.user, seen.movie, data.n_users)
 
 
+def full_ranking_against(score: ScoreFn, seen: SeenItems, target: Ratings, n_movies: int, k: int = K,
+                         threshold: float = FULL_RANKING_THRESHOLD, chunk: int = 16) -> tuple[dict[str, float],
+                                                                                          dict[str, np.ndarray]]:
+    """Full-ranking metrics of `score` against a held-out slice (the test split, or validation when choosing
+    settings), and the per-user arrays behind them: users with a relevant (>= `threshold`) target item,
+    every movie not in `seen` ranked. Per-user rows follow the sorted user ids."""
+    relevant = target.rating >= threshold
+    users = np.unique(target.user[relevant])
+    top, _ = top_k_unseen(score, users, seen, k, chunk=chunk)
+    row_of_user = np.full(int(target.user.max(initial=0)) + 1, -1)
+    row_of_user[users] = np.arange(len(users))
+    per_user = full_ranking_per_user(top, row_of_user[target.user[relevant]], target.movie[relevant], n_movies)
+    return full_ranking_summary(per_user, top, n_movies), per_user
+
+
 def evaluate(model: Scorable, data: MovieLens, k: int = K) -> dict[str, float]:
     test = data.splits.test
     metrics: dict[str, float] = {}
@@ -34,13 +49,7 @@ def evaluate(model: Scorable, data: MovieLens, k: int = K) -> dict[str, float]:
         metrics["mae"] = mae(test.rating, pred)
         metrics.update(seed_ranking_metrics(test.user, test.rating, pred, k=k))
     if model.score is not None:
-        relevant = test.rating >= FULL_RANKING_THRESHOLD
-        users = np.unique(test.user[relevant])
-        top, _ = top_k_unseen(model.score, users, seen_in_training(data), k)
-        row_of_user = np.full(data.n_users, -1)
-        row_of_user[users] = np.arange(len(users))
-        metrics.update(full_ranking_metrics(top, row_of_user[test.user[relevant]], test.movie[relevant],
-                                            data.n_movies))
+        metrics.update(full_ranking_against(model.score, seen_in_training(data), test, data.n_movies, k)[0])
     return metrics
 
 

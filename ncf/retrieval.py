@@ -12,7 +12,6 @@ without pickling library objects, and loading or scoring needs only numpy and sc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -23,11 +22,9 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ncf.data import Ratings
-from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
 from ncf.ranking import ScoreFn, SeenItems, top_k_unseen
 
 FILE_NAME = "retriever.npz"
-RELEVANT_RATING = 4.0
 
 # ----------------------------------------------------------------------------- interactions
 
@@ -347,24 +344,3 @@ def retrieve_and_rerank(retriever_score_fn: ScoreFn, ncf_score_fn: ScoreFn, user
         items.append(np.take_along_axis(candidates, order, axis=1))
         values.append(np.take_along_axis(blended, order, axis=1))
     return np.concatenate(items), np.concatenate(values)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def full_ranking_against(score: Callable[[np.ndarray], np.ndarray], seen: SeenItems, target: Ratings, n_movies: int,
-                         k: int = K, threshold: float = RELEVANT_RATING) -> tuple[dict[str, float],
-                                                                                  dict[str, np.ndarray]]:
-    """Full-ranking metrics of `score` against any held-out slice, and the per-user arrays behind them.
-
-    The test-set protocol of the evaluation module with the target and the seen set as
-    arguments, so settings can be chosen on validation: users with a relevant (>= `threshold`)
-    target item, every movie not in `seen` ranked. Per-user rows follow the sorted user ids.
-    """
-    relevant = target.rating >= threshold
-    users = np.unique(target.user[relevant])
-    top, _ = top_k_unseen(score, users, seen, k, chunk=128)
-    row_of_user = np.full(int(target.user.max(initial=0)) + 1, -1)
-    row_of_user[users] = np.arange(len(users))
-    per_user = full_ranking_per_user(top, row_of_user[target.user[relevant]], target.movie[relevant], n_movies)
-    return full_ranking_summary(per_user, top, n_movies), per_user

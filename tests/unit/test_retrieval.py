@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from ncf.data import Ratings
+from ncf.evaluation import full_ranking_against
 from ncf.metrics import (
     full_ranking_metrics,
     full_ranking_per_user,
@@ -23,7 +24,6 @@ from ncf.retrieval import (
     EASE,
     Retriever,
     blend,
-    full_ranking_against,
     interaction_matrix,
     load_retriever,
     recency_age,
