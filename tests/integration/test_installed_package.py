@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project built as a wheel and installed (no dependencies: the test's own environment has them)."""
+    # Built from a copy: an in-tree build would leave build/ in the repository (and reuse a stale one).
+    source = tmp_path_factory.mktemp("source") / "ncf-movielens"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "mlruns", "checkpoints", "reports", "build", "data", "tests", "*.egg-info", "__pycache__"))
     build = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(build),
-                    str(ROOT)], check=True, capture_output=True, cwd=build)
+                    str(source)], check=True, capture_output=True, cwd=build)
     site = tmp_path_factory.mktemp("site")
     [wheel] = build.glob("*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
