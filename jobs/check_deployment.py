@@ -70,7 +70,6 @@ RAYJOB_NAME_MAX = 47
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 JOB_MODULES = ("jobs.train", "jobs.tune")
-PROXY_GRPC = "RAY_SERVE_PROXY_USE_GRPC"
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 # Deployment options the Serve app takes from conf/serve.yaml; a serveConfigV2 `deployments` entry
 # setting them would silently win over conf/, so they belong under the application's `args`.
@@ -581,6 +580,8 @@ def check_rayjob(doc: dict, ctx: Context) -> str:
 
 def check_rayservice(doc: dict, ctx: Context) -> str:
     """A RayService: its Serve config, and a cluster with room for conf/serve.yaml's replicas."""
+    from serving.app import PROXY_GRPC  # here, not at the top: serving.app pulls in Ray Serve
+
     name, spec = doc["metadata"]["name"], doc.get("spec") or {}
     where = f"RayService {name}"
     if not spec.get("serveConfigV2"):
