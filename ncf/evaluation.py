@@ -1,4 +1,4 @@
-"""The full metric table of any model on the test split."""
+"""The full metric table of any model on the test split, and full ranking against any held-out slice."""
 
 from __future__ import annotations
 
