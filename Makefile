@@ -21,11 +21,15 @@ help:  ## list every target with what it does
 
 venv: .venv/.installed  ## create .venv and install the project with its test tools
 
-train: venv  ## train under Ray Train, evaluate, log to MLflow, register the model
-	$(PY) -m jobs.train $(ARGS)
+# Presets: conf/presets/<name>.yaml over the defaults (deck: the deck's model; neumf: the NCF paper's;
+# recommender: the best top-N model).
+PRESET ?= deck
+
+train: venv  ## train under Ray Train (PRESET=deck|neumf|recommender), evaluate, log to MLflow, register the model
+	$(PY) -m jobs.train --preset $(PRESET) $(ARGS)
 
 train-local: venv  ## the same training loop in this process (debugging)
-	$(PY) -m jobs.train --launcher local $(ARGS)
+	$(PY) -m jobs.train --launcher local --preset $(PRESET) $(ARGS)
 
 test: venv  ## every test: unit, integration (real Ray, MLflow, HTTP) and e2e (browser)
 	$(PY) -m pytest $(ARGS)
@@ -53,6 +57,10 @@ gpu-train: venv  ## short training on every visible GPU, reports throughput
 clean:  ## remove checkpoints and metric reports (keeps the MLflow store)
 	rm -rf checkpoints reports/*.json reports/*.md
 
+.PHONY: prepare
+prepare: venv  ## parse, validate, encode and split data.name once into typed Parquet + manifest (reused until a source file or the data config changes)
+	$(PY) -m jobs.prepare $(ARGS)
+
 .PHONY: synth
 SHAPE ?= tiny
 SYNTH_OUT ?= data/synth/$(SHAPE)
@@ -63,19 +71,20 @@ synth: venv  ## synthetic MovieLens in the ml-25m CSV format: SHAPE=tiny|small|m
 .PHONY: tune cluster-up cluster-down submit-train submit-tune
 
 tune: venv  ## Ray Tune + Optuna + ASHA sweep (conf/tune.yaml); best model registered, champion if better; ARGS=--resume continues one
-	$(PY) -m jobs.tune $(ARGS)
+	$(PY) -m jobs.tune --preset $(PRESET) $(ARGS)
 
-cluster-up: venv  ## a local Ray head; dashboard and job API on 127.0.0.1:8265 (RAY_DASHBOARD_PORT)
-	platform/ray-cluster.sh up
+NODES ?= 1
+cluster-up: venv  ## a local Ray cluster, job API on 127.0.0.1:8265 (RAY_DASHBOARD_PORT); NODES=N>1: a head with no work + N-1 worker nodes
+	NODES=$(NODES) platform/ray-cluster.sh up
 
-cluster-down:  ## stop the local Ray head (`ray stop`: every Ray process on this machine)
+cluster-down:  ## stop the local Ray cluster, every node (`ray stop`: every Ray process on this machine)
 	platform/ray-cluster.sh down
 
 submit-train: venv  ## the train job as a Ray job at RAY_ADDRESS: code uploaded, logs followed, exit code kept
-	$(PY) -m jobs.submit jobs.train $(ARGS)
+	$(PY) -m jobs.submit jobs.train --preset $(PRESET) $(ARGS)
 
 submit-tune: venv  ## the sweep as a Ray job at RAY_ADDRESS (same as submit-train)
-	$(PY) -m jobs.submit jobs.tune $(ARGS)
+	$(PY) -m jobs.submit jobs.tune --preset $(PRESET) $(ARGS)
 
 .PHONY: check-deploy
 check-deploy: venv  ## validate platform/ offline (Dockerfiles, KubeRay manifests, ray-cluster.yaml) against conf/ and the installed Ray

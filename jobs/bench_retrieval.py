@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from ncf.baselines import MostPopular
 from ncf.config import load_config
 from ncf.data import MovieLens, Ratings, load_movielens, resolve_data_dir
-from ncf.evaluation import full_ranking_against
+from ncf.evaluation import full_ranking_against, score_ranker
 from ncf.metrics import leave_one_out, paired_bootstrap, sampled_ranking_metrics
 from ncf.ranking import SeenItems
 from ncf.retrieval import ALS, EASE, interaction_matrix
@@ -65,7 +65,8 @@ class Slice:
 
     def evaluate(self, score: Callable[[np.ndarray], np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
         """Summary metrics and per-user NDCG@10 (rows in the order of the sorted user ids)."""
-        metrics, per_user = full_ranking_against(score, self.seen, self.target, self.n_movies, chunk=128)
+        metrics, per_user = full_ranking_against(score_ranker(score, chunk=128), self.seen, self.target,
+                                                 self.n_movies)
         return metrics, per_user[NDCG]
 
     def n_ranked_users(self) -> int:

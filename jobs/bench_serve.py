@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     load_before = os.getloadavg()
     tracking_uri = mlflow_tracking.tracking_uri()
-    model_uri = args.model_uri or load_config(args.overrides).serve.model_uri
+    model_uri = args.model_uri or load_config(args.overrides, preset=args.preset).serve.model_uri
     version = ensure_model(model_uri, tracking_uri, args.overrides)
     config = load_config([*args.overrides, f"serve.model_uri={model_uri}", f"serve.port={free_port()}",
                           "serve.warm_users=0"]).serve

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--gpu", action="store_true", help="short training on every visible GPU")
     args = p.parse_args(argv)
-    config = load_config(args.overrides)
+    config = load_config(args.overrides, preset=args.preset)
     config.data.dir = str(resolve_data_dir(config.data))
     config.train.max_epochs, config.train.patience, config.train.refit = args.epochs, args.epochs, False
     if args.gpu:

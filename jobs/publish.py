@@ -1,32 +1,60 @@
-"""Publishing a finished training, whoever launched it (train job, Tune sweep): evaluate on
-the test split next to the baselines, log metrics, plots and the recommender model to the
-active MLflow run, register a model version, and write the metric report."""
+"""Publishing a finished training, whoever launched it (train job, Tune sweep).
+
+1. Choose the re-ranking (candidates, blend weights) on the validation slice with the model and
+   retriever fitted without it (the search phase's best weights, a retriever on train).
+2. Build the served recommender: the final (refit) model, the retriever refit on train + validation.
+3. Evaluate it on the test split next to the baselines (EASE and ALS included), full ranking first,
+   and the paper's sampled protocol; log metrics, plots and the model; register a version with a
+   description and tags that say what it is; compare it with the champion (paired bootstrap).
+"""
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 from ncf import plots
 from ncf.config import Config
 from ncf.data import MovieLens
-from ncf.evaluation import DECK_REPORTED, evaluate, evaluate_baselines, format_table
+from ncf.evaluation import (
+    DECK_REPORTED,
+    evaluate,
+    fitted_baselines,
+    format_table,
+    full_ranking_against,
+    gathered,
+    sampled_metrics,
+    seen_in_training,
+)
 from ncf.integrations import mlflow_tracking
+from ncf.metrics import paired_bootstrap
 from ncf.model import NCF
+from ncf.ranking import SeenItems
 from ncf.recommender import NCFScorer, Recommender
-from ncf.training import load_checkpoint, model_from_checkpoint
+from ncf.reranking import Reranking, choose_reranking, fit_retriever, top_k
+from ncf.training import build_model, load_checkpoint, lower_is_better, model_from_checkpoint
+
+SERVED, MODEL_ALONE = "ncf", "ncf model alone"
+HEADLINE = ("full_ndcg_at_10", "full_hit_rate_at_10", "full_recall_at_10", "full_coverage")
 
 
 @dataclass
 class RunSummary:
     run_id: str
-    metrics: dict[str, dict[str, float]]  # "ncf" and each baseline -> metric -> value
-    best_val_rmse: float
+    metrics: dict[str, dict[str, float]]  # "ncf" (as served), the model alone and each baseline -> metric -> value
+    validation: dict[str, float]  # the run's validation figures (the champion gate reads one of them)
     model_version: str  # "" when not registered
+    model_name: str = ""
+    comparison: dict[str, str] = field(default_factory=dict)  # against the champion, on test
+
+    @property
+    def best_val_rmse(self) -> float:
+        return self.validation.get("best_val_rmse", float("nan"))
 
 
 def log_data_tags(data: MovieLens) -> None:
@@ -37,30 +65,162 @@ def log_data_tags(data: MovieLens) -> None:
 def log_plots(model: NCF, history: list[dict], data: MovieLens) -> None:
     test = data.splits.test
     out = NCFScorer(model).explain(test.user, test.movie)
-    for name, figure in {
-        "learning_curves": plots.learning_curves(history),
-        "ratings_predicted_vs_true": plots.rating_distributions(test.rating, out["rating"]),
-        "movie_embeddings": plots.movie_embedding_map(model, data),
-        "attention_weights": plots.attention_histogram(out["user_weight"]),
-    }.items():
+    figures = {"learning_curves": plots.learning_curves(history),
+               "movie_embeddings": plots.movie_embedding_map(model, data),
+               "attention_weights": plots.attention_histogram(out["user_weight"])}
+    if "rating" in model.heads:
+        figures["ratings_predicted_vs_true"] = plots.rating_distributions(test.rating, out["rating"])
+    for name, figure in figures.items():
         mlflow.log_figure(figure, f"plots/{name}.png")
         plots.plt.close(figure)
 
 
+def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> tuple[Config, dict[str, float]]:
+    """The config with the re-ranking chosen on validation, and the served ranking's validation figures.
+
+    `search_model` and the retriever fitted here have seen train only. The grid's figures go to
+    the run as `validation/reranking_grid.json`.
+    """
+    train, validation = data.splits.train, data.splits.validation
+    seen = SeenItems(train.user, train.movie, data.n_users)
+    retriever = fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
+    if retriever is not None and config.retrieval.choose_on_validation:
+        chosen, metrics, grid = choose_reranking(search_model, retriever, seen, validation, data.n_movies,
+                                                 config.retrieval)
+        mlflow.log_text(json.dumps(grid, indent=1), "validation/reranking_grid.json")
+        config = config.model_copy(deep=True)
+        config.retrieval.n_candidates = chosen.n_candidates
+        for head, weight in chosen.weights.items():
+            setattr(config.retrieval, f"{head}_weight", weight)
+        print(f"re-ranking chosen on validation: {chosen.n_candidates} candidates, weights {chosen.weights} "
+              f"(validation full NDCG@10 {metrics['full_ndcg_at_10']:.4f})", flush=True)
+    else:
+        reranking = Reranking.from_config(config.retrieval)
+        metrics, _ = full_ranking_against(
+            lambda users, s, k: top_k(search_model, retriever, reranking, users, s, k)[0], seen, validation,
+            data.n_movies)
+    return config, {f"val_{name}": value for name, value in metrics.items()}
+
+
+def _best_epoch_figures(history: list[dict], best_epoch: int) -> dict[str, float]:
+    """`best_val_rmse` and `best_val_mae` at the chosen epoch, for models with a rating head."""
+    at_best = next((m for m in history if int(m["epoch"]) == best_epoch and "val_rmse" in m), None)
+    return {} if at_best is None else {"best_val_rmse": at_best["val_rmse"], "best_val_mae": at_best["val_mae"]}
+
+
+def evaluate_all(recommender: Recommender, model: NCF, config: Config, data: MovieLens) -> tuple[
+        dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Test metrics of the served recommender, the model alone and the baselines (sampled protocol
+    included), and the served recommender's per-user test figures (for paired comparisons)."""
+    served = evaluate(recommender, data)
+    served |= sampled_metrics(recommender.score_pairs, data)
+    _, per_user = full_ranking_against(recommender.rank, seen_in_training(data), data.splits.test, data.n_movies)
+    results = {SERVED: served}
+    if recommender.candidates is not None:  # without a retriever the served ranking is the model alone
+        alone = NCFScorer(model)
+        results[MODEL_ALONE] = {k: v for k, v in evaluate(alone, data).items() if k.startswith("full_")}
+        results[MODEL_ALONE] |= sampled_metrics(alone.score_pairs, data)
+    for baseline in fitted_baselines(data, config.retrieval):
+        results[baseline.name] = evaluate(baseline, data)
+        if baseline.score is not None:
+            results[baseline.name] |= sampled_metrics(gathered(baseline.score), data)
+    return results, per_user
+
+
+def describe(config: Config, data: MovieLens, validation: dict[str, float], test: dict[str, float]) -> str:
+    """The registered version's description: what it is and how good, without opening its run."""
+    retrieval = config.retrieval
+    stage = ("no retrieval stage" if retrieval.retriever == "none" else
+             f"{retrieval.retriever.upper()} retrieval, top {retrieval.n_candidates} re-ranked")
+    rating = f", RMSE {test['rmse']:.4f}" if "rmse" in test else ""
+    return (f"{config.preset} preset: {config.model.architecture} ({'attention' if config.model.attention else 'no'}"
+            f" gate), objective {config.model.objective}, {stage}. Data {config.data.name} "
+            f"({data.splits.sizes()['train'] + data.splits.sizes()['validation']} training ratings). "
+            f"Validation full NDCG@10 {validation['val_full_ndcg_at_10']:.4f}. Test: full NDCG@10 "
+            f"{test['full_ndcg_at_10']:.4f}, HR@10 {test['full_hit_rate_at_10']:.4f}, Recall@10 "
+            f"{test['full_recall_at_10']:.4f}, coverage {test['full_coverage']:.4f}{rating}.")
+
+
+def compare_with_champion(config: Config, data: MovieLens, per_user: dict[str, np.ndarray]) -> dict[str, str]:
+    """Paired bootstrap over test users of the candidate's full NDCG@10 minus the champion's, when the
+    champion was trained on the same data and split (reported only: the gate decides on validation)."""
+    name = mlflow_tracking.model_name(config)
+    champion = mlflow_tracking.champion_version(name)
+    if champion is None or config.registry.bootstrap_resamples == 0:
+        return {}
+    run = mlflow.get_run(champion.run_id) if champion.run_id else None
+    ours = mlflow.get_run(mlflow.active_run().info.run_id)
+    same_data = run is not None and all(run.data.tags.get(key) == value for key, value in ours.data.tags.items()
+                                        if key.startswith("data."))
+    if not same_data:
+        return {"champion.test_comparison": f"version {champion.version} was trained on other data: not compared"}
+    with tempfile.TemporaryDirectory(prefix="ncf-champion-") as tmp:
+        incumbent = mlflow_tracking.load_recommender(f"models:/{name}/{champion.version}", tmp)
+    _, theirs = full_ranking_against(incumbent.rank, seen_in_training(data), data.splits.test, data.n_movies)
+    interval = paired_bootstrap(per_user["full_ndcg_at_10"], theirs["full_ndcg_at_10"],
+                                n_resamples=config.registry.bootstrap_resamples)
+    mlflow.log_metrics({"test_full_ndcg_at_10_minus_champion": interval.difference,
+                        "test_full_ndcg_at_10_minus_champion_low": interval.low,
+                        "test_full_ndcg_at_10_minus_champion_high": interval.high})
+    print(f"test full NDCG@10 minus champion version {champion.version}: {interval.difference:+.4f} "
+          f"[{interval.low:+.4f}, {interval.high:+.4f}] (95% paired bootstrap over users)", flush=True)
+    return {"champion.test_comparison": f"full NDCG@10 minus version {champion.version}: {interval.difference:+.4f} "
+                                        f"[{interval.low:+.4f}, {interval.high:+.4f}]"}
+
+
 def finish_run(config: Config, data: MovieLens, checkpoint: Path, register: bool = True) -> RunSummary:
-    """Evaluate the checkpoint's final model and record everything in the active run."""
+    """Choose the re-ranking, evaluate the checkpoint's final recommender and record everything in the active run."""
+    saved = load_checkpoint(checkpoint)
+    state = saved["state"]
     model = model_from_checkpoint(checkpoint, config, data)
-    state = load_checkpoint(checkpoint)["state"]
-    mlflow.log_metrics({"best_epoch": state["best_epoch"], "best_val_rmse": state["best_val_rmse"]})
+    search_model = build_model(config, data)
+    search_model.load_state_dict(state["best_weights"] or saved["model"])
+    config, validation = choose_on_validation(config, data, search_model.eval())
+    monitor = config.train.monitor
+    validation |= {"best_epoch": state["best_epoch"], f"best_{monitor}": state["best_value"]}
+    validation |= _best_epoch_figures(state["history"], state["best_epoch"])
+    # After every epoch's figures: the latest value of each name is the run's answer.
+    mlflow.log_metrics(validation, step=int(state["epoch"]) + 1)
+
+    retriever = fit_retriever(config.retrieval, data.splits.train_and_validation(), data.n_users, data.n_movies,
+                              config.train.seed)
+    recommender = Recommender.from_training(model, config, data, retriever)
     print("evaluating on the test split ...", flush=True)
-    results = {"ncf": evaluate(NCFScorer(model), data)} | evaluate_baselines(data)
-    mlflow_tracking.log_test_metrics(results)
+    results, per_user = evaluate_all(recommender, model, config, data)
+    mlflow_tracking.log_test_metrics(results, primary=SERVED)
     log_plots(model, state["history"], data)
+    comparison = compare_with_champion(config, data, per_user) if register else {}
+    mlflow.set_tags(comparison)
     with tempfile.TemporaryDirectory(prefix="ncf-recommender-") as tmp:
-        folder = Recommender.from_training(model, config, data).save(Path(tmp))
-        info = mlflow_tracking.log_recommender(folder, register=register)
+        folder = recommender.save(Path(tmp))
+        info = mlflow_tracking.log_recommender(folder, config, register=register)
     version = str(info.registered_model_version) if register else ""
-    return RunSummary(mlflow.active_run().info.run_id, results, float(state["best_val_rmse"]), version)
+    if register:
+        mlflow_tracking.describe_version(config, version, describe(config, data, validation, results[SERVED]), {
+            "preset": config.preset, "objective": config.model.objective, "architecture": config.model.architecture,
+            "retriever": config.retrieval.retriever, "dataset": config.data.name,
+            **{f"data.sha256.{name}": digest for name, digest in data.checksums.items()}})
+    return RunSummary(mlflow.active_run().info.run_id, results, validation, version,
+                      mlflow_tracking.model_name(config), comparison)
+
+
+def champion_figure(summary: RunSummary, config: Config) -> float:
+    """The candidate's figure for the champion gate (`registry.champion_metric`)."""
+    metric = config.registry.champion_metric
+    if metric not in summary.validation:
+        raise KeyError(f"registry.champion_metric {metric} is not among the run's figures "
+                       f"({', '.join(sorted(summary.validation))})")
+    return float(summary.validation[metric])
+
+
+def gate(summary: RunSummary, config: Config) -> dict[str, str]:
+    """Promote the version if it beats the champion on `registry.champion_metric`; tag the decision."""
+    metric = config.registry.champion_metric
+    decision = mlflow_tracking.promote_if_better(summary.model_name, summary.model_version,
+                                                 champion_figure(summary, config), metric,
+                                                 lower_is_better(metric))
+    mlflow.set_tags(decision)
+    return decision
 
 
 def write_report(summary: RunSummary, data: MovieLens, path: Path) -> None:
@@ -68,9 +228,13 @@ def write_report(summary: RunSummary, data: MovieLens, path: Path) -> None:
     print(format_table(summary.metrics | {"deck (reported)": DECK_REPORTED}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "split": data.splits.sizes(), "models": summary.metrics, "reference": {"deck_reported": DECK_REPORTED},
-        "mlflow": {"run_id": summary.run_id, "model": mlflow_tracking.MODEL_NAME, "version": summary.model_version},
+        "split": data.splits.sizes(), "models": summary.metrics, "validation": summary.validation,
+        "reference": {"deck_reported": DECK_REPORTED}, "comparison_with_champion": summary.comparison,
+        "mlflow": {"run_id": summary.run_id, "model": summary.model_name, "version": summary.model_version},
     }, indent=2, default=float))
     print(f"wrote {path}")
 
+
+def headline(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {metrics[name]:.4f}" for name in HEADLINE if name in metrics)
 

@@ -8,25 +8,32 @@ followed and its own exit code is returned. `RAY_ADDRESS` names the cluster's jo
 (default: the local head `make cluster-up` starts, http://127.0.0.1:$RAY_DASHBOARD_PORT).
 The job records its runs at `MLFLOW_TRACKING_URI` (default: this directory's SQLite
 store, which only a cluster on this machine can reach: remote clusters need an MLflow
-server both sides reach).
+server both sides reach). The S3 settings set here travel with the job too (FORWARDED:
+the endpoint, region and credentials `train.storage_uri=s3://...` needs), in a runtime-env
+file readable only by this user, never on a command line or in the output.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+import yaml
 
 from ncf.integrations.mlflow_tracking import tracking_uri
 
 EXCLUDES = [".git", ".venv", "mlruns", "checkpoints", "reports", "docs", "tests", "data", "**/__pycache__",
             "*.egg-info", ".pytest_cache", ".ruff_cache"]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "auto")
+# Passed on to the job when set here: where S3 is and the credentials to reach it (train.storage_uri).
+FORWARDED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
 
 
 def cluster_address() -> str:
@@ -53,6 +60,7 @@ def runtime_env(address: str) -> dict:
            "PYTHONUNBUFFERED": "1"}
     if os.environ.get("NCF_DATA_DIR"):
         env["NCF_DATA_DIR"] = os.path.abspath(os.environ["NCF_DATA_DIR"])
+    env |= {name: os.environ[name] for name in FORWARDED if os.environ.get(name)}
     return {"working_dir": ".", "excludes": EXCLUDES, "env_vars": env}
 
 
@@ -76,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     use_token_auth_if_present()
     submission_id = f"ncf-{module.removeprefix('jobs.')}-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(10**6)}"
     ray = Path(sys.executable).with_name("ray")
-    rc = subprocess.run([str(ray), "job", "submit", "--address", address, "--submission-id", submission_id,
-                         "--runtime-env-json", json.dumps(runtime_env(address)), "--", "python", "-m", module, *args],
-                        check=False).returncode
+    # A file, not --runtime-env-json: credentials in it would show on the command line (ps) otherwise.
+    with tempfile.NamedTemporaryFile("w", prefix="ncf-runtime-env-", suffix=".yaml") as spec:  # mode 0600
+        yaml.safe_dump(runtime_env(address), spec)
+        spec.flush()
+        rc = subprocess.run([str(ray), "job", "submit", "--address", address, "--submission-id", submission_id,
+                             "--runtime-env", spec.name, "--", "python", "-m", module, *args], check=False).returncode
     if rc != 0:
         code = job_exit_code(address, submission_id)
         rc = code if code else rc

@@ -10,20 +10,21 @@ import numpy as np
 import pandas as pd
 
 from jobs.publish import RunSummary
-from jobs.sweep_trials import METRIC
+from jobs.sweep_trials import sweep_metric
 from ncf.config import Config, flatten
 from ncf.evaluation import format_table
-from ncf.integrations import mlflow_tracking
 
 
 def leaderboard(results, config: Config) -> pd.DataFrame:
     """One row per trial, best first: validation figures, epochs run, why it stopped, its values."""
+    metric, mode = sweep_metric(config)
+    monitor = config.train.monitor
     rows = []
     for result in results:
         history = result.metrics_dataframe
         row: dict[str, object] = {"trial": result.metrics.get("trial_id", Path(result.path).name)}
         if history is None or history.empty or "epoch" not in history:
-            rows.append(row | {METRIC: math.nan, "epochs": 0, "stopped_by": "error"} | result.config)
+            rows.append(row | {metric: math.nan, "epochs": 0, "stopped_by": "error"} | result.config)
             continue
         history = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
         epochs = int(history["epoch"].max())
@@ -37,11 +38,12 @@ def leaderboard(results, config: Config) -> pd.DataFrame:
             stopped_by = "patience"
         else:
             stopped_by = "asha"
-        best = history.loc[history["val_rmse"].idxmin()]
-        row |= {METRIC: float(history[METRIC].iloc[-1]), "best_epoch": int(best["epoch"]), "epochs": epochs,
+        best = history.loc[history[monitor].idxmin() if mode == "min" else history[monitor].idxmax()]
+        row |= {metric: float(history[metric].iloc[-1]), "best_epoch": int(best["epoch"]), "epochs": epochs,
                 "stopped_by": stopped_by, "stale_epochs": stale}
         rows.append(row | result.config)
-    board = pd.DataFrame(rows).sort_values(METRIC, na_position="last").reset_index(drop=True)
+    board = pd.DataFrame(rows).sort_values(metric, ascending=mode == "min", na_position="last")
+    board = board.reset_index(drop=True)
     board.index += 1
     return board
 
@@ -73,7 +75,7 @@ def epoch_savings(board: pd.DataFrame, config: Config) -> EpochSavings:
 def format_board(board: pd.DataFrame, config: Config) -> str:
     """The leaderboard as a Markdown table (also what the terminal shows)."""
     keys = config.tune.searched_keys()
-    columns = ["trial", METRIC, "best_epoch", "epochs", "stopped_by", *keys]
+    columns = ["trial", sweep_metric(config)[0], "best_epoch", "epochs", "stopped_by", *keys]
     head = ["#", *[c.split(".")[-1] for c in columns]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, row in board.iterrows():
@@ -91,7 +93,7 @@ def _cell(value: object) -> str:
 @dataclass
 class SweepOutcome:
     name: str
-    path: Path
+    path: str  # the sweep's folder, or its s3:// URI
     parent_run_id: str
     board: pd.DataFrame
     savings: EpochSavings
@@ -107,13 +109,14 @@ class SweepOutcome:
         return "\n".join([
             f"# Sweep {self.name}", "",
             f"MLflow parent run `{self.parent_run_id}`; {len(self.board)} trials in {self.seconds / 60:.1f} min.",
-            "", "## Leaderboard (validation RMSE)", "", format_board(self.board, self.best_config),
+            "", f"## Leaderboard ({sweep_metric(self.best_config)[0]} on the validation slice)", "",
+            format_board(self.board, self.best_config),
             "", "## ASHA", "", self.savings.describe() + ".", "",
             "## Best trial", "", chosen, "",
             f"Refit on train + validation: {self.best_config.train.refit}. Registered as "
-            f"`{mlflow_tracking.MODEL_NAME}` version {self.champion.model_version}; champion decision: "
-            f"**{self.decision['champion.decision']}** (validation RMSE {self.decision['champion.candidate_val_rmse']}"
-            f" vs champion {self.decision['champion.incumbent_val_rmse']}, version "
-            f"{self.decision['champion.incumbent_version']}).", "",
+            f"`{self.champion.model_name}` version {self.champion.model_version}; champion decision: "
+            f"**{self.decision['champion.decision']}** ({self.decision['champion.metric']} "
+            f"{self.decision['champion.candidate_value']} vs champion {self.decision['champion.incumbent_value']}, "
+            f"version {self.decision['champion.incumbent_version']}).", "",
             "## Test metrics (seed protocol)", "", "```", format_table(self.champion.metrics), "```", "",
         ])

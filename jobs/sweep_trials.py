@@ -23,9 +23,14 @@ from ncf.config import Config, Distribution, config_from_dict, flatten, with_val
 from ncf.data import MovieLens
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import TuneReporter, make_trainer
-from ncf.training import format_epoch, train_loop
+from ncf.training import format_epoch, lower_is_better, train_loop
 
-METRIC, MODE = mlflow_tracking.VALIDATION_METRIC, "min"
+
+def sweep_metric(config: Config) -> tuple[str, str]:
+    """What trials are compared on (Tune's metric, ASHA's and the leaderboard's): the best value of
+    `train.monitor` so far, with its direction."""
+    return f"best_{config.train.monitor}", "min" if lower_is_better(config.train.monitor) else "max"
+
 TRIAL_TAG = "ncf.trial_id"
 DRIVER_MEMORY = 256 * 2**20  # bytes a multi-worker trial's driver asks for
 
@@ -170,13 +175,16 @@ class TrialRuns(tune.Callback):
 
     def _end(self, trials, trial, status: str) -> None:
         logger = self._logger(trial.trial_id)
+        logger.flush()  # every epoch's metrics in the run before it ends
         logger.client.set_terminated(logger.run_id, status)
         result = trial.last_result or {}
         ended = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
-        best = min((t.last_result.get(METRIC, math.inf) for t in trials if t.last_result), default=math.nan)
+        metric, mode = sweep_metric(config_from_dict(self.base))
+        values = [t.last_result[metric] for t in trials if t.last_result and metric in t.last_result]
+        best = (min if mode == "min" else max)(values, default=math.nan)
         total = self.base["tune"]["num_samples"]
-        print(f"[{trial}] {status.lower()} after {result.get('epoch', 0)} epoch(s), {METRIC} "
-              f"{result.get(METRIC, math.nan):.4f}; {ended}/{total} trials ended, best so far {best:.4f}", flush=True)
+        print(f"[{trial}] {status.lower()} after {result.get('epoch', 0)} epoch(s), {metric} "
+              f"{result.get(metric, math.nan):.4f}; {ended}/{total} trials ended, best so far {best:.4f}", flush=True)
 
 
 def _short(value: object) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ncf.datasets import DATASETS
+from ncf.config import load_config
 
 MEAN_RATING = 3.35  # before the popularity tilt of movie biases: ratings average about 3.5
 CHUNK_RATINGS = 2_000_000  # part of the output's definition: changing it changes the data for a seed
@@ -57,8 +57,8 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     "tiny": Shape("tiny", 50, 200, 2_000),
     "small": Shape("small", 2_000, 3_000, 100_000),
-    **{name: Shape(name, spec.n_users, spec.n_movies, spec.n_ratings)
-       for name, spec in DATASETS.items() if spec.n_ratings is not None},
+    **{name: Shape(name, published.sizes.users, published.sizes.movies, published.sizes.ratings)  # conf/data.yaml
+       for name, published in load_config().data.datasets.items() if published.sizes is not None},
 }
 
 

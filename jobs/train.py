@@ -1,12 +1,12 @@
 """Train the NCF model, evaluate it next to the baselines, track and register it.
 
-    python -m jobs.train [--launcher ray|local] [--set section.key=value ...]
+    python -m jobs.train [--launcher ray|local] [--preset NAME] [--set section.key=value ...]
 
 `ray` (default) runs the training loop under Ray Train's TorchTrainer with
 `train.num_workers` data-parallel workers; `local` runs the same loop in this
 process. Either way the run lands in MLflow with its test metrics, plots and a
 registered `ncf-movielens` model version (which becomes `champion` if its
-validation RMSE beats the champion's, or if there is none yet), and
+`registry.champion_metric` on validation beats the champion's, or if there is none yet), and
 `reports/metrics.json` is written (under the working directory, like the default MLflow
 store `mlruns/`).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlflow
 
-from jobs.publish import RunSummary, finish_run, log_data_tags, write_report
+from jobs.publish import RunSummary, finish_run, gate, log_data_tags, write_report
 from ncf.config import Config, load_config, override_parser
 from ncf.data import load_movielens, resolve_data_dir
 from ncf.integrations import mlflow_tracking
@@ -43,16 +43,16 @@ def run(config: Config, launcher: str = "ray", report_path: Path | None = REPORT
             if launcher == "ray":
                 checkpoint = fit_with_ray(config, active.info.run_id)
             else:
-                checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint",
-                                            on_epoch=mlflow_tracking.EpochLogger(active.info.run_id))
+                epochs = mlflow_tracking.EpochLogger(active.info.run_id)
+                checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)
+                epochs.flush()  # the epochs' metrics buffered while the store was unreachable
             summary = finish_run(config, data, checkpoint)
-        decision = mlflow_tracking.promote_if_better(summary.model_version, summary.best_val_rmse)
-        mlflow.set_tags(decision)
+        decision = gate(summary, config)
     promoted = decision["champion.decision"] == "promoted"
-    print(f"MLflow run {summary.run_id}: model {mlflow_tracking.MODEL_NAME} version {summary.model_version} (val RMSE "
-          f"{decision['champion.candidate_val_rmse']}) " + ("is the champion" if promoted else
-          f"does not beat champion version {decision['champion.incumbent_version']} "
-          f"(val RMSE {decision['champion.incumbent_val_rmse']})"))
+    print(f"MLflow run {summary.run_id}: model {summary.model_name} version {summary.model_version} "
+          f"({decision['champion.metric']} {decision['champion.candidate_value']}) " + (
+              "is the champion" if promoted else f"does not beat champion version "
+              f"{decision['champion.incumbent_version']} ({decision['champion.incumbent_value']})"))
     if report_path:
         write_report(summary, data, report_path)
     return summary, promoted
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p = override_parser(__doc__.splitlines()[0])
     p.add_argument("--launcher", choices=("ray", "local"), default="ray")
     args = p.parse_args(argv)
-    run(load_config(args.overrides), launcher=args.launcher)
+    run(load_config(args.overrides, preset=args.preset), launcher=args.launcher)
     return 0
 
 

@@ -4,7 +4,7 @@
     python -m jobs.tune --resume [NAME]                   continue an interrupted sweep (default: the newest)
 
 Optuna's TPE proposes configs from `conf/tune.yaml`'s space and ASHA stops weak trials
-early, both on the validation metric `best_val_rmse` (the trials: `jobs.sweep_trials`).
+early, both on the best validation value of `train.monitor` (the trials: `jobs.sweep_trials`).
 Each trial is a child MLflow run of the sweep's run. When the sweep ends, the best trial
 continues from its last checkpoint into the refit phase, is evaluated on the test split,
 registered as an `ncf-movielens` version and made `champion` only if its validation RMSE
@@ -22,21 +22,21 @@ import time
 from pathlib import Path
 
 import mlflow
+import pyarrow.fs
 import torch
 import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from jobs.publish import finish_run, log_data_tags
+from jobs.publish import finish_run, gate, headline, log_data_tags
 from jobs.sweep_report import SweepOutcome, epoch_savings, format_board, leaderboard
 from jobs.sweep_trials import (
-    METRIC,
-    MODE,
     TrialRuns,
     concurrent_trials,
     find_child_run,
     run_trial,
     search_space,
+    sweep_metric,
     trial_config,
     trial_resources,
 )
@@ -44,7 +44,7 @@ from ncf import plots
 from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
 from ncf.data import MovieLens, load_movielens, resolve_data_dir
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import init_ray
+from ncf.integrations.ray_train import Storage, init_ray, storage_location
 from ncf.training import CHECKPOINT_FILE, fit_in_process
 
 SWEEP_CONFIG = "ncf_config.yaml"  # the sweep's base config, kept in its Tune folder for --resume
@@ -60,59 +60,73 @@ class SweepError(RuntimeError):
     """Nothing to resume, or the sweep already finished; the message says which."""
 
 
-def latest_sweep(storage: Path, name: str | None = None) -> Path:
-    """The sweep folder to resume: `name`, or the newest one under `storage`."""
+def latest_sweep(storage: Storage, name: str | None = None) -> Storage:
+    """The sweep folder to resume: `name`, or the newest one under `storage` (a local folder or S3)."""
+    fs = storage.filesystem
     if name:
-        path = Path(name) if Path(name).is_absolute() else storage / name
-        candidates = [path]
+        local = fs.type_name == "local" and Path(name).is_absolute()
+        candidates = [str(Path(name).resolve()) if local else storage.join(name)]
     else:
-        candidates = sorted((p for p in storage.glob("sweep-*") if (p / SWEEP_CONFIG).exists()),
-                            key=lambda p: p.stat().st_mtime, reverse=True)
+        found = fs.get_file_info(pyarrow.fs.FileSelector(storage.path, allow_not_found=True))
+        folders = [info for info in found
+                   if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("sweep-")]
+        configs = fs.get_file_info([f"{folder.path}/{SWEEP_CONFIG}" for folder in folders])
+        # Newest first: by the folder's time, or its saved config's where folders have none (S3).
+        saved = [(folder, config) for folder, config in zip(folders, configs, strict=True)
+                 if config.type == pyarrow.fs.FileType.File]
+        candidates = [folder.path for folder, config in sorted(
+            saved, key=lambda pair: pair[0].mtime or pair[1].mtime, reverse=True)]
     for path in candidates:
-        if tune.Tuner.can_restore(str(path)):
-            return path
-    raise SweepError(f"no sweep to resume {'at ' + str(candidates[0]) if name else 'under ' + str(storage)}")
+        if tune.Tuner.can_restore(path, storage_filesystem=fs):
+            return Storage(fs, path)
+    where = Storage(fs, candidates[0]).uri if name else storage.uri
+    raise SweepError(f"no sweep to resume {'at' if name else 'under'} {where}")
 
 
-def _parent_run(path: Path) -> str | None:
-    runs = mlflow.search_runs(filter_string=f"tags.`{SWEEP_TAG}` = '{path}'", max_results=1, output_format="list")
+def _parent_run(path: Storage) -> str | None:
+    runs = mlflow.search_runs(filter_string=f"tags.`{SWEEP_TAG}` = '{path.uri}'", max_results=1,
+                              output_format="list")
     return runs[0].info.run_id if runs else None
 
 
 def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
     """Run (or with `resume` = a sweep name or "latest", continue) a sweep; see the module doc."""
     started = time.perf_counter()
-    storage = Path(config.train.checkpoint_dir).expanduser().resolve()
+    storage = storage_location(config.train)  # checkpoint_dir, or train.storage_uri (S3)
     if resume:
         path = latest_sweep(storage, None if resume == "latest" else resume)
         config = _saved_config(path)
-        print(f"resuming sweep {path}", flush=True)
+        print(f"resuming sweep {path.uri}", flush=True)
     else:
         config = config.model_copy(deep=True)
         config.data.dir = str(resolve_data_dir(config.data))  # trials and the refit load the same files
-        config.train.checkpoint_dir = str(storage)
-        path = storage / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        path.mkdir(parents=True)
-        save_config(config, path / SWEEP_CONFIG)
+        config.train.checkpoint_dir = str(Path(config.train.checkpoint_dir).expanduser().resolve())
+        path = Storage(storage.filesystem, storage.join(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"))
+        path.filesystem.create_dir(path.path)
+        with tempfile.TemporaryDirectory(prefix="ncf-sweep-") as tmp:
+            save_config(config, Path(tmp) / SWEEP_CONFIG)
+            pyarrow.fs.copy_files(str(Path(tmp) / SWEEP_CONFIG), path.join(SWEEP_CONFIG),
+                                  destination_filesystem=path.filesystem)
     data = load_movielens(config.data)
     experiment_id = mlflow_tracking.setup()
     parent_id = _parent_run(path) if resume else None
     if resume and parent_id is None:
-        raise SweepError(f"sweep {path} has no MLflow run in {mlflow_tracking.tracking_uri()}")
+        raise SweepError(f"sweep {path.uri} has no MLflow run in {mlflow_tracking.tracking_uri()}")
     init_ray()
     # Keeping one checkpoint per trial makes Tune save its state often (cheap here); no warning about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if parent_id and "champion.decision" in MlflowClient().get_run(parent_id).data.tags:
-        raise SweepError(f"sweep {path} already finished (MLflow run {parent_id})")
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else path.name,
-                          tags=None if parent_id else {SWEEP_TAG: str(path), "ncf.kind": "sweep"}) as parent:
+        raise SweepError(f"sweep {path.uri} already finished (MLflow run {parent_id})")
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else _name(path),
+                          tags=None if parent_id else {SWEEP_TAG: path.uri, "ncf.kind": "sweep"}) as parent:
         if not parent_id:
             mlflow_tracking.log_config(config)
             log_data_tags(data)
         trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data),
                                         trial_resources(config))
         if resume:
-            tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(path.path, trainable, resume_errored=True,
+                                       storage_filesystem=path.filesystem)
         else:
             tuner = make_tuner(config, trainable, path, parent.info.run_id, experiment_id)
         results = tuner.fit()
@@ -120,7 +134,7 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
         if finished < config.tune.num_samples or len(results) < config.tune.num_samples:
             _end_as_killed(parent.info.run_id, experiment_id)  # until resumed
             raise SweepInterrupted(f"sweep interrupted with {finished} of {config.tune.num_samples} trials "
-                                   f"finished; continue it with: python -m jobs.tune --resume {path.name}")
+                                   f"finished; continue it with: python -m jobs.tune --resume {_name(path)}")
         return _finish(config, data, results, path, parent.info.run_id, experiment_id, started)
 
 
@@ -133,27 +147,35 @@ def _end_as_killed(parent_run_id: str, experiment_id: str) -> None:
     mlflow.end_run("KILLED")
 
 
-def _saved_config(path: Path) -> Config:
-    return config_from_dict(yaml.safe_load((path / SWEEP_CONFIG).read_text()))
+def _name(path: Storage) -> str:
+    """The sweep's folder name (Tune's experiment name)."""
+    return path.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def make_tuner(config: Config, trainable, path: Path, parent_run_id: str, experiment_id: str) -> tune.Tuner:
+def _saved_config(path: Storage) -> Config:
+    with path.filesystem.open_input_stream(path.join(SWEEP_CONFIG)) as saved:
+        return config_from_dict(yaml.safe_load(saved.read().decode()))
+
+
+def make_tuner(config: Config, trainable, path: Storage, parent_run_id: str, experiment_id: str) -> tune.Tuner:
     from optuna.samplers import TPESampler
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     t = config.tune
+    metric, mode = sweep_metric(config)
     return tune.Tuner(
         trainable,
         param_space=search_space(config),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(config),
+            metric=metric, mode=mode, num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(config),
             search_alg=OptunaSearch(sampler=TPESampler(seed=t.seed, n_startup_trials=t.startup_trials)),
             scheduler=ASHAScheduler(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
                                     reduction_factor=t.reduction_factor),
         ),
         run_config=tune.RunConfig(
-            name=path.name, storage_path=str(path.parent), verbose=0,  # TrialRuns prints progress
+            name=_name(path), storage_path=path.path.rstrip("/").rsplit("/", 1)[0],  # the sweep's folder
+            storage_filesystem=path.filesystem, verbose=0,  # TrialRuns prints progress
             callbacks=[TrialRuns(parent_run_id, experiment_id, config, mlflow_tracking.tracking_uri())],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=config.train.max_failures),
@@ -161,33 +183,35 @@ def make_tuner(config: Config, trainable, path: Path, parent_run_id: str, experi
     )
 
 
-def trial_checkpoint(result):
-    """The trial's last checkpoint: Tune's own, or the TorchTrainer's a multi-worker trial reported."""
+def trial_checkpoint(result, filesystem: pyarrow.fs.FileSystem | None = None):
+    """The trial's last checkpoint: Tune's own, or the TorchTrainer's a multi-worker trial reported
+    (a path on the sweep's storage `filesystem`)."""
     if result.checkpoint is not None:
         return result.checkpoint
     from ray.train import Checkpoint
 
-    return Checkpoint(result.metrics["checkpoint_path"])
+    return Checkpoint(result.metrics["checkpoint_path"], filesystem=filesystem)
 
 
-def _finish(config: Config, data: MovieLens, results, path: Path, parent_run_id: str, experiment_id: str,
+def _finish(config: Config, data: MovieLens, results, path: Storage, parent_run_id: str, experiment_id: str,
             started: float) -> SweepOutcome:
     board = leaderboard(results, config)
     savings = epoch_savings(board, config)
     print("\n" + format_board(board, config) + "\n\n" + savings.describe(), flush=True)
-    best = results.get_best_result(METRIC, MODE, scope="last")
+    metric, mode = sweep_metric(config)
+    best = results.get_best_result(metric, mode, scope="last")
     best_config = trial_config(config, best.config, refit=True)
     if best_config.train.use_gpu and not torch.cuda.is_available():  # the refit runs here, in the driver
         best_config = with_values(best_config, {"train.use_gpu": False})
     mlflow.log_text(format_board(board, config), "sweep/leaderboard.md")
     mlflow.log_text(board.to_csv(index_label="rank"), "sweep/leaderboard.csv")
-    figure = plots.trials_plot(board, config, METRIC)
+    figure = plots.trials_plot(board, config, metric)
     mlflow.log_figure(figure, "sweep/trials_vs_hyperparameters.png")
     plots.plt.close(figure)
     with tempfile.TemporaryDirectory(prefix="ncf-sweep-") as tmp:
         save_config(best_config, Path(tmp) / "best_config.yaml")
         mlflow.log_artifact(str(Path(tmp) / "best_config.yaml"), "sweep")
-        mlflow.log_metrics({METRIC: float(board[METRIC].iloc[0]), "trials": len(board),
+        mlflow.log_metrics({metric: float(board[metric].iloc[0]), "trials": len(board),
                             "trial_epochs": savings.ran, "trial_epochs_without_asha_min": savings.without_asha_min,
                             "trial_epochs_without_asha_max": savings.without_asha_max})
         trial_id = best.metrics["trial_id"]
@@ -195,25 +219,26 @@ def _finish(config: Config, data: MovieLens, results, path: Path, parent_run_id:
         mlflow.set_tags({"sweep.best_trial": trial_id, "sweep.best_run_id": child})
         folder = Path(tmp) / "best"
         folder.mkdir()
-        with trial_checkpoint(best).as_directory() as saved:  # the refit continues a copy
+        with trial_checkpoint(best, path.filesystem).as_directory() as saved:  # the refit continues a copy
             shutil.copy2(Path(saved) / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
         with mlflow.start_run(run_id=child, nested=True):
             mlflow.set_tag("ncf.refit_after_sweep", str(best_config.train.refit).lower())
             if best_config.train.refit:  # the trial's own loop, continued into its refit phase
                 print(f"best trial {trial_id}: refitting on train + validation", flush=True)
-                fit_in_process(best_config, data, folder, resume=True,
-                               on_epoch=mlflow_tracking.EpochLogger(child) if child else None)
+                epochs = mlflow_tracking.EpochLogger(child) if child else None
+                fit_in_process(best_config, data, folder, resume=True, on_epoch=epochs)
+                if epochs:
+                    epochs.flush()
             summary = finish_run(best_config, data, folder)
-            decision = mlflow_tracking.promote_if_better(summary.model_version, summary.best_val_rmse)
-            mlflow.set_tags(decision)
+            decision = gate(summary, best_config)
         mlflow_tracking.log_test_metrics({"ncf": summary.metrics["ncf"]})
         mlflow.set_tags(decision)
-    outcome = SweepOutcome(path.name, path, parent_run_id, board, savings, best_config, summary, decision,
+    outcome = SweepOutcome(_name(path), path.uri, parent_run_id, board, savings, best_config, summary, decision,
                            time.perf_counter() - started)
     mlflow.log_text(outcome.report(), "sweep/report.md")
-    print(f"\nbest trial {trial_id} -> {mlflow_tracking.MODEL_NAME} version {summary.model_version}: "
-          f"{decision['champion.decision']} (val RMSE {decision['champion.candidate_val_rmse']} vs champion "
-          f"{decision['champion.incumbent_val_rmse']}); test RMSE {summary.metrics['ncf']['rmse']:.4f}", flush=True)
+    print(f"\nbest trial {trial_id} -> {summary.model_name} version {summary.model_version}: "
+          f"{decision['champion.decision']} ({decision['champion.metric']} {decision['champion.candidate_value']} vs "
+          f"champion {decision['champion.incumbent_value']}); test {headline(summary.metrics['ncf'])}", flush=True)
     return outcome
 
 
@@ -221,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     p = override_parser(__doc__.splitlines()[0])
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="NAME",
                    help="continue an interrupted sweep with its own saved config (NAME: its folder under "
-                        "train.checkpoint_dir; default: the newest there)")
+                        "train.checkpoint_dir, or train.storage_uri when set; default: the newest there)")
     p.add_argument("--report", type=Path, default=Path("reports") / "tune.md",
                    help="where to write the sweep's Markdown report (relative: to the working directory)")
     args = p.parse_args(argv)
     try:
-        outcome = sweep(load_config(args.overrides), resume=args.resume)
+        outcome = sweep(load_config(args.overrides, preset=args.preset), resume=args.resume)
     except SweepInterrupted as stop:
         print(stop, file=sys.stderr, flush=True)
         return INTERRUPTED

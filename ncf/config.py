@@ -30,21 +30,64 @@ class Section(BaseModel):
 
 
 class SplitConfig(Section):
-    protocol: Literal["seed", "temporal", "random"]
+    protocol: Literal["seed", "temporal", "random", "fold"]
     test_fraction: float = Field(gt=0, lt=1)
     validation_fraction: float = Field(ge=0, lt=1)
     seed: int
+    fold: str = Field(min_length=1)  # the protocol `fold`: which of the dataset's own splits (ml-100k: u1..u5, ua, ub)
+
+
+class DatasetSizes(Section):
+    ratings: int = Field(gt=0)  # rows of the ratings file
+    users: int = Field(gt=0)  # distinct users
+    movies: int = Field(gt=0)  # rows of the movies file
+
+
+class PublishedDataset(Section):
+    """What GroupLens publishes for one dataset: the archive, the SHA-256 of its files (LF line endings)
+    where known, the published sizes (null where the dataset changes over time, or for a folder that is
+    not the published dataset). How each dataset is read is code: `ncf.datasets.DATASETS`."""
+
+    url: str
+    sha256: dict[str, str]
+    sizes: DatasetSizes | None
 
 
 class DataConfig(Section):
+    name: str
     dir: str | None
     cache_dir: str
-    url: str
-    sha256: dict[str, str]
+    prepared_dir: str | None
     split: SplitConfig
+    datasets: dict[str, PublishedDataset] = Field(min_length=1)
+
+    @property
+    def published(self) -> PublishedDataset:
+        """The archive, digests and sizes of the selected dataset (`data.name`)."""
+        return self.datasets[self.name]
+
+    @model_validator(mode="after")
+    def _check_dataset(self) -> DataConfig:
+        if self.name not in self.datasets:
+            raise ValueError(f"data.name '{self.name}' is none of data.datasets: {', '.join(self.datasets)}")
+        if self.split.protocol == "fold":
+            from ncf.datasets import DATASETS  # each format's folds are part of its reader; imported only here
+
+            folds = DATASETS[self.name].folds if self.name in DATASETS else ()
+            if not folds:
+                with_folds = [name for name, spec in DATASETS.items() if spec.folds]
+                raise ValueError(f"data.split.protocol fold: {self.name} ships no folds (datasets with folds: "
+                                 f"{', '.join(with_folds)}); use seed, temporal or random")
+            if self.split.fold not in folds:
+                raise ValueError(f"data.split.fold '{self.split.fold}' is not a fold of {self.name}: "
+                                 f"{', '.join(folds)}")
+        return self
 
 
 class ModelConfig(Section):
+    architecture: Literal["mlp", "gmf", "neumf"]
+    attention: bool
+    objective: Literal["rating", "implicit", "joint"]
     embedding_dim: int = Field(gt=0)
     hidden_dims: list[int] = Field(min_length=1)
     dropouts: list[float]
@@ -78,12 +121,49 @@ class TrainConfig(Section):
     patience: int = Field(gt=0)
     lr_plateau_factor: float = Field(gt=0, lt=1)
     lr_plateau_patience: int = Field(ge=0)
+    monitor: Literal["val_rmse", "val_full_ndcg_at_10"]
+    negatives_per_positive: int = Field(gt=0)
+    rating_loss_weight: float = Field(ge=0)
+    interaction_loss_weight: float = Field(ge=0)
     checkpoint_dir: str
     num_workers: int = Field(gt=0)
     cpus_per_worker: float = Field(gt=0)
     use_gpu: bool
     mixed_precision: bool
     max_failures: int = Field(ge=0)
+    # Ray Train and Tune storage: None = checkpoint_dir, or s3://bucket/prefix (ray_train.storage_location).
+    storage_uri: str | None
+
+
+class RetrievalConfig(Section):
+    retriever: Literal["ease", "als", "none"]
+    min_rating: float | None
+    recency_half_life: float | None = Field(gt=0)
+    recency_unit: Literal["rank", "days"]
+    ease_lambda: float = Field(gt=0)
+    ease_max_items: int | None = Field(gt=0)
+    als_factors: int = Field(gt=0)
+    als_regularization: float = Field(ge=0)
+    als_iterations: int = Field(gt=0)
+    n_candidates: int = Field(gt=0)
+    rating_weight: float
+    interaction_weight: float
+    choose_on_validation: bool
+    n_candidates_grid: list[int] = Field(min_length=1)
+    rating_weight_grid: list[float] = Field(min_length=1)
+    interaction_weight_grid: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_grids(self) -> RetrievalConfig:
+        if any(n <= 0 for n in self.n_candidates_grid):
+            raise ValueError("retrieval.n_candidates_grid must hold positive counts")
+        return self
+
+
+class RegistryConfig(Section):
+    model_name: str | None = Field(min_length=1)
+    champion_metric: str = Field(min_length=1)
+    bootstrap_resamples: int = Field(ge=0)
 
 
 # A registered model: models:/<name>@<alias> follows the alias, models:/<name>/<version> pins one.
@@ -105,6 +185,7 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(gt=0)
     cpus_per_replica: float = Field(gt=0)
     proxy_grpc: bool
+    max_body_bytes: int = Field(gt=0)
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:
@@ -158,23 +239,31 @@ class TuneConfig(Section):
 
 
 class Config(Section):
+    # The preset the values started from (conf/presets/<name>.yaml over the defaults); recorded with every run.
+    preset: str = "deck"
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+    retrieval: RetrievalConfig
+    registry: RegistryConfig
     serve: ServeConfig
     tune: TuneConfig
 
     @model_validator(mode="after")
     def _check_search_space(self) -> Config:
         for section, keys in self.tune.space.items():
-            known = type(getattr(self, section)).model_fields if section in ("model", "train") else {}
+            known = type(getattr(self, section)).model_fields if section in SEARCHABLE else {}
             for key in keys:
                 if key not in known:
-                    raise ValueError(f"tune.space.{section}.{key} is not a model or train config key")
+                    raise ValueError(f"tune.space.{section}.{key} is not a {', '.join(SEARCHABLE)} config key")
+        if self.train.monitor == "val_rmse" and self.model.objective == "implicit":
+            raise ValueError("train.monitor val_rmse needs a rating head: an implicit model monitors "
+                             "val_full_ndcg_at_10")
         return self
 
 
-SECTIONS = tuple(Config.model_fields)
+SECTIONS = tuple(name for name in Config.model_fields if name != "preset")
+SEARCHABLE = ("model", "train", "retrieval")
 
 
 def _set_path(tree: dict, dotted_key: str, value: object) -> None:
@@ -234,21 +323,53 @@ def default_conf_dir() -> Path:
     return shipped if shipped.is_dir() else PACKAGE_DIR.parent / "conf"
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | None = None) -> Config:
-    """Read every section from `conf_dir` (default: `default_conf_dir()`), apply overrides, validate."""
+PRESETS_DIR = "presets"
+
+
+def preset_names(conf_dir: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (Path(conf_dir or default_conf_dir()) / PRESETS_DIR).glob("*.yaml"))
+
+
+def _merge(tree: dict, layer: dict, where: str) -> None:
+    """`layer`'s values over `tree`'s, section by section; a key `tree` lacks is an error naming it."""
+    for key, value in layer.items():
+        if key not in tree:
+            raise ConfigError(f"unknown config key '{where}{key}'")
+        if isinstance(value, dict) and isinstance(tree[key], dict) and key != "space":
+            _merge(tree[key], value, f"{where}{key}.")
+        else:
+            tree[key] = value
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | None = None,
+                preset: str | None = None) -> Config:
+    """Read every section from `conf_dir` (default: `default_conf_dir()`), apply the preset
+    (`<conf_dir>/presets/<preset>.yaml`, sections of values over the defaults), then the overrides; validate."""
     conf_dir = Path(conf_dir or default_conf_dir())
     tree: dict = {}
     for section in SECTIONS:
-        path = conf_dir / f"{section}.yaml"
+        tree[section] = _read_yaml(conf_dir / f"{section}.yaml", f"section '{section}'") or {}
+    if preset:
+        path = conf_dir / PRESETS_DIR / f"{preset}.yaml"
         if not path.exists():
-            raise ConfigError(f"missing config file {path} (section '{section}')")
-        try:
-            tree[section] = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"unknown preset '{preset}': no {path} (presets: {', '.join(preset_names(conf_dir))})")
+        layer = _read_yaml(path, f"preset '{preset}'") or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{path} must map sections to values")
+        _merge(tree, layer, f"(preset {preset}) ")
+        tree["preset"] = preset
     for text in overrides:
         _set_path(tree, *parse_override(text))
     return config_from_dict(tree)
+
+
+def _read_yaml(path: Path, what: str) -> object:
+    if not path.exists():
+        raise ConfigError(f"missing config file {path} ({what})")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -273,8 +394,10 @@ def flatten(config: Config) -> dict[str, object]:
 
 
 def override_parser(description: str) -> argparse.ArgumentParser:
-    """The command line every entry point shares: `--set section.key=value` overrides."""
+    """The command line every entry point shares: `--preset name` and `--set section.key=value` overrides."""
     p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="apply conf/presets/NAME.yaml over the defaults (deck, neumf, recommender)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set model.embedding_dim=64 (repeatable)")
     return p

@@ -1,12 +1,13 @@
-"""MovieLens data: locate or download, verify, validate, encode, split, batch.
+"""MovieLens data: locate or download + verify the files, encode ids, split, load, batch.
 
-Everything downstream works on contiguous integer indices held in tensors; the
-`IdMaps` that translate raw MovieLens ids travel with every saved model.
+Every dataset of the MovieLens family (`data.name`) is read by the typed readers of `ncf.datasets`;
+`load_movielens` gets it through its prepared copy (`ncf.prepared`: typed Parquet, built once, rebuilt
+when a source file or the data config changes). Everything downstream works on contiguous integer
+indices held in tensors; the `IdMaps` that translate raw MovieLens ids travel with every saved model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -16,7 +17,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,44 +26,17 @@ import pandas as pd
 import torch
 
 from ncf.config import DataConfig, SplitConfig
-
-RATING_STEPS = np.arange(1, 11) / 2.0  # 0.5, 1.0, ..., 5.0
-NO_GENRES = "(no genres listed)"
-
-
-class DataError(ValueError):
-    """The data is missing, corrupt or violates the schema; the message says where."""
-
+from ncf.datasets import (  # DataError, NO_GENRES and the digests are re-exported: the data layer's vocabulary
+    NO_GENRES,
+    DataError,
+    get_spec,
+    sha256_normalised,  # noqa: F401
+    sizes_are_the_check,
+    verify,
+    verify_checksums,
+)
 
 # ----------------------------------------------------------------------------- files
-
-
-def sha256_normalised(path: Path, block: int = 1 << 24) -> str:
-    """SHA-256 of a text file with CRLF line endings turned into LF, streamed `block` bytes at a time
-    (the large MovieLens files are GBs)."""
-    digest = hashlib.sha256()
-    carry = b""
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            data = carry + chunk
-            carry = b"\r" if data.endswith(b"\r") else b""  # a CRLF may straddle two reads
-            digest.update(data[: len(data) - len(carry)].replace(b"\r\n", b"\n"))
-    digest.update(carry)
-    return digest.hexdigest()
-
-
-def verify_checksums(folder: Path, expected: Mapping[str, str]) -> dict[str, str]:
-    """Check every file named in `expected`; return the digests (logged with each run)."""
-    digests = {}
-    for name, want in expected.items():
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path} is missing")
-        got = sha256_normalised(path)
-        if got != want:
-            raise DataError(f"{path} is corrupt or modified: sha256 {got}, expected {want}")
-        digests[name] = got
-    return digests
 
 
 def _progress(label: str, done: int, total: int) -> None:
@@ -88,96 +62,72 @@ def download_archive(url: str, dest: Path, timeout: float = 60.0) -> None:
         raise DataError(f"download of {url} is truncated: {done} of {total} bytes")
 
 
-def download_dataset(cfg: DataConfig) -> Path:
-    """Download, verify and extract the archive into the cache; atomic: all or nothing.
+def _extract_lf(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, block: int = 1 << 24) -> None:
+    """One archive member to `dest` with CRLF turned into LF, streamed (ratings files are GBs)."""
+    carry = b""
+    with zf.open(info) as src, open(dest, "wb") as out:
+        while chunk := src.read(block):
+            data = carry + chunk
+            carry = b"\r" if data.endswith(b"\r") else b""  # a CRLF may straddle two reads
+            out.write(data[: len(data) - len(carry)].replace(b"\r\n", b"\n"))
+        out.write(carry)
 
-    The files are written with LF line endings so the cache matches the checksums.
+
+def _wanted(cfg: DataConfig) -> set[str]:
+    """The archive members kept: what the reader parses (every fold), the checksummed files, the README."""
+    spec = get_spec(cfg.name)
+    return set(spec.files()) | {f for fold in spec.folds for f in (f"{fold}.base", f"{fold}.test")} | set(
+        cfg.published.sha256)
+
+
+def download_dataset(cfg: DataConfig) -> Path:
+    """Download, verify and extract the archive of dataset `data.name` into `cache_dir`/<name>;
+    atomic: all or nothing.
+
+    The files are written with LF line endings so the cache matches the checksums. Where the parsed
+    files have no known checksum, every line is parsed and the sizes compared with the published ones
+    before the folder is kept (`ncf.datasets.verify`); the log says which verification was done.
     """
-    target = Path(cfg.cache_dir).expanduser() / "ml-latest-small"
+    published = cfg.published
+    target = Path(cfg.cache_dir).expanduser() / cfg.name
     if target.is_dir():
-        verify_checksums(target, cfg.sha256)
+        verify_checksums(target, published.sha256)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    wanted = _wanted(cfg)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.zip"
-        download_archive(cfg.url, archive)
-        staged = Path(tmp) / "ml-latest-small"
+        download_archive(published.url, archive)
+        staged = Path(tmp) / cfg.name
         staged.mkdir()
         try:
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
                     name = Path(info.filename).name
-                    if info.is_dir() or not name.endswith((".csv", ".txt")):
-                        continue
-                    (staged / name).write_bytes(zf.read(info).replace(b"\r\n", b"\n"))
+                    if not info.is_dir() and (name in wanted or name.upper().startswith("README")):
+                        _extract_lf(zf, info, staged / name)
         except (zipfile.BadZipFile, EOFError, zlib.error) as err:
-            raise DataError(f"archive from {cfg.url} is corrupt: {err}") from None
-        verify_checksums(staged, cfg.sha256)
+            raise DataError(f"archive from {published.url} is corrupt: {err}") from None
+        verify_checksums(staged, published.sha256)
+        if sizes_are_the_check(cfg.name, published.sha256):
+            print(verify(cfg.name, staged, sha256=published.sha256, sizes=published.sizes).method, file=sys.stderr)
         os.replace(staged, target)
     return target
 
 
 def resolve_data_dir(cfg: DataConfig) -> Path:
-    """NCF_DATA_DIR, else `data.dir`, else a verified download into the cache."""
+    """NCF_DATA_DIR, else `data.dir`, else a verified download into the cache.
+
+    A configured folder may hold the dataset's files or a `<data.name>` subfolder that does
+    (NCF_DATA_DIR=/datasets serves /datasets/ml-1m when data.name is ml-1m).
+    """
     configured = os.environ.get("NCF_DATA_DIR") or cfg.dir
     if configured:
         folder = Path(configured).expanduser().resolve()
         if not folder.is_dir():
             raise DataError(f"data folder {folder} does not exist (from NCF_DATA_DIR or data.dir)")
-        return folder
+        return folder / cfg.name if (folder / cfg.name).is_dir() else folder
     return download_dataset(cfg)
-
-
-# ----------------------------------------------------------------------------- schema
-
-
-def _bad_rows(mask: np.ndarray, frame: pd.DataFrame, what: str, file: str) -> None:
-    if mask.any():
-        rows = np.flatnonzero(mask)
-        # Line numbers in the file: +2 for the header and 1-based counting.
-        shown = ", ".join(f"line {r + 2}: {frame.iloc[r].to_dict()}" for r in rows[:5])
-        more = f" (and {len(rows) - 5} more)" if len(rows) > 5 else ""
-        raise DataError(f"{file}: {len(rows)} row(s) with {what}: {shown}{more}")
-
-
-def _integer_column(frame: pd.DataFrame, column: str, file: str) -> np.ndarray:
-    numeric = pd.to_numeric(frame[column], errors="coerce")
-    values = numeric.to_numpy(dtype=float)
-    _bad_rows(~np.isfinite(values) | (values != np.round(values)), frame, f"non-integer {column}", file)
-    return values.astype(np.int64)
-
-
-def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(f"{path} is missing")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{path} cannot be parsed as CSV: {err}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {missing}; found {list(frame.columns)}")
-    return frame
-
-
-def validate_ratings(frame: pd.DataFrame, file: str = "ratings.csv") -> pd.DataFrame:
-    """Typed ratings, or a DataError naming the offending rows."""
-    users = _integer_column(frame, "userId", file)
-    movies = _integer_column(frame, "movieId", file)
-    stamps = _integer_column(frame, "timestamp", file)
-    ratings = pd.to_numeric(frame["rating"], errors="coerce").to_numpy(dtype=float)
-    _bad_rows(~np.isin(ratings, RATING_STEPS), frame, "rating not in {0.5, 1.0, ..., 5.0}", file)
-    typed = pd.DataFrame({"userId": users, "movieId": movies, "rating": ratings, "timestamp": stamps})
-    _bad_rows(typed.duplicated(["userId", "movieId"], keep="first").to_numpy(), frame,
-              "a duplicate (userId, movieId)", file)
-    return typed
-
-
-def validate_movies(frame: pd.DataFrame, file: str = "movies.csv") -> pd.DataFrame:
-    ids = _integer_column(frame, "movieId", file)
-    typed = pd.DataFrame({"movieId": ids, "title": frame["title"], "genres": frame["genres"]})
-    _bad_rows(typed.duplicated("movieId").to_numpy(), frame, "a duplicate movieId", file)
-    return typed
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -231,6 +181,46 @@ def genre_matrix(movies: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     return matrix, names
 
 
+def encode_ids(ratings: pd.DataFrame, movies: pd.DataFrame) -> tuple[IdMaps, pd.DataFrame]:
+    """Id maps (users: those who rated; movies: the whole catalogue) and the movies sorted by id, so that
+    row i is movie index i. `ratings` and `movies` are the typed frames of `ncf.datasets`."""
+    movies = movies.sort_values("movieId", kind="stable").reset_index(drop=True)
+    users = np.unique(ratings["userId"].to_numpy()).astype(np.int64)
+    return IdMaps(users, movies["movieId"].to_numpy().astype(np.int64)), movies
+
+
+def encode_ratings(ids: IdMaps, frame: pd.DataFrame, file: str = "ratings") -> Ratings:
+    """Compact encoded ratings (int32 indices, float32 ratings, int64 timestamps), in the frame's order."""
+    user = _index(ids.user_ids, frame["userId"].to_numpy(), "userId", file)
+    movie = _index(ids.movie_ids, frame["movieId"].to_numpy(), "movieId", file)
+    return Ratings(user, movie, frame["rating"].to_numpy(np.float32), frame["timestamp"].to_numpy(np.int64))
+
+
+def _index(table: np.ndarray, raw: np.ndarray, what: str, file: str) -> np.ndarray:
+    """int32 positions of `raw` in the sorted `table`, chunk by chunk (bounded temporaries at 25M rows):
+    through a lookup table where the ids are small (MovieLens' are below a million), else a binary search."""
+    lut = None
+    if len(table) and int(table[0]) >= 0 and int(table[-1]) < (1 << 25):
+        lut = np.full(int(table[-1]) + 1, -1, dtype=np.int32)
+        lut[table] = np.arange(len(table), dtype=np.int32)
+    out = np.empty(len(raw), dtype=np.int32)
+    step = 1 << 22
+    for start in range(0, len(raw), step):
+        part = raw[start: start + step]
+        if lut is not None:
+            clipped = np.clip(part, 0, len(lut) - 1)
+            pos = lut[clipped]
+            unknown = (pos < 0) | (clipped != part)
+        else:
+            pos = np.searchsorted(table, part).clip(0, max(len(table) - 1, 0))
+            unknown = table[pos] != part
+        if unknown.any():
+            sample = np.unique(part[unknown])[:5].tolist()
+            raise DataError(f"{file}: {int(unknown.sum())} rating(s) of unknown {what}s, e.g. {sample}")
+        out[start: start + len(part)] = pos
+    return out
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -254,33 +244,52 @@ class Ratings:
                 torch.from_numpy(self.rating.astype(np.float32)))
 
 
-def _per_user_tail(ratings: Ratings, fraction: float) -> np.ndarray:
-    """Mask of each user's last floor(fraction * n) ratings by time (stable sort)."""
-    order = np.lexsort((ratings.timestamp, ratings.user))  # by user, then time; stable
-    users_sorted = ratings.user[order]
-    starts = np.searchsorted(users_sorted, users_sorted, side="left")
-    counts = np.bincount(users_sorted)[users_sorted]
-    rank = np.arange(len(order)) - starts
+def _by_user_then_time(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """The stable order by (user, timestamp): `np.lexsort((timestamp, user))`, computed as one stable argsort of
+    a combined int64 key where it fits (several times faster on the large datasets, the same order)."""
+    if not len(user):
+        return np.arange(0)
+    low, span = int(timestamp.min()), int(timestamp.max()) - int(timestamp.min()) + 1
+    if int(user.min()) < 0 or (int(user.max()) + 1) * span >= 2**62:
+        return np.lexsort((timestamp, user))
+    key = user.astype(np.int64) * span
+    key += timestamp - low
+    return np.argsort(key, kind="stable")
+
+
+def _per_user_tail(user: np.ndarray, timestamp: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of each user's last n - floor((1 - fraction) * n) ratings by time (stable sort)."""
+    order = _by_user_then_time(user, timestamp)
+    users_sorted = user[order]
+    counts = np.bincount(users_sorted)
+    first = np.cumsum(counts) - counts  # where each user's ratings start in the sorted order
     keep_head = np.floor((1.0 - fraction) * counts + 1e-9).astype(np.int64)
-    tail_sorted = rank >= keep_head
+    position = np.int32 if len(order) < 2**31 else np.int64  # halves the two row-sized temporaries
+    tail_sorted = np.arange(len(order), dtype=position) >= (first + keep_head).astype(position)[users_sorted]
+    del users_sorted
     mask = np.zeros(len(order), dtype=bool)
     mask[order] = tail_sorted
     return mask
 
 
-def _split_mask(ratings: Ratings, fraction: float, protocol: str, rng: np.random.Generator) -> np.ndarray:
+def _split_mask(user: np.ndarray, timestamp: np.ndarray, fraction: float, protocol: str,
+                rng: np.random.Generator) -> np.ndarray:
     """Mask of the rows held out (the `fraction` part) under `protocol`."""
+    n = len(user)
     if protocol == "seed":
-        return _per_user_tail(ratings, fraction)
+        return _per_user_tail(user, timestamp, fraction)
     if protocol == "temporal":
-        order = np.argsort(ratings.timestamp, kind="stable")
-        mask = np.zeros(len(ratings), dtype=bool)
-        mask[order[int(np.floor((1.0 - fraction) * len(ratings))):]] = True
+        order = np.argsort(timestamp, kind="stable")
+        mask = np.zeros(n, dtype=bool)
+        mask[order[int(np.floor((1.0 - fraction) * n)):]] = True
         return mask
     if protocol == "random":
-        mask = np.zeros(len(ratings), dtype=bool)
-        mask[rng.permutation(len(ratings))[: int(round(fraction * len(ratings)))]] = True
+        mask = np.zeros(n, dtype=bool)
+        mask[rng.permutation(n)[: int(round(fraction * n))]] = True
         return mask
+    if protocol == "fold":
+        raise ValueError("the fold protocol uses the dataset's own split files (fold_split_indices, through "
+                         "load_movielens)")
     raise ValueError(f"unknown split protocol '{protocol}'")
 
 
@@ -299,22 +308,36 @@ class Splits:
                          for f in ("user", "movie", "rating", "timestamp")))
 
 
-def split_ratings(ratings: Ratings, cfg: SplitConfig) -> Splits:
-    """Test split by protocol, then a validation slice carved from train the same way.
+def split_indices(ratings: Ratings, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of `ratings` in (train, validation, test): the test split by protocol, then a validation slice
+    carved from train the same way.
 
     For the seed and temporal protocols the validation slice is the most recent part
     of train, so early stopping imitates predicting the future, never sees the test set.
     """
     rng = np.random.default_rng(cfg.seed)
-    test_mask = _split_mask(ratings, cfg.test_fraction, cfg.protocol, rng)
-    train_full = ratings.take(np.flatnonzero(~test_mask))
+    test_mask = _split_mask(ratings.user, ratings.timestamp, cfg.test_fraction, cfg.protocol, rng)
+    test, train_full = np.flatnonzero(test_mask), np.flatnonzero(~test_mask)
+    del test_mask
     val_protocol = "random" if cfg.protocol == "random" else "seed"
-    val_mask = _split_mask(train_full, cfg.validation_fraction, val_protocol, rng)
-    return Splits(
-        train=train_full.take(np.flatnonzero(~val_mask)),
-        validation=train_full.take(np.flatnonzero(val_mask)),
-        test=ratings.take(np.flatnonzero(test_mask)),
-    )
+    val_mask = _split_mask(ratings.user[train_full], ratings.timestamp[train_full], cfg.validation_fraction,
+                           val_protocol, rng)
+    return train_full[~val_mask], train_full[val_mask], test
+
+
+def fold_split_indices(ratings: Ratings, n_train: int, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows in (train, validation, test) under the protocol `fold`, a split the dataset ships (ml-100k's
+    <fold>.base and <fold>.test): `ratings` holds the fold's train rows, then its test rows. The validation
+    slice is carved from its train part as the seed and temporal protocols carve it (the last
+    `validation_fraction` of each user's train ratings by time)."""
+    train_full = np.arange(n_train)
+    val_mask = _per_user_tail(ratings.user[:n_train], ratings.timestamp[:n_train], cfg.validation_fraction)
+    return train_full[~val_mask], train_full[val_mask], np.arange(n_train, len(ratings))
+
+
+def split_ratings(ratings: Ratings, cfg: SplitConfig) -> Splits:
+    """The (train, validation, test) `Splits` of `split_indices`."""
+    return Splits(*(ratings.take(rows) for rows in split_indices(ratings, cfg)))
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -329,7 +352,7 @@ class MovieLens:
     genres: np.ndarray  # n_movies x n_genres multi-hot
     genre_names: list[str]
     splits: Splits
-    checksums: dict[str, str]
+    checksums: dict[str, str]  # SHA-256 of every source file (LF line endings): logged with each run
 
     @property
     def n_users(self) -> int:
@@ -341,31 +364,12 @@ class MovieLens:
 
 
 def load_movielens(cfg: DataConfig, folder: Path | None = None) -> MovieLens:
-    """Verify, validate, encode and split; `folder` bypasses the lookup (tests)."""
-    folder = Path(folder) if folder else resolve_data_dir(cfg)
-    checksums = verify_checksums(folder, cfg.sha256)
-    raw = validate_ratings(_read_csv(folder / "ratings.csv", ("userId", "movieId", "rating", "timestamp")))
-    movies = validate_movies(_read_csv(folder / "movies.csv", ("movieId", "title", "genres")))
-    return encode_movielens(raw, movies, cfg.split, checksums)
+    """Dataset `data.name`, verified, encoded and split with `data.split`, read from its prepared copy
+    (`ncf.prepared`), which is built first when it is missing or stale (a source file or the data config
+    changed). `folder` bypasses the lookup of the source files (tests)."""
+    from ncf import prepared  # the prepared copy is built from this module's encoding and splits
 
-
-def encode_movielens(raw: pd.DataFrame, movies: pd.DataFrame, split: SplitConfig,
-                     checksums: dict[str, str] | None = None) -> MovieLens:
-    movies = movies.sort_values("movieId", kind="stable").reset_index(drop=True)
-    ids = IdMaps(np.unique(raw["userId"].to_numpy()), movies["movieId"].to_numpy(dtype=np.int64))
-    movie_idx = ids.movie_index(raw["movieId"].to_numpy())
-    unknown = movie_idx < 0
-    if unknown.any():
-        sample = raw.loc[unknown, "movieId"].unique()[:5].tolist()
-        raise DataError(f"ratings.csv: {int(unknown.sum())} rating(s) of movies absent from movies.csv, e.g. {sample}")
-    ratings = Ratings(
-        user=ids.user_index(raw["userId"].to_numpy()),
-        movie=movie_idx,
-        rating=raw["rating"].to_numpy(dtype=np.float64),
-        timestamp=raw["timestamp"].to_numpy(dtype=np.int64),
-    )
-    genres, genre_names = genre_matrix(movies)
-    return MovieLens(ids, movies, genres, genre_names, split_ratings(ratings, split), checksums or {})
+    return prepared.load(cfg, Path(folder) if folder else resolve_data_dir(cfg))
 
 
 # ----------------------------------------------------------------------------- batches

@@ -11,29 +11,67 @@ separator first (pandas' `sep="::"` would fall back to its slow Python engine). 
 vectorised; only when something is wrong is the offending line located, and the `DataError` names
 the file, the line number (1-based, header counted, as an editor shows it) and the problem.
 
+Where each dataset comes from and what it is checked against (archive URL, SHA-256 digests, published
+sizes) is config: `data.datasets` in conf/data.yaml. This module holds how each one is read.
+
 Pure computing code: no Ray, no MLflow.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ncf.data import NO_GENRES, DataError, verify_checksums
-
-BASE_URL = "https://files.grouplens.org/datasets/movielens"
 FORMATS = ("ml-100k", "dat", "csv")
+NO_GENRES = "(no genres listed)"
 RATINGS_COLUMNS = ("userId", "movieId", "rating", "timestamp")
 INT32_MAX = 2**31 - 1
 BLOCK_BYTES = 32 << 20  # ratings are parsed in line-aligned blocks of about this size
+
+
+class DataError(ValueError):
+    """The data is missing, corrupt or violates the schema; the message says where."""
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def sha256_normalised(path: Path, block: int = 1 << 24) -> str:
+    """SHA-256 of a text file with CRLF line endings turned into LF, streamed `block` bytes at a time
+    (the large MovieLens files are GBs)."""
+    digest = hashlib.sha256()
+    carry = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            data = carry + chunk
+            carry = b"\r" if data.endswith(b"\r") else b""  # a CRLF may straddle two reads
+            digest.update(data[: len(data) - len(carry)].replace(b"\r\n", b"\n"))
+    digest.update(carry)
+    return digest.hexdigest()
+
+
+def verify_checksums(folder: Path, expected: Mapping[str, str]) -> dict[str, str]:
+    """Check every file named in `expected`; return the digests (logged with each run)."""
+    digests = {}
+    for name, want in expected.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing")
+        got = sha256_normalised(path)
+        if got != want:
+            raise DataError(f"{path} is corrupt or modified: sha256 {got}, expected {want}")
+        digests[name] = got
+    return digests
 
 
 # ----------------------------------------------------------------------------- registry
@@ -41,61 +79,50 @@ BLOCK_BYTES = 32 << 20  # ratings are parsed in line-aligned blocks of about thi
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What GroupLens publishes for one dataset: plain data, so a config layer can hold it.
+    """How one published dataset is read: its format, files, text encoding, rating scale and folds.
 
-    `sha256` holds digests (CRLF normalised to LF) where they are known; for the other datasets
-    `verify` checks the structure of every line and the row counts against the published sizes.
-    Sizes are None where the dataset changes over time (ml-latest).
+    Where it is downloaded from and what it is verified against (SHA-256 digests, published sizes)
+    is config (`data.datasets.<name>` in conf/data.yaml), so it lives there, once.
     """
 
     name: str
-    url: str
     archive_folder: str  # the folder the archive extracts to
     format: str  # one of FORMATS
     ratings_file: str
     movies_file: str
     encoding: str  # of the movies file (titles); ratings are ASCII
     half_stars: bool  # ratings 0.5, 1.0, ..., 5.0; else whole stars 1-5
-    n_ratings: int | None
-    n_users: int | None
-    n_movies: int | None  # rows of the movies file (some movies have no rating)
-    sha256: dict[str, str] = field(default_factory=dict)
     genres_file: str | None = None  # ml-100k: u.genre, the order of the genre flags in u.item
     folds: tuple[str, ...] = ()  # ml-100k: predefined <name>.base / <name>.test splits
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def files(self, fold: str | None = None) -> list[str]:
+        """The files the reader parses: ratings, movies, the genre list (ml-100k), and a fold's two files."""
+        names = [self.ratings_file, self.movies_file, *([self.genres_file] if self.genres_file else [])]
+        return names + ([f"{fold}.base", f"{fold}.test"] if fold else [])
 
-def _spec(name: str, fmt: str, sizes: tuple[int, int, int] | None, *, folder: str | None = None,
-          **kwargs) -> DatasetSpec:
+
+def _spec(name: str, fmt: str, *, folder: str | None = None, **kwargs) -> DatasetSpec:
     files = {"ml-100k": ("u.data", "u.item"), "dat": ("ratings.dat", "movies.dat"),
              "csv": ("ratings.csv", "movies.csv")}[fmt]
-    n_ratings, n_users, n_movies = sizes or (None, None, None)
     kwargs.setdefault("encoding", "utf-8")
     kwargs.setdefault("half_stars", True)
-    return DatasetSpec(name=name, url=f"{BASE_URL}/{name}.zip", archive_folder=folder or name, format=fmt,
-                       ratings_file=files[0], movies_file=files[1], n_ratings=n_ratings, n_users=n_users,
-                       n_movies=n_movies, **kwargs)
+    return DatasetSpec(name=name, archive_folder=folder or name, format=fmt, ratings_file=files[0],
+                       movies_file=files[1], **kwargs)
 
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
-    _spec("ml-latest-small", "csv", (100_836, 610, 9_742), sha256={
-        "links.csv": "028a4a1d17751ca9276e0e0718cfc22356350f224a996e1ec348c23274b9209d",
-        "movies.csv": "c47b783f23eb304413307e1bb05335e427737da20ec8d3c0e96335567dd5f3dc",
-        "ratings.csv": "80da8b3393dae325bbba5a31f291a6ba55d8d4f4396de3c456f2c1635b1b70e8",
-        "tags.csv": "68eec00a0820c2faa8863a6df7032f13d5899a4462bce9a97213905297ff3d34",
-    }),
-    _spec("ml-100k", "ml-100k", (100_000, 943, 1_682), encoding="latin-1", half_stars=False, sha256={
-        "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
-        "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
-    }, genres_file="u.genre", folds=("u1", "u2", "u3", "u4", "u5", "ua", "ub")),
-    _spec("ml-1m", "dat", (1_000_209, 6_040, 3_883), encoding="latin-1", half_stars=False),
-    _spec("ml-10m", "dat", (10_000_054, 69_878, 10_681), folder="ml-10M100K"),
-    _spec("ml-20m", "csv", (20_000_263, 138_493, 27_278)),
-    _spec("ml-25m", "csv", (25_000_095, 162_541, 62_423)),
-    _spec("ml-32m", "csv", (32_000_204, 200_948, 87_585)),
-    _spec("ml-latest", "csv", None),
+    _spec("ml-latest-small", "csv"),
+    _spec("ml-100k", "ml-100k", encoding="latin-1", half_stars=False, genres_file="u.genre",
+          folds=("u1", "u2", "u3", "u4", "u5", "ua", "ub")),
+    _spec("ml-1m", "dat", encoding="latin-1", half_stars=False),
+    _spec("ml-10m", "dat", folder="ml-10M100K"),
+    _spec("ml-20m", "csv"),
+    _spec("ml-25m", "csv"),
+    _spec("ml-32m", "csv"),
+    _spec("ml-latest", "csv"),
 )}
 
 
@@ -520,9 +547,52 @@ def read_fold(folder: Path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return read_100k_ratings(folder / f"{name}.base"), read_100k_ratings(folder / f"{name}.test")
 
 
+class Sizes(Protocol):
+    """A dataset's published sizes (config: `data.datasets.<name>.sizes`)."""
+
+    ratings: int  # rows of the ratings file
+    users: int  # distinct users
+    movies: int  # rows of the movies file (some movies have no rating)
+
+
+def sizes_are_the_check(name: str, sha256: Mapping[str, str]) -> bool:
+    """Where the ratings and movies files both have a known digest, a match is the verification; where
+    either has none, the published sizes are checked (after every line has been parsed and validated)."""
+    spec = get_spec(name)
+    return not {spec.ratings_file, spec.movies_file} <= set(sha256)
+
+
+def how_verified(name: str, sha256: Mapping[str, str], sizes: Sizes | None) -> str:
+    """One line for the log: what the verification of dataset `name` rested on."""
+    spec = get_spec(name)
+    if not sizes_are_the_check(name, sha256):
+        return f"{name}: SHA-256 of {', '.join(sorted(sha256))} matched; every line parsed and validated"
+    files = f"{spec.ratings_file}, {spec.movies_file}"
+    if sizes is not None:
+        return (f"{name}: no SHA-256 known for {files}: every line parsed and validated, and the sizes match "
+                f"the published ones ({sizes.ratings:,} ratings, {sizes.users:,} users, {sizes.movies:,} movies)")
+    return (f"{name}: no SHA-256 and no published sizes known for {files}: every line parsed and validated "
+            "(structure only)")
+
+
+def check_sizes(name: str, folder: Path, ratings: pd.DataFrame, movies: pd.DataFrame,
+                sizes: Sizes | None) -> dict[str, int]:
+    """The sizes found (ratings rows, distinct users, movies rows); a DataError where they differ from `sizes`."""
+    spec = get_spec(name)
+    found = {"ratings": len(ratings), "users": int(pd.unique(ratings["userId"]).size), "movies": len(movies)}
+    for what, count in found.items():
+        published = getattr(sizes, what) if sizes is not None else None
+        if published is not None and count != published:
+            file = spec.movies_file if what == "movies" else spec.ratings_file
+            raise DataError(f"{Path(folder) / file}: {count:,} {what}, but the published {name} has {published:,}: "
+                            f"truncated, extended or another dataset (for a folder that is not the published "
+                            f"dataset, e.g. a synthetic one, set data.datasets.{name}.sizes=null)")
+    return found
+
+
 @dataclass(frozen=True)
 class Verification:
-    """What `verify` checked: the digests it compared, and the sizes it found."""
+    """What `verify` checked: the digests it compared, the sizes it found, and how (a line for the log)."""
 
     name: str
     sha256: dict[str, str]
@@ -530,40 +600,38 @@ class Verification:
     users: int
     movies: int
     folds: dict[str, tuple[int, int]]  # name -> (train rows, test rows)
+    method: str
 
 
 def verify(name: str, folder: Path, *, sha256: Mapping[str, str] | None = None,
-           check_counts: bool = True) -> Verification:
+           sizes: Sizes | None = None) -> Verification:
     """Verify dataset `name` in `folder`, or raise a DataError that names the file.
 
-    Files with a known digest (`sha256`, default: the spec's) must match it, CRLF normalised.
-    Every dataset is then parsed and validated line by line, and its sizes (ratings, distinct
-    users, movies) must equal the published ones: for datasets without known digests this
-    structure + count check is the verification. `check_counts=False` skips the size check
-    (fixtures, synthetic data); folds, where the dataset has them, must each split all the
-    ratings into disjoint train and test parts.
+    Files with a known digest (`sha256`: config `data.datasets.<name>.sha256`) must match it, CRLF
+    normalised. Every line is then parsed and validated, and where the ratings and movies files have
+    no known digest, the sizes (ratings, distinct users, movies) must equal the published `sizes`
+    (None: not compared, for fixtures and synthetic data): that structure + count check is the
+    verification of the datasets without known digests. Folds, where the dataset has them, must each
+    split all the ratings into disjoint train and test parts.
     """
-    spec, folder = get_spec(name), Path(folder)
-    digests = verify_checksums(folder, spec.sha256 if sha256 is None else sha256)
+    spec, folder, sha256 = get_spec(name), Path(folder), dict(sha256 or {})
+    digests = verify_checksums(folder, sha256)
     ratings, movies = read_dataset(name, folder)
-    found = {"ratings": len(ratings), "users": int(ratings["userId"].nunique()), "movies": len(movies)}
-    published = {"ratings": spec.n_ratings, "users": spec.n_users, "movies": spec.n_movies}
-    for what, count in found.items():
-        if check_counts and published[what] is not None and count != published[what]:
-            file = spec.movies_file if what == "movies" else spec.ratings_file
-            raise DataError(f"{folder / file}: {count:,} {what}, but the published {name} has "
-                            f"{published[what]:,}: truncated, extended or another dataset")
+    found = check_sizes(name, folder, ratings, movies, sizes if sizes_are_the_check(name, sha256) else None)
     folds = {}
     for fold in spec.folds:
         if not (folder / f"{fold}.base").is_file() and not (folder / f"{fold}.test").is_file():
             continue  # folds are optional
         train, test = read_fold(folder, fold)
-        _check_fold(folder, fold, ratings, train, test)
+        check_fold(folder, fold, ratings, train, test)
         folds[fold] = (len(train), len(test))
-    return Verification(name, digests, found["ratings"], found["users"], found["movies"], folds)
+    return Verification(name, digests, found["ratings"], found["users"], found["movies"], folds,
+                        how_verified(name, sha256, sizes))
 
 
-def _check_fold(folder: Path, fold: str, ratings: pd.DataFrame, train: pd.DataFrame, test: pd.DataFrame) -> None:
+def check_fold(folder: Path, fold: str, ratings: pd.DataFrame, train: pd.DataFrame, test: pd.DataFrame) -> None:
+    """A fold's train and test parts are disjoint and together are all the ratings (u.data)."""
+
     def keys(frame: pd.DataFrame) -> np.ndarray:
         return (frame["userId"].to_numpy(np.int64) << 32) | frame["movieId"].to_numpy(np.int64)
 

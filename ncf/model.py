@@ -1,11 +1,23 @@
-"""The NCF model of the deck, with attention over its two sources built in.
+"""The NCF models: the deck's attention MLP and the NCF paper's GMF and NeuMF, one class.
 
 user id -> embedding u, movie id -> embedding m (plus a genre projection when
 enabled). An attention layer reads [u; m] and gives two weights (user, movie)
-that sum to 1; the MLP sees [2 w_u u; 2 w_m m], so equal weights leave the inputs
-unchanged and the weights say how much each side drives the prediction.
-The output is sigmoid(z) scaled to [rating_min, rating_max]; sigmoid(z) itself is
-the recommendation strength in [0, 1].
+that sum to 1; the paths see 2 w_u u and 2 w_m m, so equal weights leave the
+inputs unchanged and the weights say how much each side drives the prediction
+(`model.attention: false` fixes them at 1/2: the paper's models).
+
+The paths (`model.architecture`): `mlp`, the deck's MLP over [2 w_u u; 2 w_m m];
+`gmf`, the element-wise product (2 w_u u) * (2 w_m m) (He et al. 2017); `neumf`,
+both, their outputs concatenated. Heads read the paths' output (`model.objective`):
+`rating`, a rating head, sigmoid scaled to [rating_min, rating_max] (the deck);
+`implicit`, an interaction head whose logit says how likely the user is to watch
+the movie (trained with binary cross-entropy against sampled unrated movies);
+`joint`, both heads on the shared embeddings and gate.
+
+Every pair carries a predicted rating, a strength in [0, 1] and the two weights.
+The strength is sigmoid of the ranking logit: the rating head's for `rating`, the
+interaction head's otherwise. An `implicit` model has no rating head: its
+"predicted rating" is the strength on the rating scale, not an estimate of a rating.
 """
 
 from __future__ import annotations
@@ -25,16 +37,23 @@ class ModelOutput(NamedTuple):
     strength: torch.Tensor
     user_weight: torch.Tensor
     movie_weight: torch.Tensor
+    logit: torch.Tensor  # the ranking logit: rating head for `rating` models, interaction head otherwise
 
 
 class MovieSide(NamedTuple):
-    """The movie halves of the attention logits (bias included) and of the first layer, and the
-    eval-mode layers with batch norm folded in: the part of `NCF.score_users` no user changes."""
+    """The movie halves of the attention logits (bias included) and of the first MLP layer, the
+    eval-mode MLP layers with batch norm folded in, and the movie vectors the GMF path multiplies:
+    the part of `NCF.score_users` no user changes."""
 
     movies: torch.Tensor
-    attention: torch.Tensor  # movies x 2
-    first: torch.Tensor  # movies x first hidden width
+    attention: torch.Tensor | None  # movies x 2; None without the attention gate
+    first: torch.Tensor | None  # movies x first hidden width; None without the MLP path
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    vectors: torch.Tensor  # movies x embedding_dim
+
+
+HAS_MLP = ("mlp", "neumf")
+HAS_GMF = ("gmf", "neumf")
 
 
 class NCF(nn.Module):
@@ -42,6 +61,8 @@ class NCF(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.embedding_dim
+        # Registration order fixes the order reset_parameters draws from the RNG: the deck's model
+        # (mlp, attention, rating) registers exactly the modules it always had, in the same order.
         self.user_embedding = nn.Embedding(n_users, d)
         self.movie_embedding = nn.Embedding(n_movies, d)
         if cfg.use_genres:
@@ -49,23 +70,37 @@ class NCF(nn.Module):
                 raise ValueError("model.use_genres needs the movie x genre matrix")
             self.register_buffer("genres", genres.float())
             self.genre_projection = nn.Linear(genres.shape[1], d, bias=False)
-        self.attention = nn.Linear(2 * d, 2)
-        layers: list[nn.Module] = []
-        width = 2 * d
-        for hidden, dropout in zip(cfg.hidden_dims, cfg.dropouts, strict=True):
-            layers.append(nn.Linear(width, hidden))
-            if cfg.batch_norm:
-                layers.append(nn.BatchNorm1d(hidden))
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
+        if cfg.attention:
+            self.attention = nn.Linear(2 * d, 2)
+        width = 0
+        if cfg.architecture in HAS_MLP:
+            layers: list[nn.Module] = []
+            width = 2 * d
+            for hidden, dropout in zip(cfg.hidden_dims, cfg.dropouts, strict=True):
+                layers.append(nn.Linear(width, hidden))
+                if cfg.batch_norm:
+                    layers.append(nn.BatchNorm1d(hidden))
+                layers.append(nn.ReLU())
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
+                width = hidden
+            self.mlp = nn.Sequential(*layers)
+        if cfg.architecture in HAS_GMF:
+            width += d
+        if cfg.objective in ("rating", "joint"):
+            self.rating_head = nn.Linear(width, 1)
+        if cfg.objective in ("implicit", "joint"):
+            self.interaction_head = nn.Linear(width, 1)
         if cfg.use_bias:
             self.user_bias = nn.Embedding(n_users, 1)
             self.movie_bias = nn.Embedding(n_movies, 1)
         self.reset_parameters()
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The heads this model has, of "rating" and "interaction"."""
+        return {"rating": ("rating",), "implicit": ("interaction",), "joint": ("rating", "interaction")}[
+            self.cfg.objective]
 
     def reset_parameters(self) -> None:
         """Xavier for every weight matrix and embedding, zero biases (the deck's init).
@@ -91,20 +126,39 @@ class NCF(nn.Module):
             m = m + self.genre_projection(self.genres[movies])
         return m
 
+    def _scale(self, strength: torch.Tensor) -> torch.Tensor:
+        return self.cfg.rating_min + (self.cfg.rating_max - self.cfg.rating_min) * strength
+
+    def _outputs(self, logits: dict[str, torch.Tensor], weights: tuple[torch.Tensor, torch.Tensor]) -> ModelOutput:
+        """Heads' logits -> the pair's rating, strength and ranking logit."""
+        logit = logits["rating" if self.cfg.objective == "rating" else "interaction"]
+        strength = torch.sigmoid(logit)
+        rating = self._scale(torch.sigmoid(logits["rating"]) if "rating" in logits else strength)
+        return ModelOutput(rating, strength, weights[0], weights[1], logit)
+
     def forward(self, users: torch.Tensor, movies: torch.Tensor) -> ModelOutput:
         u = self.user_embedding(users)
         m = self.movie_vectors(movies)
-        weights = torch.softmax(self.attention(torch.cat([u, m], dim=-1)), dim=-1)
-        gated = torch.cat([2 * weights[:, :1] * u, 2 * weights[:, 1:] * m], dim=-1)
-        logit = self.mlp(gated).squeeze(-1)
+        if self.cfg.attention:
+            weights = torch.softmax(self.attention(torch.cat([u, m], dim=-1)), dim=-1)
+            user_weight, movie_weight = weights[:, 0], weights[:, 1]
+        else:
+            user_weight = movie_weight = torch.full(users.shape, 0.5, device=u.device, dtype=u.dtype)
+        gu, gm = 2 * user_weight[:, None] * u, 2 * movie_weight[:, None] * m
+        features = []
+        if self.cfg.architecture in HAS_MLP:
+            features.append(self.mlp(torch.cat([gu, gm], dim=-1)))
+        if self.cfg.architecture in HAS_GMF:
+            features.append(gu * gm)
+        h = features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+        logits = {head: getattr(self, f"{head}_head")(h).squeeze(-1) for head in self.heads}
         if self.cfg.use_bias:
-            logit = logit + self.user_bias(users).squeeze(-1) + self.movie_bias(movies).squeeze(-1)
-        strength = torch.sigmoid(logit)
-        rating = self.cfg.rating_min + (self.cfg.rating_max - self.cfg.rating_min) * strength
-        return ModelOutput(rating, strength, weights[:, 0], weights[:, 1])
+            bias = self.user_bias(users).squeeze(-1) + self.movie_bias(movies).squeeze(-1)
+            logits = {head: value + bias for head, value in logits.items()}
+        return self._outputs(logits, (user_weight, movie_weight))
 
     def _inference_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(weight, bias) of each linear layer with its eval-mode batch norm folded in."""
+        """(weight, bias) of each linear MLP layer with its eval-mode batch norm folded in."""
         layers, pending = [], None
         for module in self.mlp:
             if isinstance(module, nn.Linear):
@@ -125,38 +179,52 @@ class NCF(nn.Module):
             movies = torch.arange(self.movie_embedding.num_embeddings, device=self.movie_embedding.weight.device)
         d = self.cfg.embedding_dim
         m = self.movie_vectors(movies)
-        layers = self._inference_layers()
-        return MovieSide(movies, m @ self.attention.weight[:, d:].T + self.attention.bias, m @ layers[0][0][:, d:].T,
-                         layers)
+        attention = m @ self.attention.weight[:, d:].T + self.attention.bias if self.cfg.attention else None
+        layers, first = [], None
+        if self.cfg.architecture in HAS_MLP:
+            layers = self._inference_layers()
+            first = m @ layers[0][0][:, d:].T
+        return MovieSide(movies, attention, first, layers, m)
 
     @torch.no_grad()
     def score_users(self, users: torch.Tensor, movies: torch.Tensor | None = None,
                     movie_side: MovieSide | None = None) -> torch.Tensor:
-        """Predicted ratings of every movie (or `movies`, or `movie_side`'s movies) for each user: [len(users), n].
+        """The ranking logit of every movie (or `movies`, or `movie_side`'s movies) for each user:
+        [len(users), n], ordered as the eval-mode `forward` ranks them.
 
         The eval-mode `forward` on the user x movie grid, computed cheaper: the attention
         logits and the first layer are linear in [u; m], so their user and movie halves
-        are computed once per user and once per movie rather than once per pair, and
-        batch norm is folded into the linear layers.
+        are computed once per user and once per movie rather than once per pair, batch
+        norm is folded into the linear layers, and the GMF path's share of the head is
+        4 w_u w_m ((u * head weights) . m), one matrix product per user batch.
         """
         side = movie_side or self.movie_side(movies)
         d = self.cfg.embedding_dim
+        head = getattr(self, "rating_head" if self.cfg.objective == "rating" else "interaction_head")
         u = self.user_embedding(users)
-        logits = (u @ self.attention.weight[:, :d].T)[:, None, :] + side.attention[None, :, :]
-        weights = 2 * torch.softmax(logits, dim=-1)  # users x movies x 2, gates as in forward
-        (first_w, first_b), *rest = side.layers
-        user_part = (u @ first_w[:, :d].T)[:, None, :]
-        hidden = torch.mul(weights[..., :1], user_part)
-        hidden.addcmul_(weights[..., 1:], side.first[None, :, :]).add_(first_b).relu_()
-        hidden = hidden.view(-1, hidden.shape[-1])
-        for i, (weight, bias) in enumerate(rest):
-            hidden = torch.addmm(bias, hidden, weight.T)
-            if i < len(rest) - 1:
-                hidden.relu_()
-        logit = hidden.view(len(users), len(side.movies))
+        if self.cfg.attention:
+            logits = (u @ self.attention.weight[:, :d].T)[:, None, :] + side.attention[None, :, :]
+            weights = 2 * torch.softmax(logits, dim=-1)  # users x movies x 2, gates as in forward
+        else:
+            weights = torch.ones(len(users), len(side.movies), 2, device=u.device)
+        logit = head.bias.expand(len(users), len(side.movies)).clone()
+        width = 0
+        if self.cfg.architecture in HAS_MLP:
+            (first_w, first_b), *rest = side.layers
+            user_part = (u @ first_w[:, :d].T)[:, None, :]
+            hidden = torch.mul(weights[..., :1], user_part)
+            hidden.addcmul_(weights[..., 1:], side.first[None, :, :]).add_(first_b).relu_()
+            hidden = hidden.view(-1, hidden.shape[-1])
+            for weight, bias in rest:
+                hidden = torch.addmm(bias, hidden, weight.T).relu_()
+            width = hidden.shape[-1]
+            logit += (hidden @ head.weight[0, :width]).view(len(users), len(side.movies))
+        if self.cfg.architecture in HAS_GMF:
+            gmf = (u * head.weight[0, width:]) @ side.vectors.T
+            logit += weights[..., 0] * weights[..., 1] * gmf
         if self.cfg.use_bias:
-            logit = logit + self.user_bias(users) + self.movie_bias(side.movies).T
-        return self.cfg.rating_min + (self.cfg.rating_max - self.cfg.rating_min) * torch.sigmoid(logit)
+            logit += self.user_bias(users) + self.movie_bias(side.movies).T
+        return logit
 
 
 @torch.no_grad()
@@ -173,11 +241,17 @@ def forward_batched(model: NCF, users: torch.Tensor, movies: torch.Tensor, batch
 
 
 def count_flops_per_sample(cfg: ModelConfig) -> int:
-    """Multiply-adds x 2 of one forward pass through attention and MLP (embeddings are lookups)."""
-    width = 2 * cfg.embedding_dim
-    macs = width * 2  # attention
-    for hidden in cfg.hidden_dims:
-        macs += width * hidden
-        width = hidden
-    macs += width
+    """Multiply-adds x 2 of one forward pass through attention, paths and heads (embeddings are lookups)."""
+    d = cfg.embedding_dim
+    macs = 2 * d * 2 if cfg.attention else 0
+    width = 0
+    if cfg.architecture in HAS_MLP:
+        width = 2 * d
+        for hidden in cfg.hidden_dims:
+            macs += width * hidden
+            width = hidden
+    if cfg.architecture in HAS_GMF:
+        macs += d
+        width += d
+    macs += width * (2 if cfg.objective == "joint" else 1)
     return 2 * macs

@@ -21,17 +21,27 @@ from ncf.training import Phase  # noqa: E402
 
 
 def learning_curves(history: list[dict[str, float]]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Training loss (train RMSE for models with a rating head) and validation RMSE on the left,
+    the served ranking's validation NDCG@10 on the right."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     search = [h for h in history if h["phase"] == Phase.SEARCH]
     refit = [h for h in history if h["phase"] == Phase.REFIT]
-    ax.plot([h["epoch"] for h in search], [h["train_rmse"] for h in search], "o-", label="train RMSE")
-    ax.plot([h["epoch"] for h in search], [h["val_rmse"] for h in search], "o-", label="validation RMSE")
+    rating = bool(search) and "train_rmse" in search[0]
+    train_key, label = ("train_rmse", "RMSE") if rating else ("train_loss", "loss")
+    left.plot([h["epoch"] for h in search], [h[train_key] for h in search], "o-", label=f"train {label}")
+    if rating and "val_rmse" in search[0]:
+        left.plot([h["epoch"] for h in search], [h["val_rmse"] for h in search], "o-", label="validation RMSE")
     if refit:
-        ax.plot([h["epoch"] for h in refit], [h["train_rmse"] for h in refit], "s--",
-                label="refit on train + validation (train RMSE)")
-    ax.set(xlabel="epoch", ylabel="RMSE", title="Learning curves")
-    ax.legend(loc="lower left")
-    ax.grid(alpha=0.3)
+        left.plot([h["epoch"] for h in refit], [h[train_key] for h in refit], "s--",
+                  label=f"refit on train + validation (train {label})")
+    left.set(xlabel="epoch", ylabel=label, title="Learning curves")
+    left.legend(loc="best")
+    left.grid(alpha=0.3)
+    right.plot([h["epoch"] for h in search], [h.get("val_full_ndcg_at_10", np.nan) for h in search], "o-",
+               color="tab:green", label="served ranking (validation)")
+    right.set(xlabel="epoch", ylabel="full-ranking NDCG@10", title="Validation ranking quality")
+    right.legend(loc="best")
+    right.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

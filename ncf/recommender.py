@@ -1,9 +1,11 @@
 """A trained model plus everything needed to recommend with it, in raw MovieLens ids.
 
 `Recommender` is what the registered MLflow model carries and what Ray Serve loads:
-weights, config, id maps, the movie table and every user's known ratings, with the
-indexes built from them once (ratings grouped by user, popularity, genres). It
-answers pair predictions, top-k over unseen movies and explanations.
+weights, config, id maps, the movie table, every user's known ratings and the fitted
+candidate retriever, with the indexes built from them once (ratings grouped by user,
+popularity, genres). It answers pair predictions, top-k over unseen movies (retrieval
+then re-ranking, `ncf.reranking.top_k`: the one ranking path of evaluation, the pyfunc,
+Serve and batch jobs) and explanations.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import pandas as pd
 import torch
 import yaml
 
-from ncf.config import Config, ModelConfig
+from ncf.config import Config, ModelConfig, RetrievalConfig
 from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
-from ncf.ranking import SeenItems, top_k_unseen
+from ncf.ranking import SeenItems
+from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, top_k
+from ncf.retrieval import ALS, EASE, FILE_NAME, load_retriever
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
 PAIR_COLUMNS = ["user_id", "movie_id", "predicted_rating", "strength", "user_weight", "movie_weight"]
@@ -48,15 +52,29 @@ class NCFScorer:
     def score(self, users: np.ndarray) -> torch.Tensor:
         return self.model.score_users(torch.as_tensor(np.asarray(users)))
 
+    def score_pairs(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """The ranking logit of given candidates ([U, C]): the sampled protocol without a catalogue pass."""
+        return blended_pairs(self.model, None, Reranking(0), users, candidates)
+
 
 class Recommender:
-    def __init__(self, model: NCF, config: dict, ids: IdMaps, movies: pd.DataFrame, history: Ratings):
+    score = None  # as an evaluation `Scorable`, it ranks with `rank`, not by a catalogue score
+
+    def __init__(self, model: NCF, config: dict, ids: IdMaps, movies: pd.DataFrame, history: Ratings,
+                 retriever: EASE | ALS | None = None):
         self.model = model.eval()
         self.config = config  # the resolved training config, kept as the run's record
         self.ids = ids
         self.movies = movies.reset_index(drop=True)
         self.history = history  # every known rating (train + validation), encoded
         self.scorer = NCFScorer(self.model)
+        self.predict = self.scorer.predict
+        retrieval = RetrievalConfig.model_validate(config["retrieval"]) if "retrieval" in config else None
+        self.candidates = (CandidateRetriever(retriever, history, retrieval.min_rating, ids.n_users, ids.n_movies)
+                           if retriever is not None else None)
+        self.reranking = Reranking.from_config(retrieval) if retrieval else Reranking(0)
+        # The catalogue's half of every scoring pass, for ranking the whole catalogue (no retriever).
+        self.movie_side = self.model.movie_side() if self.candidates is None else None
         # Grouped by user: user u's ratings are rows seen.indptr[u]:seen.indptr[u + 1] (the CSR of `seen`).
         self.rated = history.take(np.argsort(history.user, kind="stable"))
         self.seen = SeenItems(self.rated.user, self.rated.movie, ids.n_users)
@@ -69,8 +87,11 @@ class Recommender:
         self.genre_lists = [[] if g == NO_GENRES else g.split("|") for g in self.movies["genres"]]
 
     @classmethod
-    def from_training(cls, model: NCF, config: Config, data: MovieLens) -> Recommender:
-        return cls(model, config.model_dump(mode="json"), data.ids, data.movies, data.splits.train_and_validation())
+    def from_training(cls, model: NCF, config: Config, data: MovieLens,
+                      retriever: CandidateRetriever | None = None) -> Recommender:
+        """`retriever` fitted on train + validation, like `model`; `config.retrieval` holds the chosen re-ranking."""
+        return cls(model, config.model_dump(mode="json"), data.ids, data.movies, data.splits.train_and_validation(),
+                   retriever.retriever if retriever else None)
 
     # ------------------------------------------------------------------ persistence
 
@@ -83,6 +104,8 @@ class Recommender:
         self.movies.to_csv(folder / MOVIES, index=False)
         h = self.history
         np.savez_compressed(folder / HISTORY, user=h.user, movie=h.movie, rating=h.rating, timestamp=h.timestamp)
+        if self.candidates is not None:
+            self.candidates.retriever.save(folder)
         return folder
 
     @classmethod
@@ -98,7 +121,8 @@ class Recommender:
         genres = torch.from_numpy(genre_matrix(movies)[0]) if model_config.use_genres else None
         model = NCF(ids.n_users, ids.n_movies, model_config, genres)
         model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-        return cls(model, config, ids, movies, history)
+        retriever = load_retriever(folder) if (folder / FILE_NAME).exists() else None
+        return cls(model, config, ids, movies, history, retriever)
 
     # ------------------------------------------------------------------ id handling
 
@@ -138,14 +162,23 @@ class Recommender:
             "user_weight": out["user_weight"], "movie_weight": out["movie_weight"],
         }, columns=PAIR_COLUMNS)
 
-    def top_k_indices(self, users: np.ndarray, k: int) -> np.ndarray:
-        """Movie indices of each user's k best unseen movies (users x k)."""
-        return top_k_unseen(self.scorer.score, users, self.seen, k)[0]
+    def top_k(self, users: np.ndarray, k: int, seen: SeenItems | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Movie indices of each user's k best unseen movies (users x k) and their scores, best first
+        (-inf past the end of a user's unseen movies)."""
+        return top_k(self.model, self.candidates, self.reranking, users, seen or self.seen, k, self.movie_side)
+
+    def rank(self, users: np.ndarray, seen: SeenItems, k: int) -> np.ndarray:
+        """The evaluation's ranker: movies unseen in `seen`, ranked as served."""
+        return self.top_k(users, k, seen)[0]
+
+    def score_pairs(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Given candidates ([U, C]) scored as the served ranking orders them (the sampled protocol)."""
+        return blended_pairs(self.model, self.candidates, self.reranking, users, candidates)
 
     def recommend(self, user_ids, k: int = 10) -> pd.DataFrame:
         """Top-k movies each user has not rated, best first; unknown users raise UnknownIdError."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        top = self.top_k_indices(self.user_indices(user_ids), k)
+        top, _ = self.top_k(self.user_indices(user_ids), k)
         n = top.shape[1]
         users = np.repeat(self.user_indices(user_ids), n)
         out = self.scorer.explain(users, top.ravel())
@@ -164,6 +197,12 @@ class Recommender:
         """Indices of movies whose title contains `query` (any case), most rated first."""
         matches = self.lower_titles.str.contains(query.lower(), regex=False).to_numpy()
         return self.by_popularity[matches[self.by_popularity]][:limit]
+
+    def retrieval_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's movies that made the retriever propose `movie`, strongest first, with their shares."""
+        if self.candidates is None:
+            return np.empty(0, np.int64), np.empty(0)
+        return self.candidates.evidence(user, movie)
 
     @torch.no_grad()
     def movie_similarity(self, movie: int, others: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""Candidate retrieval for full-catalogue ranking: EASE and ALS, and the blend with the NCF's signal.
+"""Candidate retrieval for full-catalogue ranking: EASE and ALS, and the blend with the NCF's signals.
 
 The NCF model regresses ratings, which ranks the catalogue below popularity; an item-item
 (EASE) or implicit-feedback factor (ALS) retriever trained on who-rated-what ranks far
 better. The recommender then re-ranks each user's top-N unseen retrieved movies by a blend
-of the standardised retriever score and the NCF's score.
+of the standardised retriever score and the NCF's (`ncf.reranking`).
 
 A pure computing library (numpy, scipy, `implicit` to fit ALS): no Ray, no MLflow. Fitted
 retrievers save to a single .npz of plain arrays, so a registered model can ship one
@@ -12,17 +12,16 @@ without pickling library objects, and loading or scoring needs only numpy and sc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-import torch
 from threadpoolctl import threadpool_limits
 
 from ncf.data import Ratings
-from ncf.ranking import ScoreFn, SeenItems, top_k_unseen
 
 FILE_NAME = "retriever.npz"
 
@@ -310,37 +309,19 @@ def _standardise(scores: np.ndarray) -> np.ndarray:
     return np.where(finite, z, -np.inf)
 
 
-def blend(retriever_scores: np.ndarray, ncf_scores: np.ndarray, weight: float) -> np.ndarray:
-    """z(retriever) + weight * z(ncf), each z-scored over the user's own candidates (rows).
+def blend(retriever_scores: np.ndarray, signals: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """z(retriever) + sum over signals of weight * z(signal), each z-scored over the user's own candidates (rows).
 
-    Standardising makes `weight` mean the same for every user and every pair of models
+    Standardising makes a weight mean the same for every user and every pair of models
     whatever their score scales. A candidate the retriever could not score (-inf) stays
-    last and takes no part in either mean or spread; a row without spread scores 0.
+    last and takes no part in any mean or spread; a row without spread scores 0. A signal
+    without a weight counts 0.
     """
     r = _standardise(np.asarray(retriever_scores, dtype=np.float64))
-    n = _standardise(np.where(np.isfinite(r), np.asarray(ncf_scores, dtype=np.float64), -np.inf))
-    return np.where(np.isfinite(r), r + weight * np.where(np.isfinite(n), n, 0.0), -np.inf)
-
-
-def _numpy(scores: np.ndarray | torch.Tensor) -> np.ndarray:
-    return scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
-
-
-def retrieve_and_rerank(retriever_score_fn: ScoreFn, ncf_score_fn: ScoreFn, users: np.ndarray, seen: SeenItems,
-                        n_candidates: int, k: int, weight: float, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's top-`n_candidates` unseen movies by retriever score, re-ranked by `blend`; the best `k`.
-
-    Returns movie indices [len(users), k] and their blended scores, best first. With
-    weight 0 the order is the retriever's own; seen movies are never candidates.
-    """
-    users = np.asarray(users)
-    items, values = [], []
-    for start in range(0, len(users), chunk):
-        batch = users[start: start + chunk]
-        candidates, retrieved = top_k_unseen(retriever_score_fn, batch, seen, n_candidates)
-        ncf = np.take_along_axis(_numpy(ncf_score_fn(batch)), candidates, axis=1)
-        blended = blend(retrieved, ncf, weight)
-        order = np.argsort(-blended, axis=1, kind="stable")[:, :k]
-        items.append(np.take_along_axis(candidates, order, axis=1))
-        values.append(np.take_along_axis(blended, order, axis=1))
-    return np.concatenate(items), np.concatenate(values)
+    out = r.copy()
+    for name, scores in signals.items():
+        weight = weights.get(name, 0.0)
+        if weight:
+            z = _standardise(np.where(np.isfinite(r), np.asarray(scores, dtype=np.float64), -np.inf))
+            out += weight * np.where(np.isfinite(z), z, 0.0)
+    return np.where(np.isfinite(r), out, -np.inf)

@@ -26,8 +26,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ncf.config import Config
-from ncf.data import MovieLens, epoch_batches
+from ncf.data import MovieLens, Ratings, epoch_batches
+from ncf.evaluation import full_ranking_against
 from ncf.model import NCF, forward_batched
+from ncf.ranking import SeenItems
+from ncf.reranking import Reranking, fit_retriever, top_k
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -82,10 +85,15 @@ class LocalReporter:
 
 def format_epoch(m: dict[str, float]) -> str:
     """One progress line; refit epochs have no validation figures (validation is in their data)."""
-    validation = (f"val_rmse {m['val_rmse']:.4f}  val_mae {m['val_mae']:.4f}" if "val_rmse" in m
-                  else "refit on train + validation")
+    parts = [f"{name} {m[name]:.4f}" for name in ("val_rmse", "val_mae", "val_full_ndcg_at_10") if name in m]
+    validation = "  ".join(parts) if parts else "refit on train + validation"
     return (f"epoch {int(m['epoch']):3d}  train_loss {m['train_loss']:.4f}  {validation}  lr {m['lr']:.2e}  "
             f"{m['epoch_seconds']:.1f}s" + ("  *" if m.get("improved") else ""))
+
+
+def lower_is_better(metric: str) -> bool:
+    """Errors and losses fall as models improve; ranking figures rise."""
+    return metric.endswith(("rmse", "mae", "loss"))
 
 
 class Phase(IntEnum):
@@ -104,7 +112,7 @@ class TrainState:
     epoch: int = 0
     refit_epochs: int = 0
     resumed: int = 0  # how many times the run continued from a checkpoint after a failure
-    best_val_rmse: float = math.inf
+    best_value: float = math.nan  # of train.monitor, at best_epoch
     best_epoch: int = 0
     stale_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -115,7 +123,7 @@ class TrainState:
 class TrainResult:
     model: NCF
     best_epoch: int
-    best_val_rmse: float
+    best_value: float  # of train.monitor
     history: list[dict[str, float]]
 
 
@@ -157,24 +165,111 @@ def _same_on_all_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def _train_epoch(wrapped: nn.Module, optimizer, tensors, cfg, epoch: int, reporter: Reporter) -> float:
-    """One pass over this rank's shard; returns the mean training loss."""
+def sample_unrated(users: np.ndarray, rated_keys: np.ndarray, n_movies: int, n: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """`n` movies per entry of `users` drawn uniformly from those the user has not rated: [len(users) * n].
+
+    `rated_keys` is the sorted array of user * n_movies + movie of every rated pair. Vectorised
+    rejection: draw all, redraw only the rated ones, until none is left.
+    """
+    users = np.repeat(np.asarray(users, dtype=np.int64), n)
+    movies = rng.integers(0, n_movies, size=len(users))
+    todo = np.arange(len(users))
+    while len(todo):
+        keys = users[todo] * n_movies + movies[todo]
+        position = np.minimum(np.searchsorted(rated_keys, keys), len(rated_keys) - 1)
+        rated = rated_keys[position] == keys if len(rated_keys) else np.zeros(len(todo), bool)
+        todo = todo[rated]
+        movies[todo] = rng.integers(0, n_movies, size=len(todo))
+    return movies
+
+
+def rated_keys(ratings: Ratings, n_movies: int) -> np.ndarray:
+    return np.unique(ratings.user.astype(np.int64) * n_movies + ratings.movie)
+
+
+def _batch_loss(wrapped: nn.Module, users, movies, ratings, negatives, config: Config) -> tuple[torch.Tensor, float]:
+    """The objective's loss on one batch of rated pairs (and their sampled unrated movies), and the
+    rating head's MSE (nan without one)."""
+    objective, cfg = config.model.objective, config.train
+    if objective == "rating":
+        loss = nn.functional.mse_loss(wrapped(users, movies).rating.float(), ratings)
+        return loss, loss.item()
+    n_pos = len(users)
+    out = wrapped(torch.cat([users, users.repeat_interleave(cfg.negatives_per_positive)]),
+                  torch.cat([movies, negatives]))
+    labels = torch.zeros(len(out.logit), device=users.device)
+    labels[:n_pos] = 1.0
+    bce = nn.functional.binary_cross_entropy_with_logits(out.logit.float(), labels)
+    if objective == "implicit":
+        return bce, math.nan
+    mse = nn.functional.mse_loss(out.rating[:n_pos].float(), ratings)
+    return cfg.rating_loss_weight * mse + cfg.interaction_loss_weight * bce, mse.item()
+
+
+def _train_epoch(wrapped: nn.Module, optimizer, ratings: Ratings, n_movies: int, config: Config, epoch: int,
+                 reporter: Reporter) -> tuple[float, float]:
+    """One pass over this rank's shard; returns the mean training loss and the rating head's mean MSE."""
+    cfg = config.train
     device = reporter.device
     use_bf16 = cfg.mixed_precision and device.type == "cuda"
+    implicit = config.model.objective != "rating"
+    keys = rated_keys(ratings, n_movies) if implicit else None
+    rng = np.random.default_rng([cfg.seed, epoch, reporter.rank])
     wrapped.train()
-    loss_sum, n_seen = 0.0, 0
-    for users, movies, ratings in epoch_batches(tensors, cfg.batch_size, epoch=epoch, seed=cfg.seed,
-                                                rank=reporter.rank, world_size=reporter.world_size):
-        users, movies, ratings = users.to(device), movies.to(device), ratings.to(device)
+    loss_sum = mse_sum = 0.0
+    n_seen = 0
+    for users, movies, target in epoch_batches(ratings.tensors(), cfg.batch_size, epoch=epoch, seed=cfg.seed,
+                                               rank=reporter.rank, world_size=reporter.world_size):
+        negatives = (torch.from_numpy(sample_unrated(users.numpy(), keys, n_movies, cfg.negatives_per_positive, rng))
+                     .to(device) if implicit else None)
+        users, movies, target = users.to(device), movies.to(device), target.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
-            predicted = wrapped(users, movies).rating
-        loss = nn.functional.mse_loss(predicted.float(), ratings)
+            loss, mse = _batch_loss(wrapped, users, movies, target, negatives, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.item() * len(users)
+        mse_sum += mse * len(users)
         n_seen += len(users)
-    return loss_sum / max(n_seen, 1)
+    return loss_sum / max(n_seen, 1), mse_sum / max(n_seen, 1)
+
+
+class Validation:
+    """The validation figures of every epoch: rating error (models with a rating head) and the
+    full-catalogue ranking of the validation slice by what would be served (`ncf.reranking.top_k`,
+    with a retriever fitted on train alone). Computed on rank 0 and shared with every rank."""
+
+    def __init__(self, config: Config, data: MovieLens, rank: int):
+        self.config, self.data, self.rank = config, data, rank
+        self.users, self.movies, self.ratings = data.splits.validation.tensors()
+        train = data.splits.train
+        self.seen = SeenItems(train.user, train.movie, data.n_users)
+        self.retriever = (fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
+                          if rank == 0 else None)
+        self.reranking = Reranking.from_config(config.retrieval)
+
+    def __call__(self, model: NCF) -> dict[str, float]:
+        names = ["val_full_ndcg_at_10", "val_full_hit_rate_at_10"]
+        if "rating" in model.heads:
+            names = ["val_loss", "val_mae"] + names
+        values = [0.0] * len(names)
+        if self.rank == 0:
+            figures = {}
+            if "rating" in model.heads:
+                predicted = forward_batched(model, self.users, self.movies).rating
+                figures["val_loss"] = float(torch.mean((predicted - self.ratings) ** 2))
+                figures["val_mae"] = float(torch.mean(torch.abs(predicted - self.ratings)))
+            model.eval()
+            ranking, _ = full_ranking_against(
+                lambda users, seen, k: top_k(model, self.retriever, self.reranking, users, seen, k)[0],
+                self.seen, self.data.splits.validation, self.data.n_movies)
+            figures |= {f"val_{name}": ranking[name] for name in ("full_ndcg_at_10", "full_hit_rate_at_10")}
+            values = [figures[name] for name in names]
+        metrics = dict(zip(names, _same_on_all_ranks(values), strict=True))
+        if "val_loss" in metrics:
+            metrics["val_rmse"] = math.sqrt(metrics["val_loss"])
+        return metrics
 
 
 def _report(reporter: Reporter, metrics: dict[str, float], model, optimizer, scheduler, state: TrainState) -> None:
@@ -188,19 +283,20 @@ def _report(reporter: Reporter, metrics: dict[str, float], model, optimizer, sch
 
 
 def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResult:
-    """Early-stop on validation RMSE, then (train.refit) retrain on train + validation.
+    """Early-stop on `train.monitor` over the validation slice, then (train.refit) retrain on train + validation.
 
     The refit phase repeats the best epoch count with the learning rates the search
     phase used, so the final model also learns from each user's most recent ratings,
     the ones closest in time to the test split.
     """
     cfg = config.train
+    monitor, minimise = cfg.monitor, lower_is_better(cfg.monitor)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(config, data).to(reporter.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=cfg.lr_plateau_factor, patience=cfg.lr_plateau_patience)
+        optimizer, mode="min" if minimise else "max", factor=cfg.lr_plateau_factor, patience=cfg.lr_plateau_patience)
     state = TrainState()
     resume_from = reporter.restore()
     if resume_from is not None:
@@ -211,32 +307,29 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
         state = TrainState(**(saved["state"] | {"phase": Phase(saved["state"]["phase"])}))
         state.resumed += 1
         print(f"resuming at epoch {state.epoch + 1} ({state.phase.name.lower()} phase, "
-              f"best val_rmse {state.best_val_rmse:.4f})", flush=True)
+              f"best {monitor} {state.best_value:.4f})", flush=True)
     wrapped = reporter.prepare(model)
-    val_users, val_movies, val_ratings = data.splits.validation.tensors()
+    validate = Validation(config, data, reporter.rank) if state.phase == Phase.SEARCH else None
 
     while state.phase == Phase.SEARCH and state.epoch < cfg.max_epochs and state.stale_epochs < cfg.patience:
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = _train_epoch(wrapped, optimizer, data.splits.train.tensors(), cfg, state.epoch, reporter)
-        predicted = forward_batched(model, val_users, val_movies).rating
-        val_mse, val_mae = _same_on_all_ranks([float(torch.mean((predicted - val_ratings) ** 2)),
-                                              float(torch.mean(torch.abs(predicted - val_ratings)))])
-        scheduler.step(val_mse)
-        val_rmse = math.sqrt(val_mse)
-        improved = val_rmse < state.best_val_rmse - 1e-5
+        train_loss, train_mse = _train_epoch(wrapped, optimizer, data.splits.train, data.n_movies, config,
+                                                 state.epoch, reporter)
+        validation = validate(model)
+        value = validation[monitor]
+        # The plateau scheduler follows validation MSE when the monitor is RMSE (the deck's setting).
+        scheduler.step(validation["val_loss"] if monitor == "val_rmse" else value)
+        improved = state.best_epoch == 0 or (value < state.best_value - 1e-5 if minimise
+                                             else value > state.best_value + 1e-5)
         if improved:
-            state.best_val_rmse, state.best_epoch, state.stale_epochs = val_rmse, state.epoch + 1, 0
+            state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
             state.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             state.stale_epochs += 1
         state.epoch += 1
-        _report(reporter, {
-            "epoch": state.epoch, "phase": float(Phase.SEARCH), "train_loss": train_loss,
-            "train_rmse": math.sqrt(train_loss),
-            "val_loss": val_mse, "val_rmse": val_rmse, "val_mae": val_mae, "best_val_rmse": state.best_val_rmse,
-            "lr": lr, "epoch_seconds": time.perf_counter() - started, "improved": float(improved),
-        }, model, optimizer, scheduler, state)
+        _report(reporter, _epoch_metrics(state, Phase.SEARCH, train_loss, train_mse, lr, started, monitor) | validation
+                | {"improved": float(improved)}, model, optimizer, scheduler, state)
 
     if cfg.refit and state.phase == Phase.SEARCH and state.best_epoch > 0:
         state.phase = Phase.REFIT
@@ -246,24 +339,31 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
         print(f"refitting on train + validation for {state.best_epoch} epoch(s)", flush=True)
     if state.phase == Phase.REFIT:
         search_lrs = [m["lr"] for m in state.history if m["phase"] == Phase.SEARCH]
-        all_train = data.splits.train_and_validation().tensors()
+        all_train = data.splits.train_and_validation()
         while state.refit_epochs < state.best_epoch:
             started = time.perf_counter()
+            lr = search_lrs[state.refit_epochs]
             for group in optimizer.param_groups:
-                group["lr"] = search_lrs[state.refit_epochs]
-            train_loss = _train_epoch(wrapped, optimizer, all_train, cfg, state.refit_epochs, reporter)
+                group["lr"] = lr
+            train_loss, train_mse = _train_epoch(wrapped, optimizer, all_train, data.n_movies, config,
+                                                 state.refit_epochs, reporter)
             state.refit_epochs += 1
             state.epoch += 1
-            _report(reporter, {
-                "epoch": state.epoch, "phase": float(Phase.REFIT), "train_loss": train_loss,
-                "train_rmse": math.sqrt(train_loss),
-                "best_val_rmse": state.best_val_rmse, "lr": search_lrs[state.refit_epochs - 1],
-                "epoch_seconds": time.perf_counter() - started,
-            }, model, optimizer, scheduler, state)
+            _report(reporter, _epoch_metrics(state, Phase.REFIT, train_loss, train_mse, lr, started, monitor),
+                    model, optimizer, scheduler, state)
 
     final = copy.deepcopy(model).cpu()
     final.load_state_dict(final_weights({"model": final.state_dict(), "state": state.__dict__}))
-    return TrainResult(final.eval(), state.best_epoch, state.best_val_rmse, state.history)
+    return TrainResult(final.eval(), state.best_epoch, state.best_value, state.history)
+
+
+def _epoch_metrics(state: TrainState, phase: Phase, train_loss: float, train_mse: float, lr: float, started: float,
+                   monitor: str) -> dict[str, float]:
+    metrics = {"epoch": state.epoch, "phase": float(phase), "train_loss": train_loss,
+               f"best_{monitor}": state.best_value, "lr": lr, "epoch_seconds": time.perf_counter() - started}
+    if not math.isnan(train_mse):
+        metrics["train_rmse"] = math.sqrt(train_mse)
+    return metrics
 
 
 def fit_in_process(config: Config, data: MovieLens, checkpoint_dir: Path, resume: bool = False,

@@ -12,7 +12,7 @@ together, one catalogue pass per batch (`@serve.batch`).
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -28,7 +28,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from mlflow import MlflowClient
 from ray import serve
 from ray.serve import Application
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ncf.config import ServeConfig, load_config
 from ncf.integrations import mlflow_tracking
@@ -57,11 +59,13 @@ logger = logging.getLogger("ray.serve")
 
 UserId = Annotated[int, Query(ge=0, le=MAX_ID, description="MovieLens userId")]
 MovieId = Annotated[int, Query(ge=0, le=MAX_ID, description="MovieLens movieId")]
-ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+ERRORS = {404: {"model": ErrorOut, "description": "unknown id"}}
 
+# Every error the app answers is a JSON `{"error": ...}` (ErrorOut), and these two can come from any operation.
 api = FastAPI(title="NCF movie recommender",
               description="Recommendations and explanations from the champion NCF model (MovieLens ids).",
-              responses={422: {"model": ErrorOut}})
+              responses={413: {"model": ErrorOut, "description": "request body over serve.max_body_bytes"},
+                         422: {"model": ErrorOut, "description": "invalid request: parameters or body"}})
 
 
 @api.exception_handler(RequestValidationError)
@@ -72,7 +76,12 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    if exc.status_code == 400:
+        # FastAPI's only 400: a body it could not decode (not UTF-8, nested too deep). The app raises none itself,
+        # and a malformed body is invalid input like any other: 422, as documented.
+        cause = type(exc.__cause__).__name__ if exc.__cause__ else "malformed"
+        return JSONResponse({"error": f"body: could not be decoded as JSON ({cause})"}, status_code=422)
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
 @api.exception_handler(UnknownIdError)
@@ -84,6 +93,68 @@ async def _unknown(request: Request, exc: UnknownIdError) -> JSONResponse:
 async def _bug(request: Request, exc: Exception) -> JSONResponse:
     """A bug answers with a JSON error, never a traceback (the traceback goes to the replica's log)."""
     return JSONResponse({"error": f"internal error ({type(exc).__name__}) on {request.url.path}"}, status_code=500)
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over the limit. An HTTPException, so that raised while FastAPI reads a body it answers
+    through `_http_error` like any other error."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes (serve.max_body_bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit()` bytes is refused with 413 before anything parses it: at once
+    when its Content-Length says so (the body is never read), else (a chunked body) as soon as the bytes read pass
+    the limit, so a replica never holds more than the limit of any body."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[], int]):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _http_error_response(BodyTooLarge(limit), scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except BodyTooLarge as exc:  # read outside FastAPI's body parsing: answered here, unless already answering
+            if started:
+                raise
+            await _http_error_response(exc, scope, receive, send)
+
+
+async def _http_error_response(exc: HTTPException, scope: Scope, receive: Receive, send: Send) -> None:
+    response = await _http_error(Request(scope, receive), exc)
+    await response(scope, receive, send)
+
+
+def _replica_body_limit() -> int:
+    """serve.max_body_bytes of the replica answering (its config arrives after the app is built)."""
+    return serve.get_replica_context().servable_object.config.max_body_bytes
+
+
+api.add_middleware(BodyLimit, limit=_replica_body_limit)
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -186,13 +257,14 @@ class Recommendations:
             for i in recent]}
 
     @api.get("/movies/search", response_model=SearchOut)
-    def search(self, q: Annotated[str, Query(min_length=1, max_length=200, description="part of a title")],
+    def search(self, q: Annotated[str, Query(min_length=1, max_length=200, pattern=r"\S",
+                                             description="part of a title (not blank)")],
                limit: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> dict:
-        """Movies whose title contains `q` (any case), most rated first."""
+        """Movies whose title contains `q` (any case, surrounding spaces ignored), most rated first."""
         served = self.served
-        query = q.strip().lower()
-        if not query:
-            raise HTTPException(422, "q: must not be blank")
+        # The pattern guarantees a non-space character; Python's strip() also drops a few control characters
+        # (U+001C..U+001F) that the pattern does not count as spaces, hence the fallback.
+        query = q.strip().lower() or q.lower()
         found = served.recommender.search_titles(query, limit)
         return {"query": q, "movies": [served.movie(m) for m in found]}
 

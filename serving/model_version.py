@@ -12,13 +12,11 @@ from datetime import datetime, timezone
 
 import mlflow
 import numpy as np
-import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from ncf.config import MODEL_URI
-from ncf.ranking import top_k_unseen
 from ncf.recommender import Recommender
 from serving.schemas import MAX_K
 
@@ -72,7 +70,6 @@ class ServedVersion:
         lo, hi = recommender.model.cfg.rating_min, recommender.model.cfg.rating_max
         # Cold start: the most rated movies, each at its mean rating; only the movie side speaks.
         self.cold = Ranking(popular, means, (means - lo) / (hi - lo), np.zeros(len(popular)), np.ones(len(popular)))
-        self.movie_side = recommender.model.movie_side()  # the catalogue's half of every scoring pass
         self.rankings: OrderedDict[int, Ranking] = OrderedDict()  # least recently asked for first
 
     def cached(self, user: int) -> Ranking | None:
@@ -90,9 +87,7 @@ class ServedVersion:
         if len(todo) == 0:
             return found
         rec = self.recommender
-        movies, scores = top_k_unseen(
-            lambda batch: rec.model.score_users(torch.as_tensor(batch), movie_side=self.movie_side),
-            todo, rec.seen, MAX_K)
+        movies, scores = rec.top_k(todo, MAX_K)
         k = movies.shape[1]
         pairs = rec.scorer.explain(np.repeat(todo, k), movies.ravel())
         for row, user in enumerate(todo):
@@ -122,7 +117,8 @@ class ServedVersion:
                                            ranking.user_weight[:k], ranking.movie_weight[:k], strict=True)]
 
     def explain(self, user_id: int, movie_id: int) -> dict:
-        """The pair's prediction and attention weights, and the user's liked movies closest to it."""
+        """The pair's prediction and attention weights, the user's liked movies closest to it in the model,
+        and the rated movies that made the retriever propose it."""
         rec = self.recommender
         user, movie = int(rec.user_indices([user_id])[0]), int(rec.movie_indices([movie_id])[0])
         out = rec.scorer.explain(np.asarray([user]), np.asarray([movie]))
@@ -142,7 +138,19 @@ class ServedVersion:
             "because_you_rated": [self.movie(liked.movie[i]) | {"rating": float(liked.rating[i]),
                                                                 "similarity": float(similarity[i])} for i in closest],
             "shared_genres": shared,
+            "retriever": rec.candidates.name if rec.candidates is not None else None,
+            "retrieved_because_you_rated": self.evidence(user, movie),
         }
+
+    def evidence(self, user: int, movie: int) -> list[dict]:
+        """The retriever's evidence for the pair: the user's ratings behind the movie's retrieval score."""
+        rec = self.recommender
+        movies, shares = rec.retrieval_evidence(user, movie)
+        movies, shares = movies[:BECAUSE_N], shares[:BECAUSE_N]
+        rated = rec.ratings_of(user)
+        rating_of = dict(zip(rated.movie.tolist(), rated.rating.tolist(), strict=True))
+        return [self.movie(m) | {"rating": float(rating_of[int(m)]), "weight": float(w)}
+                for m, w in zip(movies, shares, strict=True)]
 
 
 def load_version(version: ModelVersion, cache_users: int) -> ServedVersion:

@@ -6,7 +6,10 @@ from pydantic import BaseModel, Field
 
 MAX_K = 100  # the API's limit on k, and the length of each cached ranking
 MAX_PAIRS = 10_000
-MAX_ID = 2**63 - 1  # ids are int64 inside the model
+# Ids are int64 inside the model; the API takes those up to 2**53 - 1, the largest integer a JSON number holds
+# exactly (JavaScript's Number.MAX_SAFE_INTEGER), so that every client and JSON Schema validator compares
+# ids with this bound exactly (to one comparing floats, 2**63 - 1 is 2**63 and admits ids past int64).
+MAX_ID = 2**53 - 1
 
 
 class Movie(BaseModel):
@@ -16,8 +19,11 @@ class Movie(BaseModel):
 
 
 class Scored(BaseModel):
-    predicted_rating: float = Field(description="rating the model predicts, in the rating range")
-    strength: float = Field(description="recommendation strength in [0, 1] (the rating before scaling)")
+    predicted_rating: float = Field(description="the rating head's prediction, in the rating range; a model "
+                                                "trained on interactions alone (objective implicit) has no rating "
+                                                "head and shows its strength on the rating scale")
+    strength: float = Field(description="recommendation strength in [0, 1]: the sigmoid of the ranking head "
+                                        "(the rating head, or the interaction head when the model has one)")
     user_weight: float = Field(description="attention on the user side; the two weights sum to 1")
     movie_weight: float = Field(description="attention on the movie side")
 
@@ -39,12 +45,22 @@ class BecauseYouRated(Movie):
     similarity: float = Field(description="cosine similarity of the two movies' representations")
 
 
+class RetrievedBecause(Movie):
+    rating: float = Field(description="the user's own rating")
+    weight: float = Field(description="this rating's share of the movie's retrieval score (EASE: the exact term; "
+                                      "ALS: the cosine of the two movies' factors)")
+
+
 class ExplanationOut(Movie, Scored):
     user_id: int
     model_version: str
     because_you_rated: list[BecauseYouRated]
     shared_genres: list[str] = Field(description="genres of this movie among those the user's liked movies have, "
                                                  "most shared first")
+    retriever: str | None = Field(description="the candidate retriever (ease, als), or null when the model "
+                                              "ranks the whole catalogue itself")
+    retrieved_because_you_rated: list[RetrievedBecause] = Field(
+        description="the user's ratings that made the retriever propose this movie, strongest first")
 
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]

@@ -28,6 +28,7 @@ from ncf.data import DataError, MovieLens, load_movielens, resolve_data_dir
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import free_port
 from ncf.recommender import Recommender
+from ncf.reranking import fit_retriever
 from ncf.training import LocalReporter, train_loop
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -66,9 +67,11 @@ def tiny_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_config() -> Config:
-    """The defaults, with the data section pointing at the tiny dataset and its checksums."""
-    return load_config([f"data.dir={TINY_DIR}", f"data.sha256={TINY_SHA256}"])
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """The defaults, with the data section pointing at the tiny dataset (ml-latest-small's format) and its
+    checksums, and its prepared copy in a temporary folder."""
+    return load_config([f"data.dir={TINY_DIR}", f"data.datasets.ml-latest-small.sha256={TINY_SHA256}",
+                        f"data.prepared_dir={tmp_path_factory.mktemp('prepared')}"])
 
 
 @pytest.fixture(scope="session")
@@ -126,11 +129,13 @@ class Store:
         """Train a tiny model with this seed, log and register it (not promoted); returns its version."""
         config = load_config([*TINY_MODEL, f"train.seed={seed}"])
         result = train_loop(config, self.data, LocalReporter(verbose=False))
+        retriever = fit_retriever(config.retrieval, self.data.splits.train_and_validation(), self.data.n_users,
+                                  self.data.n_movies)
         with tempfile.TemporaryDirectory(prefix="ncf-recommender-") as tmp:
-            folder = Recommender.from_training(result.model, config, self.data).save(Path(tmp))
+            folder = Recommender.from_training(result.model, config, self.data, retriever).save(Path(tmp))
             mlflow_tracking.setup()
             with mlflow.start_run(run_name=f"tiny-seed-{seed}"):
-                return str(mlflow_tracking.log_recommender(folder).registered_model_version)
+                return str(mlflow_tracking.log_recommender(folder, config).registered_model_version)
 
     def recommender(self, version: str) -> Recommender:
         """The registered version as the app loads it, for comparing answers."""
@@ -147,7 +152,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) 
     try:
         store = Store(uri, movielens, champion="")
         store.champion = store.register_tiny_model(seed=1)
-        mlflow_tracking.promote(store.champion)
+        mlflow_tracking.promote(mlflow_tracking.MODEL_NAME, store.champion)
         yield store
     finally:
         if previous is None:

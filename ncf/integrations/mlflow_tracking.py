@@ -8,8 +8,11 @@ any worker logs (concurrent creation of a fresh SQLite store crashes).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import threading
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -24,9 +27,18 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from ncf.config import PACKAGE_DIR, Config, flatten, save_config
 
 EXPERIMENT = "ncf-movielens"
-MODEL_NAME = "ncf-movielens"
+MODEL_NAME = "ncf-movielens"  # the registered model of ml-latest-small; other datasets get ncf-<dataset>
+DEFAULT_DATASET = "ml-latest-small"
 CHAMPION = "champion"
-VALIDATION_METRIC = "best_val_rmse"  # what decides the champion (logged by every finished run)
+
+
+def model_name(config: Config) -> str:
+    """`registry.model_name`, else one registered model per dataset: models trained on different data
+    never compete for one `champion` alias."""
+    if config.registry.model_name:
+        return config.registry.model_name
+    return MODEL_NAME if config.data.name == DEFAULT_DATASET else f"ncf-{config.data.name}"
+logger = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
@@ -61,22 +73,86 @@ def setup(experiment: str = EXPERIMENT) -> str:
 
 
 class EpochLogger:
-    """Logs one epoch's metrics to a run by id: usable from any process (rank 0, a trial)."""
+    """Logs each epoch's metrics to a run by id: usable from any process (rank 0, a trial).
 
-    def __init__(self, run_id: str, uri: str | None = None):
+    The store may be unreachable for a while (a tracking server restarting): training never waits for it. Each
+    epoch's metrics join a buffer that a background thread sends, oldest first, retrying with backoff (1 s doubling
+    up to `max_backoff_s`) until the store answers; the metrics keep the time they were logged. MLflow's client
+    retries each request itself first (MLFLOW_HTTP_REQUEST_MAX_RETRIES and _BACKOFF_FACTOR: by default for minutes),
+    so a send may also succeed late rather than fail. `flush()` waits until all are sent: whoever trains calls it
+    before the run ends (the jobs do), since metrics still buffered when the process exits are lost.
+    """
+
+    BATCH = 1000  # the most metrics one log_batch request takes
+
+    def __init__(self, run_id: str, uri: str | None = None, max_backoff_s: float = 10.0):
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=uri or tracking_uri())
+        self.max_backoff_s = max_backoff_s
+        self.failed_sends = 0  # attempts that failed so far (the store was unreachable or refused)
+        self.last_error: Exception | None = None
+        self._pending: list[Metric] = []  # oldest first; a batch leaves only once the store took it
+        self._changed = threading.Condition()
+        self._sender: threading.Thread | None = None
 
     def __call__(self, metrics: dict[str, float]) -> None:
         step = int(metrics["epoch"])
-        stamp = int(pd.Timestamp.now().timestamp() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(key, float(value), stamp, step) for key, value in metrics.items() if key != "epoch"])
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, step) for key, value in metrics.items() if key != "epoch"]
+        with self._changed:
+            self._pending.extend(batch)
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_all, name=f"mlflow-epochs-{self.run_id[:8]}",
+                                                daemon=True)
+                self._sender.start()
+
+    @property
+    def pending(self) -> int:
+        """Metrics not sent yet."""
+        with self._changed:
+            return len(self._pending)
+
+    def _send_all(self) -> None:
+        """The sender thread: sends until the buffer is empty, then ends (the next epoch starts another)."""
+        backoff = 1.0
+        while True:
+            with self._changed:
+                if not self._pending:
+                    self._sender = None
+                    self._changed.notify_all()
+                    return
+                batch = self._pending[:self.BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # unreachable, or answering errors: keep the batch, try again later
+                with self._changed:
+                    self.failed_sends += 1
+                    self.last_error = err
+                    if self.failed_sends == 1 or backoff >= self.max_backoff_s:
+                        logger.warning("MLflow store unreachable (%s); %d metric(s) of run %s buffered, retrying",
+                                       err, len(self._pending), self.run_id)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, self.max_backoff_s)
+                continue
+            backoff = 1.0
+            with self._changed:
+                del self._pending[:len(batch)]
+                self._changed.notify_all()
+
+    def flush(self, timeout_s: float = 600.0) -> None:
+        """Wait until every metric logged so far is in the store; raise if that takes over `timeout_s` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: not self._pending, timeout=timeout_s):
+                raise MlflowException(f"{len(self._pending)} metric(s) of run {self.run_id} not logged after "
+                                      f"{timeout_s:g} s: the store at {self.client.tracking_uri} is unreachable "
+                                      f"({self.last_error})")
 
 
 def log_config(config: Config) -> None:
-    """The resolved config: every value as a param, the file as an artifact."""
-    mlflow.log_params(flatten(config))
+    """The resolved config: every value as a param (of the datasets, only the one used), the file as an artifact."""
+    own = f"data.datasets.{config.data.name}."
+    mlflow.log_params({key: value for key, value in flatten(config).items()
+                       if not key.startswith("data.datasets.") or key.startswith(own)})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         save_config(config, path)
@@ -84,9 +160,9 @@ def log_config(config: Config) -> None:
 
 
 def log_test_metrics(models: dict[str, dict[str, float]], primary: str = "ncf") -> None:
-    """`test_<metric>` for the model; `baselines/<name>/test_<metric>` for the others."""
+    """`test_<metric>` for the model; `baselines/<name>/test_<metric>` for the others (spaces become _)."""
     for name, metrics in models.items():
-        prefix = "test_" if name == primary else f"baselines/{name}/test_"
+        prefix = "test_" if name == primary else f"baselines/{name.replace(' ', '_')}/test_"
         mlflow.log_metrics({prefix + key: value for key, value in metrics.items()})
 
 
@@ -125,11 +201,11 @@ SIGNATURE = ModelSignature(
 
 def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}"
-            for name in ("mlflow", "torch", "numpy", "pandas", "pyyaml", "pydantic")]
+            for name in ("mlflow", "torch", "numpy", "pandas", "pyyaml", "pydantic", "scipy", "threadpoolctl")]
 
 
-def log_recommender(recommender_dir: Path, register: bool = True) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc with its artifacts and the `ncf` code, and register it."""
+def log_recommender(recommender_dir: Path, config: Config, register: bool = True) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc with its artifacts and the `ncf` code, and register it under `model_name(config)`."""
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=RecommenderModel(),
@@ -137,40 +213,59 @@ def log_recommender(recommender_dir: Path, register: bool = True) -> mlflow.mode
         code_paths=[str(PACKAGE_DIR)],  # the whole `ncf` package: the model loads without this repo
         pip_requirements=pip_requirements(),
         signature=SIGNATURE,
-        registered_model_name=MODEL_NAME if register else None,
+        registered_model_name=model_name(config) if register else None,
     )
 
 
-def champion_version(client: MlflowClient | None = None) -> mlflow.entities.model_registry.ModelVersion | None:
+def load_recommender(model_uri: str, dst_path: str):
+    """The `ncf.recommender.Recommender` inside a registered version."""
+    return mlflow.pyfunc.load_model(model_uri, dst_path=dst_path).unwrap_python_model().recommender
+
+
+def describe_version(config: Config, version: str, description: str, tags: dict[str, str],
+                     client: MlflowClient | None = None) -> None:
+    """A description and tags on the registered version, so the registry page says what it is."""
+    client = client or MlflowClient()
+    name = model_name(config)
+    client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def champion_version(name: str = MODEL_NAME,
+                     client: MlflowClient | None = None) -> mlflow.entities.model_registry.ModelVersion | None:
     client = client or MlflowClient()
     try:
-        return client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
 
 
-def promote(version: str, client: MlflowClient | None = None) -> None:
-    (client or MlflowClient()).set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+def promote(name: str, version: str, client: MlflowClient | None = None) -> None:
+    (client or MlflowClient()).set_registered_model_alias(name, CHAMPION, version)
 
 
-def promote_if_better(version: str, val_rmse: float, client: MlflowClient | None = None) -> dict[str, str]:
-    """Move the champion alias to `version` only if its validation RMSE beats the champion's.
+def promote_if_better(name: str, version: str, value: float, metric: str, lower_is_better: bool,
+                      client: MlflowClient | None = None) -> dict[str, str]:
+    """Move `name`'s champion alias to `version` only if its `metric` beats the champion's.
 
-    The incumbent's figure is the `best_val_rmse` its run logged (a run without one counts
-    as beaten). Returns the decision and both figures, as tags for the runs to record.
+    The incumbent's figure is the `metric` its run logged (a run without one counts as
+    beaten). Returns the decision and both figures, as tags for the runs to record.
     """
     client = client or MlflowClient()
-    incumbent = champion_version(client)
-    incumbent_val = None
+    incumbent = champion_version(name, client)
+    incumbent_value = None
     if incumbent is not None and incumbent.run_id:
-        incumbent_val = client.get_run(incumbent.run_id).data.metrics.get(VALIDATION_METRIC)
-    promoted = incumbent is None or incumbent_val is None or val_rmse < incumbent_val
+        incumbent_value = client.get_run(incumbent.run_id).data.metrics.get(metric)
+    promoted = (incumbent is None or incumbent_value is None
+                or (value < incumbent_value if lower_is_better else value > incumbent_value))
     if promoted:
-        promote(version, client)
+        promote(name, version, client)
     return {
         "champion.decision": "promoted" if promoted else "kept",
+        "champion.metric": metric,
         "champion.candidate_version": version,
-        "champion.candidate_val_rmse": f"{val_rmse:.6f}",
+        "champion.candidate_value": f"{value:.6f}",
         "champion.incumbent_version": str(incumbent.version) if incumbent else "none",
-        "champion.incumbent_val_rmse": f"{incumbent_val:.6f}" if incumbent_val is not None else "none",
+        "champion.incumbent_value": f"{incumbent_value:.6f}" if incumbent_value is not None else "none",
     }

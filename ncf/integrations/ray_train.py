@@ -1,22 +1,30 @@
-"""Ray glue for the one training loop: joining a cluster, the Ray Train launcher (TorchTrainer,
-Train V2) and the reporters a Ray Train worker or a Ray Tune trial hands the loop."""
+"""Ray glue for the one training loop: joining a cluster, where Ray Train and Tune store checkpoints
+(`storage_location`), the Ray Train launcher (TorchTrainer, Train V2) and the reporters a Ray Train
+worker or a Ray Tune trial hands the loop."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlparse
 
+import pyarrow.fs
 import torch
+from mlflow.entities import RunTag
 
-from ncf.config import Config, config_from_dict
+from ncf.config import Config, ConfigError, TrainConfig, config_from_dict
 from ncf.data import load_movielens
 from ncf.integrations import mlflow_tracking
-from ncf.training import format_epoch, train_loop
+from ncf.training import format_epoch, lower_is_better, train_loop
 
 EpochCallback = Callable[[dict[str, float]], None]
+logger = logging.getLogger(__name__)
 
 
 class RayTrainReporter:
@@ -75,12 +83,39 @@ class TuneReporter:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
+def worker_placement() -> dict[str, str]:
+    """Where this Ray Train worker runs, as run tags: `ray.worker.<rank>.node_id` and `.node_ip`."""
+    import ray
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    return {f"ray.worker.{rank}.node_id": ray.get_runtime_context().get_node_id(),
+            f"ray.worker.{rank}.node_ip": ray.util.get_node_ip_address()}
+
+
+def _tag_run(client, run_id: str, tags: dict[str, str]) -> None:
+    try:
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    except Exception as err:  # the store stayed unreachable: the run misses these tags, training goes on
+        logger.warning("could not tag MLflow run %s with %s: %s", run_id, sorted(tags), err)
+
+
 def train_worker(params: dict) -> None:
-    """The function every Ray Train worker runs."""
+    """The function every Ray Train worker runs. With a run id, each worker tags the run with the node
+    it runs on (a replacement worker after a failure overwrites its rank's tags)."""
     config = config_from_dict(params["config"])
     data = load_movielens(config.data)
-    on_epoch = mlflow_tracking.EpochLogger(params["run_id"], params["tracking_uri"]) if params.get("run_id") else None
+    on_epoch = tagging = None
+    if params.get("run_id"):
+        on_epoch = mlflow_tracking.EpochLogger(params["run_id"], params["tracking_uri"])
+        # Sent beside training, as the epochs' metrics are: an unreachable store never holds training up.
+        tagging = threading.Thread(target=_tag_run, args=(on_epoch.client, on_epoch.run_id, worker_placement()),
+                                   name="mlflow-placement-tags", daemon=True)
+        tagging.start()
     train_loop(config, data, RayTrainReporter(on_epoch))
+    if on_epoch:
+        on_epoch.flush()  # the epochs' metrics buffered while the store was unreachable
+        tagging.join()
 
 
 def free_port() -> int:
@@ -111,15 +146,74 @@ def init_ray() -> None:
              runtime_env={"env_vars": {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}})
 
 
+class Storage(NamedTuple):
+    """Where Ray Train and Tune keep checkpoints and experiment state: a filesystem and a path on it
+    (RunConfig's `storage_filesystem` and `storage_path`)."""
+
+    filesystem: pyarrow.fs.FileSystem
+    path: str  # on `filesystem`: an absolute folder, or `bucket/prefix` on S3
+
+    @property
+    def uri(self) -> str:
+        """The location as a user writes it: the folder, or `s3://bucket/prefix`."""
+        return f"s3://{self.path}" if self.filesystem.type_name == "s3" else self.path
+
+    def join(self, *parts: str) -> str:
+        """A path below this location, on its filesystem."""
+        return "/".join([self.path.rstrip("/"), *parts])
+
+
+# Where an S3-compatible store is reached, first set wins (boto3's own variables, then MLflow's).
+S3_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def storage_location(train: TrainConfig, environ: Mapping[str, str] | None = None) -> Storage:
+    """`train.storage_uri` as the filesystem and path Ray Train and Tune store under.
+
+    None: the local folder `train.checkpoint_dir` (made absolute). `s3://bucket/prefix`: pyarrow's S3
+    filesystem at the endpoint of S3_ENDPOINT_VARIABLES (none set: AWS itself) in AWS_REGION or
+    AWS_DEFAULT_REGION. Credentials are not read here: each process that opens the filesystem finds its
+    own in its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, a profile, an
+    instance role), so none travel inside the filesystem Ray pickles to its workers and actors.
+    A local path or `file://` URI is a local folder. Any other scheme is a ConfigError.
+    """
+    env = os.environ if environ is None else environ
+    uri = train.storage_uri
+    if not uri:
+        return Storage(pyarrow.fs.LocalFileSystem(), str(Path(train.checkpoint_dir).expanduser().resolve()))
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        folder = parsed.path if parsed.scheme else uri
+        return Storage(pyarrow.fs.LocalFileSystem(), str(Path(folder).expanduser().resolve()))
+    if parsed.scheme != "s3":
+        raise ConfigError(f"train.storage_uri {uri!r}: unsupported scheme '{parsed.scheme}://'; use "
+                          "s3://bucket/prefix (any S3-compatible store), a local folder, or null for "
+                          "train.checkpoint_dir")
+    if not parsed.netloc:
+        raise ConfigError(f"train.storage_uri {uri!r} names no bucket: use s3://bucket/prefix")
+    options: dict[str, str] = {}
+    endpoint = next((env[name] for name in S3_ENDPOINT_VARIABLES if env.get(name)), None)
+    if endpoint:
+        target = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options.update(endpoint_override=target.netloc, scheme=target.scheme)
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+    return Storage(pyarrow.fs.S3FileSystem(**options), path)
+
+
 def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list | None = None):
     """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config.
 
-    `callbacks` are Ray Train callbacks (a Tune trial passes `TuneReportCallback`).
+    `callbacks` are Ray Train callbacks (a Tune trial passes `TuneReportCallback`). Checkpoints go to
+    `storage_location(config.train)`, where a restarted worker group resumes from the latest one.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = config.train
+    storage = storage_location(cfg)
     # Rank 0 prints each epoch once; Ray Train's print patch would echo every line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
@@ -130,10 +224,12 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(cfg.checkpoint_dir).expanduser().resolve()),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             # The latest checkpoint is always kept too (restarts resume from it).
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_val_rmse",
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=f"best_{cfg.monitor}",
+                checkpoint_score_order="min" if lower_is_better(cfg.monitor) else "max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
         ),
@@ -141,7 +237,7 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
 
 
 def fit_with_ray(config: Config, run_id: str | None) -> Path:
-    """Train under Ray Train; returns a local copy of the final checkpoint."""
+    """Train under Ray Train; returns a local copy of the final checkpoint (downloaded when in S3)."""
     init_ray()
     # A run name Ray Train has seen under the same storage path would be resumed: keep names unique.
     result = make_trainer(config, run_id, name=f"ncf-train-{run_id or uuid.uuid4().hex[:12]}").fit()

@@ -8,17 +8,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from services import free_ports, processes_of, wait_for_job_api
 
 from ncf.integrations import mlflow_tracking
 
@@ -28,35 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 SCRIPT = ROOT / "platform" / "ray-cluster.sh"
 
 
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _processes_of(marker: str) -> list[int]:
-    """PIDs whose command line names `marker` (this head's own temp dir)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker in proc.joinpath("cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, data_dir):
     """A Ray head on free loopback ports, stopped (its processes only) when the module ends."""
-    gcs, dashboard, client, agent = _free_ports(4)
+    gcs, dashboard, client, agent = free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="ncfray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     store = tmp_path_factory.mktemp("mlflow")
     env = dict(os.environ, RAY_DASHBOARD_PORT=str(dashboard), RAY_USAGE_STATS_ENABLED="0",
@@ -68,17 +41,10 @@ def ray_head(tmp_path_factory, data_dir):
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        def head_alive() -> None:
             assert head.poll() is None, Path(temp_dir, "head.log").read_text()
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # answering (auth may be required): up
-            except OSError:
-                assert time.monotonic() < deadline, "the Ray head's job API did not come up"
-                time.sleep(1)
+
+        wait_for_job_api(address, timeout=120, alive=head_alive)
         yield env | {"RAY_ADDRESS": address}
     finally:
         head.terminate()  # `ray start --block` stops every process it started on SIGTERM ...
@@ -86,10 +52,10 @@ def ray_head(tmp_path_factory, data_dir):
             head.wait(timeout=5)
         except subprocess.TimeoutExpired:  # ... after draining for up to 30 s: not worth waiting for
             head.kill()
-            for pid in _processes_of(temp_dir):  # the head's own processes, named by its temp dir
+            for pid in processes_of(temp_dir):  # the head's own processes, named by its temp dir
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while (leftovers := _processes_of(temp_dir)) and time.monotonic() < deadline:
+        while (leftovers := processes_of(temp_dir)) and time.monotonic() < deadline:
             time.sleep(0.5)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

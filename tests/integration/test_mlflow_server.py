@@ -1,249 +1,38 @@
 """The tracking server of platform/mlflow-server.sh, for real: MLflow on a PostgreSQL backend store it creates,
 artifacts proxied to an S3-compatible store (moto's S3 server), the train job logging to it over HTTP with no
-storage credentials, and a clean stop on SIGTERM. Everything listens on 127.0.0.1, on free ports."""
+storage credentials, and a clean stop on SIGTERM. Everything listens on 127.0.0.1, on free ports. The server
+(the `server` fixture) and its helpers are shared with other modules: tests/integration/services.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pwd
 import re
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import psycopg
 import pytest
 from mlflow import MlflowClient
+from services import (
+    AWS,
+    BUCKET,
+    PREFIX,
+    Server,
+    client_env,
+    pid_alive,
+    postmaster_running,
+    session_members,
+    tail,
+    wait_closed,
+)
 
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import free_port
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]  # the repository
-SCRIPT = ROOT / "platform" / "mlflow-server.sh"
-BUCKET = "ncf-mlflow"
-PREFIX = "mlflow"  # the artifacts destination is s3://BUCKET/PREFIX
-ALLOWED_HOST = "mlflow-tracking:*"  # an in-cluster service name, as MLFLOW_ALLOWED_HOSTS lists it
-# Only the server gets these: the secret is random, so finding it anywhere else means it leaked.
-AWS = {"AWS_ACCESS_KEY_ID": "ncf-test-key-id", "AWS_SECRET_ACCESS_KEY": f"ncf-secret-{secrets.token_hex(16)}",
-       "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def postgres_bin() -> Path | None:
-    """PostgreSQL's bin folder as the script finds it (MLFLOW_PG_BIN, initdb on PATH, /usr/lib/postgresql)."""
-    if os.environ.get("MLFLOW_PG_BIN"):
-        return Path(os.environ["MLFLOW_PG_BIN"])
-    if shutil.which("initdb"):
-        return Path(shutil.which("initdb")).resolve().parent
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    return found[-1].parent if found else None
-
-
-def client_env(**extra: str) -> dict[str, str]:
-    """A client's environment: no storage credentials or endpoint (only the server has them), no other store."""
-    drop = ("AWS_", "MLFLOW_S3_", "MLFLOW_TRACKING_", "MLFLOW_REGISTRY_", "MLFLOW_BACKEND_", "MLFLOW_ARTIFACTS_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k != "NCF_CONF_DIR"}
-    return env | {"RAY_USAGE_STATS_ENABLED": "0"} | extra
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_closed(*ports: int, timeout: float = 30) -> list[int]:
-    """The ports still open after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while (still := [p for p in ports if port_open(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return still
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether the process runs (a zombie does not: a daemon's exit is reaped by init, maybe not at once)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def postmaster_running(data: Path) -> int | None:
-    """The pid of a postmaster running on the data folder `data`, if any."""
-    try:
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if str(data).encode() in cmdline else None
-
-
-def stop_postgres(data: Path) -> None:
-    """The last resort: PostgreSQL stopped at once, as the user it runs as."""
-    stop = [str(postgres_bin() / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
-    if os.geteuid() == 0:
-        stop = ["runuser", "-u", "postgres", "--", *stop]
-    subprocess.run(stop, capture_output=True, timeout=60)
-
-
-def session_members(sid: int) -> list[int]:
-    """The processes of session `sid` (one this test started with start_new_session=True)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
-            members.append(int(stat.parent.name))
-    return members
-
-
-def kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
-@dataclass
-class Server:
-    url: str
-    port: int
-    script: subprocess.Popen
-    log: Path
-    pg_dir: Path
-    pg_port: int
-    postmaster_pid: int
-    s3: object  # a boto3 S3 client for moto (the test's own credentials, not the clients')
-    exit_code: int | None = field(default=None)
-
-    def stop(self, timeout: float = 90) -> int:
-        """SIGTERM to the script alone (as `kill` or Ctrl-C would), then its exit code; idempotent.
-
-        Whatever the script leaves behind after `timeout` seconds is killed here (its session, its PostgreSQL)
-        and the stop is reported as failed (-1)."""
-        if self.exit_code is not None:
-            return self.exit_code
-        if self.script.poll() is None:
-            self.script.send_signal(signal.SIGTERM)
-        try:
-            self.exit_code = self.script.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.exit_code = -1
-        for pid in session_members(self.script.pid):  # the script and the server it started, if any is left
-            if pid_alive(pid):
-                self.exit_code = -1
-                kill(pid)
-        self.script.wait(timeout=30)
-        if postmaster_running(self.pg_dir / "data"):
-            self.exit_code = -1
-            stop_postgres(self.pg_dir / "data")
-        return self.exit_code
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    """moto's S3 server with a bucket, then platform/mlflow-server.sh on a fresh PostgreSQL folder with its
-    artifacts in that bucket; every process is stopped afterwards, also when a test failed."""
-    pg_bin = postgres_bin()
-    if pg_bin is None or not (pg_bin / "pg_ctl").exists():
-        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root needs a `postgres` system user to run PostgreSQL")
-
-    # Not under pytest's temporary folder (mode 0700): as root, the `postgres` user must reach the data folder.
-    # A short path too: the unix socket lives in it.
-    tmp = Path(tempfile.mkdtemp(prefix="ncf-mlflow-server-"))
-    tmp.chmod(0o755)
-    s3_port, port, pg_port = free_port(), free_port(), free_port()
-    while len({s3_port, port, pg_port}) < 3:
-        pg_port = free_port()
-    moto_log, log = tmp / "moto.log", tmp / "mlflow-server.log"
-    moto = script = srv = None
-    try:
-        with moto_log.open("wb") as out:
-            moto = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                                     "-p", str(s3_port)], stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not port_open(s3_port):
-            assert moto.poll() is None and time.monotonic() < deadline, f"moto did not start:\n{tail(moto_log)}"
-            time.sleep(0.2)
-        endpoint = f"http://127.0.0.1:{s3_port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name=AWS["AWS_DEFAULT_REGION"])
-        s3.create_bucket(Bucket=BUCKET)
-
-        env = client_env(MLFLOW_PORT=str(port), MLFLOW_PG_PORT=str(pg_port), MLFLOW_PG_DIR=str(tmp / "pg"),
-                         MLFLOW_ARTIFACTS_DESTINATION=f"s3://{BUCKET}/{PREFIX}", MLFLOW_S3_ENDPOINT_URL=endpoint,
-                         MLFLOW_ALLOWED_HOSTS=ALLOWED_HOST, **AWS)
-        with log.open("wb") as out:
-            script = subprocess.Popen([str(SCRIPT)], cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert script.poll() is None, f"mlflow-server.sh exited with {script.returncode}:\n{tail(log)}"
-            assert time.monotonic() < deadline, f"no /health answer in 180 s:\n{tail(log)}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        postmaster_pid = int((tmp / "pg" / "data" / "postmaster.pid").read_text().split()[0])
-        srv = Server(url, port, script, log, tmp / "pg", pg_port, postmaster_pid, s3)
-        yield srv
-    finally:
-        failures = []
-        if srv is not None:
-            if srv.stop() != 0:
-                failures.append(f"mlflow-server.sh did not stop cleanly ({srv.exit_code}):\n{tail(log)}")
-        elif script is not None:  # it never became healthy: stop what it started all the same
-            if script.poll() is None:
-                script.send_signal(signal.SIGTERM)
-                try:
-                    script.wait(timeout=90)
-                except subprocess.TimeoutExpired:
-                    os.killpg(script.pid, signal.SIGKILL)
-                    script.wait(timeout=30)
-            for pid in session_members(script.pid):
-                kill(pid)
-            if postmaster_running(tmp / "pg" / "data"):
-                stop_postgres(tmp / "pg" / "data")
-        if moto is not None:
-            os.killpg(moto.pid, signal.SIGTERM)
-            try:
-                moto.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(moto.pid, signal.SIGKILL)
-                moto.wait(timeout=30)
-        if still := wait_closed(s3_port, port, pg_port):
-            failures.append(f"ports still open after the stop: {still}")
-        if postmaster_running(tmp / "pg" / "data") or (tmp / "pg" / "data" / "postmaster.pid").exists():
-            failures.append("PostgreSQL is still running (or did not shut down cleanly) after the stop")
-        shutil.rmtree(tmp, ignore_errors=True)
-        assert not failures, "\n".join(failures)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ray.serve.schema import ServeDeploySchema
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import free_port
+from ncf.ranking import top_k_unseen
 from ncf.recommender import Recommender
 from serving.app import build_app
 from serving.model_version import load_version, resolve_version
@@ -107,8 +108,24 @@ def test_recommend_gives_the_models_top_k_unseen_movies(http: httpx.Client, cham
         assert item["user_weight"] + item["movie_weight"] == pytest.approx(1, abs=1e-5)
         assert 0 <= item["strength"] <= 1
         assert item["predicted_rating"] == pytest.approx(0.5 + 4.5 * item["strength"], abs=1e-4)
-    ratings = [i["predicted_rating"] for i in items]
-    assert ratings == sorted(ratings, reverse=True)
+    # Retrieval then re-ranking: every item is among the retriever's candidates for this user.
+    user = champion.user_indices([1])
+    width = max(champion.reranking.n_candidates, 10)
+    candidates = champion.ids.movie_ids[top_k_unseen(champion.candidates.score, user, champion.seen, width)[0][0]]
+    assert {i["movie_id"] for i in items} <= set(candidates.tolist())
+
+
+def test_users_with_different_histories_get_different_lists(http: httpx.Client, champion: Recommender):
+    """The mean overlap of top-10 lists across 60 users (shared movies / 10, over all pairs): a rating
+    regressor alone gives nearly everyone the same ten obscure movies; retrieval makes lists personal."""
+    users = champion.ids.user_ids[::10][:60].tolist()
+    lists = [{i["movie_id"] for i in http.get("/recommend", params={"user_id": u}).json()["items"]} for u in users]
+    overlaps = [len(a & b) / 10 for i, a in enumerate(lists) for b in lists[i + 1:]]
+    mean_overlap = float(np.mean(overlaps))
+    print(f"mean top-10 overlap across {len(users)} users ({len(overlaps)} pairs): {mean_overlap:.3f}; "
+          f"distinct movies in all lists: {len(set().union(*lists))}")
+    assert mean_overlap < 0.3
+    assert len(set().union(*lists)) >= 100
 
 
 def test_recommend_k_is_a_prefix_of_a_longer_list(http: httpx.Client):
@@ -181,6 +198,15 @@ def test_explain_gives_weights_and_the_users_closest_liked_movies(http: httpx.Cl
     np.testing.assert_allclose(similarities, champion.movie_similarity(
         movie, champion.movie_indices([b["movie_id"] for b in because])), rtol=1e-4, atol=1e-6)
     assert set(body["shared_genres"]) <= set(top["genres"])
+    # The retriever's evidence: the user's own ratings behind the movie's retrieval score, strongest first.
+    assert body["retriever"] == champion.candidates.name
+    evidence = body["retrieved_because_you_rated"]
+    assert 1 <= len(evidence) <= 5
+    movies, shares = champion.retrieval_evidence(user, movie)
+    assert [e["movie_id"] for e in evidence] == champion.ids.movie_ids[movies[:5]].tolist()
+    np.testing.assert_allclose([e["weight"] for e in evidence], shares[:5], rtol=1e-5)
+    for e in evidence:
+        assert own[e["movie_id"]] == e["rating"] >= 4.0  # retrieval learns from ratings >= 4
 
 
 def test_predict_pairs_match_the_model(http: httpx.Client, champion: Recommender):

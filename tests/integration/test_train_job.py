@@ -10,7 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 from mlflow import MlflowClient
@@ -71,11 +73,20 @@ def test_run_records_everything(trained, store):
     assert run.data.tags["data.sha256.ratings.csv"].startswith("80da8b33")
     for name in ("test_rmse", "test_mae", "test_precision_at_10", "test_recall_at_10", "test_f_at_10",
                  "test_ndcg_at_10", "test_full_ndcg_at_10", "test_full_hit_rate_at_10",
-                 "baselines/user_item_bias/test_rmse", "baselines/most_popular/test_full_ndcg_at_10"):
+                 "test_sampled_hr_at_10", "test_sampled_ndcg_at_10", "val_full_ndcg_at_10", "best_val_rmse",
+                 "baselines/user_item_bias/test_rmse", "baselines/most_popular/test_full_ndcg_at_10",
+                 "baselines/ease/test_full_ndcg_at_10", "baselines/als/test_full_ndcg_at_10",
+                 "baselines/ncf_model_alone/test_full_ndcg_at_10"):
         assert name in run.data.metrics, name
     assert 0.8 < run.data.metrics["test_rmse"] < 1.0
     val_curve = client.get_metric_history(summary.run_id, "val_rmse")
     assert sorted(m.step for m in val_curve) == list(range(1, len(val_curve) + 1))
+    # The served ranking's validation NDCG every epoch, then the figure of the chosen re-ranking after them.
+    ndcg = sorted(client.get_metric_history(summary.run_id, "val_full_ndcg_at_10"), key=lambda m: m.step)
+    assert [m.step for m in ndcg[:-1]] == list(range(1, len(val_curve) + 1))
+    assert ndcg[-1].step > max(m.step for m in client.get_metric_history(summary.run_id, "train_loss"))
+    assert run.data.metrics["val_full_ndcg_at_10"] == ndcg[-1].value  # the run's answer: the chosen re-ranking
+    assert "validation/reranking_grid.json" in {a.path for a in client.list_artifacts(summary.run_id, "validation")}
     assert len(client.get_metric_history(summary.run_id, "train_loss")) >= 3
     assert any(key.startswith("system/") for key in run.data.metrics), "system metrics are logged"
     plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
@@ -85,13 +96,17 @@ def test_run_records_everything(trained, store):
 
     assert promoted and run.data.tags["champion.decision"] == "promoted"
     assert run.data.tags["champion.incumbent_version"] == "none"
+    assert run.data.tags["champion.metric"] == "val_full_ndcg_at_10"  # the default gate
     champion = client.get_model_version_by_alias(mlflow_tracking.MODEL_NAME, mlflow_tracking.CHAMPION)
     assert str(champion.version) == summary.model_version and champion.run_id == summary.run_id
+    assert champion.tags["preset"] == "deck" and champion.tags["objective"] == "rating"
+    assert champion.tags["data.sha256.ratings.csv"] == run.data.tags["data.sha256.ratings.csv"]
+    assert "deck preset" in champion.description and "full NDCG@10" in champion.description
 
     written = json.loads(report.read_text())
     assert written["split"] == {"train": 72115, "validation": 8304, "test": 20417}
     assert written["models"]["ncf"]["rmse"] == pytest.approx(run.data.metrics["test_rmse"])
-    assert {"global_mean", "user_item_bias", "most_popular"} <= set(written["models"])
+    assert {"global_mean", "user_item_bias", "most_popular", "ease", "als", "ncf model alone"} <= set(written["models"])
 
 
 FRESH_PROCESS = """
@@ -118,7 +133,10 @@ def test_registered_model_loads_in_fresh_process(trained, store, data_dir, tmp_p
     top, pairs = out["top"], out["pairs"]
     assert top["rank"] == list(range(1, 11)) and set(top["user_id"]) == {1}
     assert all(isinstance(t, str) and t for t in top["title"])
-    assert top["predicted_rating"] == sorted(top["predicted_rating"], reverse=True)
+    # The fresh process ranks exactly as this one does (retrieval, then re-ranking, inside the pyfunc).
+    here = mlflow.pyfunc.load_model("models:/ncf-movielens@champion").predict(pd.DataFrame({"user_id": [1]}),
+                                                                             params={"k": 10})
+    assert top["movie_id"] == here["movie_id"].tolist()
     data = load_movielens(load_config([f"data.dir={data_dir}"]).data)
     known = data.splits.train_and_validation()
     rated_by_user_1 = set(data.ids.movie_ids[known.movie[known.user == data.ids.user_index([1])[0]]].tolist())

@@ -27,7 +27,11 @@ pytestmark = pytest.mark.integration
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# The gate here compares validation RMSE: the learning rates below make it clearly better or worse, while the
+# served ranking's NDCG (mostly the retriever's) could tie. The default gate, on val_full_ndcg_at_10, has its
+# own tests in tests/unit/test_champion_gate.py.
 TINY = ["model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]", "tune.startup_trials=1",
+        "registry.champion_metric=best_val_rmse",
         "tune.space.model.embedding_dim={choice: [16]}", "tune.space.train.batch_size={choice: [1024]}"]
 # Learning rates that make a sweep's best trial clearly better, or clearly worse, than the other side.
 GOOD = ["tune.space.train.learning_rate={loguniform: [0.002, 0.004]}"]
@@ -79,7 +83,8 @@ def env(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def weak_champion(env) -> tuple[str, float]:
     """The incumbent: a one-epoch model at a tiny learning rate from the train job (version 1)."""
-    config = load_config([*TINY[:2], "model.embedding_dim=16", "train.batch_size=1024", "train.learning_rate=0.0001",
+    config = load_config([*TINY[:2], "registry.champion_metric=best_val_rmse", "model.embedding_dim=16",
+                          "train.batch_size=1024", "train.learning_rate=0.0001",
                           "train.max_epochs=1", "train.refit=false", f"train.checkpoint_dir={env.checkpoints}"])
     summary, promoted = train_job.run(config, launcher="local", report_path=None)
     assert promoted and summary.model_version == "1"
@@ -133,7 +138,7 @@ def test_trial_config_applies_sampled_values_budget_and_resources():
 
 
 def test_search_space_must_name_config_keys():
-    with pytest.raises(ValueError, match="tune.space.model.embeding_dim is not a model or train config key"):
+    with pytest.raises(ValueError, match="tune.space.model.embeding_dim is not a model, train, retrieval config key"):
         load_config(["tune.space.model={embeding_dim: {choice: [8]}}"])
     with pytest.raises(ValueError, match="exactly one of"):
         load_config(["tune.space.train.batch_size={choice: [8], uniform: [1, 2]}"])
@@ -186,9 +191,13 @@ def test_better_sweep_model_is_registered_and_promoted(env, weak_champion, resum
     assert version.run_id == best_run.info.run_id
     assert tags["champion.decision"] == "promoted"
     assert (tags["champion.candidate_version"], tags["champion.incumbent_version"]) == ("2", weak_champion[0])
-    assert float(tags["champion.candidate_val_rmse"]) < float(tags["champion.incumbent_val_rmse"])
-    assert float(tags["champion.incumbent_val_rmse"]) == pytest.approx(weak_champion[1], abs=1e-6)
+    assert tags["champion.metric"] == "best_val_rmse"
+    assert float(tags["champion.candidate_value"]) < float(tags["champion.incumbent_value"])
+    assert float(tags["champion.incumbent_value"]) == pytest.approx(weak_champion[1], abs=1e-6)
     assert str(mlflow_tracking.champion_version().version) == "2"
+    # The registry says what the version is without opening its run.
+    assert version.tags["objective"] == "rating" and version.tags["preset"] == "deck"
+    assert "Validation full NDCG@10" in version.description
 
 
 def test_multi_worker_trials_stream_their_epochs(env, worse_sweep):
@@ -207,7 +216,7 @@ def test_worse_sweep_model_is_registered_but_not_promoted(env, worse_sweep):
     tags = parent.data.tags
     assert tags["champion.decision"] == "kept"
     assert (tags["champion.candidate_version"], tags["champion.incumbent_version"]) == ("3", "2")
-    assert float(tags["champion.candidate_val_rmse"]) > float(tags["champion.incumbent_val_rmse"])
+    assert float(tags["champion.candidate_value"]) > float(tags["champion.incumbent_value"])
     assert MlflowClient().get_model_version(mlflow_tracking.MODEL_NAME, "3").run_id == tags["sweep.best_run_id"]
     assert str(mlflow_tracking.champion_version().version) == "2"
 

@@ -38,7 +38,8 @@ def test_defaults_are_the_deck_model():
     assert config.model.use_bias is False and config.model.use_genres is False
     assert config.data.split.protocol == "seed"
     assert config.data.split.test_fraction == 0.2
-    assert set(config.data.sha256) == {"links.csv", "movies.csv", "ratings.csv", "tags.csv"}
+    assert config.data.name == "ml-latest-small"
+    assert set(config.data.published.sha256) == {"links.csv", "movies.csv", "ratings.csv", "tags.csv"}
 
 
 def test_override_changes_value_with_its_type():
@@ -78,6 +79,23 @@ def test_wrong_type_names_the_key():
 def test_out_of_range_value_names_the_key():
     with pytest.raises(ConfigError, match=r"data\.split\.test_fraction"):
         load_config(["data.split.test_fraction=1.5"])
+
+
+def test_dataset_by_name():
+    data = load_config(["data.name=ml-1m"]).data
+    assert data.published.url.endswith("/ml-1m.zip") and data.published.sizes.ratings == 1_000_209
+    with pytest.raises(ConfigError, match=r"data.name 'ml-5m' is none of data.datasets: ml-latest-small, ml-100k"):
+        load_config(["data.name=ml-5m"])
+
+
+def test_fold_protocol_needs_a_dataset_with_that_fold():
+    split = load_config(["data.name=ml-100k", "data.split.protocol=fold", "data.split.fold=ua"]).data.split
+    assert (split.protocol, split.fold) == ("fold", "ua")
+    with pytest.raises(ConfigError, match=r"data.split.protocol fold: ml-latest-small ships no folds "
+                                          r"\(datasets with folds: ml-100k\)"):
+        load_config(["data.split.protocol=fold"])
+    with pytest.raises(ConfigError, match=r"data.split.fold 'u6' is not a fold of ml-100k: u1, u2, u3, u4, u5, ua, ub"):
+        load_config(["data.name=ml-100k", "data.split.protocol=fold", "data.split.fold=u6"])
 
 
 def test_unknown_key_in_yaml_file_is_named(conf_copy: Path):
@@ -133,4 +151,32 @@ def test_flatten_gives_dotted_keys():
     assert flat["train.batch_size"] == 256
     assert flat["model.hidden_dims"] == [512, 256, 128, 64]
     assert not any(isinstance(v, dict) for v in flat.values())
-    assert {key.split(".")[0] for key in flat} == set(SECTIONS)
+    assert {key.split(".")[0] for key in flat} == {*SECTIONS, "preset"}
+    assert flat["preset"] == "deck"
+
+
+def test_presets_apply_over_the_defaults():
+    deck = load_config(preset="deck")
+    assert deck == load_config().model_copy(update={"preset": "deck"})
+    neumf = load_config(["train.batch_size=64"], preset="neumf")
+    assert neumf.preset == "neumf"
+    assert (neumf.model.architecture, neumf.model.objective, neumf.model.attention) == ("neumf", "implicit", False)
+    assert neumf.retrieval.retriever == "none" and neumf.train.monitor == "val_full_ndcg_at_10"
+    assert neumf.train.batch_size == 64  # overrides come after the preset
+    assert neumf.data == deck.data  # what the preset does not name keeps its default
+    recommender = load_config(preset="recommender")
+    assert recommender.registry.champion_metric == "val_full_ndcg_at_10"
+
+
+def test_unknown_preset_and_preset_keys_are_named(conf_copy: Path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*deck, neumf, recommender"):
+        load_config(preset="nope")
+    (conf_copy / "presets" / "broken.yaml").write_text("model:\n  embeding_dim: 8\n")
+    with pytest.raises(ConfigError, match="model.embeding_dim"):
+        load_config(conf_dir=conf_copy, preset="broken")
+
+
+def test_implicit_models_cannot_monitor_rmse():
+    with pytest.raises(ConfigError, match="val_rmse needs a rating head"):
+        load_config(["model.objective=implicit"])
+    assert load_config(["model.objective=implicit", "train.monitor=val_full_ndcg_at_10"]).model.objective == "implicit"

@@ -1,8 +1,10 @@
-"""Data: schema validation, verified loading, the exact split protocols, ids, genres, batches (on the tiny
+"""Data: verified loading through the one reading path (ncf.datasets' typed readers, the prepared copy),
+malformed input named by file and line, the exact split protocols, ids, genres, batches (on the tiny
 synthetic dataset; the figures of the real data are checked in tests/integration/test_real_data.py)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,82 +12,102 @@ import pandas as pd
 import pytest
 import torch
 
-from ncf.config import Config
+from ncf.config import Config, with_values
 from ncf.data import (
     DataError,
     IdMaps,
     MovieLens,
     Ratings,
-    encode_movielens,
     epoch_batches,
     genre_matrix,
     load_movielens,
     split_ratings,
-    validate_ratings,
 )
 
-# ----------------------------------------------------------------------------- schema
+# ----------------------------------------------------------------------------- one reading path, validation
+
+HEADER = "userId,movieId,rating,timestamp"
+GOOD_LINES = ["1,10,4.0,964982703", "1,20,0.5,964982704", "2,10,5,964982705"]
+MOVIES = "movieId,title,genres\n10,A (1990),Drama\n20,\"B, The (1991)\",Comedy\n"
 
 
-def ratings_frame(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
-    """A ratings frame of strings, as `pd.read_csv(dtype=str)` gives it."""
-    return pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"], dtype=str)
+def custom_config(config: Config, tmp_path: Path) -> Config:
+    """ml-latest-small's format on files of our own: no known digests or sizes, prepared under tmp_path."""
+    return with_values(config, {"data.datasets.ml-latest-small.sha256": {}, "data.datasets.ml-latest-small.sizes": None,
+                                "data.prepared_dir": str(tmp_path / "prepared")})
 
 
-GOOD_ROWS = [("1", "10", "4.0", "964982703"), ("1", "20", "0.5", "964982704"), ("2", "10", "5", "964982705")]
+def write_dataset(folder: Path, lines: list[str], movies: str = MOVIES) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "ratings.csv").write_text("\n".join([HEADER, *lines]) + "\n")
+    (folder / "movies.csv").write_text(movies)
+    return folder
 
 
-def test_valid_ratings_are_typed():
-    typed = validate_ratings(ratings_frame(GOOD_ROWS))
-    assert typed["userId"].tolist() == [1, 1, 2]
-    assert typed["movieId"].tolist() == [10, 20, 10]
-    assert typed["rating"].tolist() == [4.0, 0.5, 5.0]
-    assert typed["timestamp"].tolist() == [964982703, 964982704, 964982705]
-    assert typed["userId"].dtype == np.int64 and typed["rating"].dtype == np.float64
+def test_custom_files_load_typed(config: Config, tmp_path: Path):
+    data = load_movielens(custom_config(config, tmp_path).data, write_dataset(tmp_path / "ml", GOOD_LINES))
+    assert data.splits.sizes() == {"train": 0, "validation": 1, "test": 2}  # floor(80%) of 2 and 1 ratings
+    np.testing.assert_array_equal(data.ids.user_ids, [1, 2])
+    np.testing.assert_array_equal(data.ids.movie_ids, [10, 20])
+    everything = data.splits.train_and_validation()
+    assert everything.user.dtype == np.int64 and everything.rating.dtype == np.float64
+    assert sorted(np.concatenate([everything.rating, data.splits.test.rating]).tolist()) == [0.5, 4.0, 5.0]
+    assert data.movies["title"].tolist() == ["A (1990)", "B, The (1991)"]
 
 
-@pytest.mark.parametrize(("bad_row", "what"), [
-    (("u7", "20", "4.0", "964982704"), "non-integer userId"),
-    (("1.5", "20", "4.0", "964982704"), "non-integer userId"),
-    (("1", "", "4.0", "964982704"), "non-integer movieId"),
-    (("1", "20", "3.7", "964982704"), "rating not in"),
-    (("1", "20", "6.0", "964982704"), "rating not in"),
-    (("1", "20", "0", "964982704"), "rating not in"),
-    (("1", "20", "four", "964982704"), "rating not in"),
-    (("1", "20", "4.0", "9649827x4"), "non-integer timestamp"),
-    (("1", "20", "4.0", "964982704.5"), "non-integer timestamp"),
+@pytest.mark.parametrize(("bad_line", "what"), [
+    ("u7,20,4.0,964982704", "non-integer userId 'u7'"),
+    ("1.5,20,4.0,964982704", "non-integer userId '1.5'"),
+    ("1,,4.0,964982704", "non-integer movieId ''"),
+    ("1,20,3.7,964982704", "rating 3.7 outside the allowed values (half stars 0.5-5)"),
+    ("1,20,6.0,964982704", "rating 6.0 outside the allowed values"),
+    ("1,20,0,964982704", "rating 0.0 outside the allowed values"),
+    ("1,20,four,964982704", "rating 'four' is not a number"),
+    ("1,20,4.0,9649827x4", "non-integer timestamp '9649827x4'"),
+    ("1,20,4.0,964982704.5", "non-integer timestamp '964982704.5'"),
+    ("1,20,4.0", "expected 4 fields separated by ',', found 3"),
 ])
-def test_invalid_row_is_named_by_line(bad_row, what):
-    rows = list(GOOD_ROWS)
-    rows[1] = bad_row  # data row 2 = line 3 of the file, after the header
-    with pytest.raises(DataError, match=what) as err:
-        validate_ratings(ratings_frame(rows))
-    message = str(err.value)
-    assert "line 3:" in message
-    assert "line 2:" not in message and "line 4:" not in message
-    assert "ratings.csv" in message
+def test_malformed_line_is_named_by_file_and_line(config: Config, tmp_path: Path, bad_line, what):
+    lines = list(GOOD_LINES)
+    lines[1] = bad_line  # data row 2 = line 3 of the file, after the header
+    folder = write_dataset(tmp_path / "ml", lines)
+    with pytest.raises(DataError, match=rf"ratings\.csv, line 3: {re.escape(what)}") as err:
+        load_movielens(custom_config(config, tmp_path).data, folder)
+    assert str(folder / "ratings.csv") in str(err.value)
 
 
-def test_duplicate_user_movie_is_named_by_line():
-    rows = [*GOOD_ROWS, ("1", "10", "3.0", "964982800")]  # repeats (1, 10) of line 2, at line 5
-    with pytest.raises(DataError, match="duplicate") as err:
-        validate_ratings(ratings_frame(rows))
-    assert "line 5:" in str(err.value)
-    assert "line 2:" not in str(err.value)
+def test_duplicate_user_movie_is_named_by_line(config: Config, tmp_path: Path):
+    folder = write_dataset(tmp_path / "ml", [*GOOD_LINES, "1,10,3.0,964982800"])  # repeats line 2, at line 5
+    with pytest.raises(DataError, match=r"ratings\.csv, line 5: duplicate \(userId 1, movieId 10\), "
+                                        r"already rated on line 2"):
+        load_movielens(custom_config(config, tmp_path).data, folder)
 
 
-def test_many_bad_rows_are_counted():
-    rows = [("1", str(m), "9.0", "964982703") for m in range(8)]
-    with pytest.raises(DataError, match=r"8 row\(s\)") as err:
-        validate_ratings(ratings_frame(rows))
-    assert "and 3 more" in str(err.value)
+def test_ratings_of_movies_missing_from_movies_csv_are_refused(config: Config, tmp_path: Path):
+    folder = write_dataset(tmp_path / "ml", GOOD_LINES, movies="movieId,title,genres\n10,A (1990),Drama\n")
+    with pytest.raises(DataError, match=r"ratings\.csv, line 3: movieId 20 is not in movies\.csv"):
+        load_movielens(custom_config(config, tmp_path).data, folder)
 
 
-def test_ratings_of_movies_missing_from_movies_csv_are_refused(config: Config):
-    raw = validate_ratings(ratings_frame(GOOD_ROWS))
-    movies = pd.DataFrame({"movieId": [10], "title": ["A (1990)"], "genres": ["Drama"]})
-    with pytest.raises(DataError, match=r"absent from movies.csv.*20"):
-        encode_movielens(raw, movies, config.data.split)
+def test_malformed_movies_line_is_named(config: Config, tmp_path: Path):
+    folder = write_dataset(tmp_path / "ml", GOOD_LINES, movies=MOVIES + "x30,C (1992),Drama\n")
+    with pytest.raises(DataError, match=r"movies\.csv, line 4: non-integer movieId 'x30'"):
+        load_movielens(custom_config(config, tmp_path).data, folder)
+
+
+def test_missing_column_is_refused(config: Config, tmp_path: Path):
+    folder = write_dataset(tmp_path / "ml", GOOD_LINES)
+    (folder / "ratings.csv").write_text("userId,movieId,score,timestamp\n1,10,4.0,100\n")
+    with pytest.raises(DataError, match=r"ratings\.csv, line 1: expected the header 'userId,movieId,rating,timestamp'"):
+        load_movielens(custom_config(config, tmp_path).data, folder)
+
+
+def test_sizes_are_checked_where_no_digest_is_known(config: Config, tmp_path: Path):
+    """Files without a known checksum are checked line by line and against the published sizes."""
+    folder = write_dataset(tmp_path / "ml", GOOD_LINES)
+    cfg = with_values(config, {"data.datasets.ml-latest-small.sha256": {}, "data.prepared_dir": str(tmp_path / "p")})
+    with pytest.raises(DataError, match=r"ratings\.csv: 3 ratings, but the published ml-latest-small has 100,836"):
+        load_movielens(cfg.data, folder)
 
 
 def copy_dataset(source: Path, target: Path) -> Path:
@@ -102,32 +124,25 @@ def test_corrupt_ratings_file_is_refused(tiny_dir: Path, tiny_config: Config, tm
     at = content.index(b"\n1,14,3.5,") + len(b"\n1,14,")  # the first rating
     content[at] = ord("4")  # 3.5 -> 4.5: still a well-formed CSV, only the checksum tells
     (folder / "ratings.csv").write_bytes(bytes(content))
+    cfg = with_values(tiny_config, {"data.prepared_dir": str(tmp_path / "prepared")})
     with pytest.raises(DataError, match="ratings.csv is corrupt"):
-        load_movielens(tiny_config.data, folder)
+        load_movielens(cfg.data, folder)
 
 
 def test_missing_movies_file_is_refused(tiny_dir: Path, tiny_config: Config, tmp_path: Path):
     folder = copy_dataset(tiny_dir, tmp_path / "ml")
     (folder / "movies.csv").unlink()
+    cfg = with_values(tiny_config, {"data.prepared_dir": str(tmp_path / "prepared")})
     with pytest.raises(DataError, match=r"movies\.csv is missing"):
-        load_movielens(tiny_config.data, folder)
+        load_movielens(cfg.data, folder)
 
 
-def test_load_reports_bad_line_of_unchecksummed_files(config: Config, tmp_path: Path):
-    """With no checksums configured (custom data), schema errors still name the line."""
-    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,4.5x,200\n")
-    (tmp_path / "movies.csv").write_text("movieId,title,genres\n10,A (1990),Drama\n20,B (1991),Comedy\n")
-    cfg = config.data.model_copy(update={"sha256": {}})
-    with pytest.raises(DataError, match="line 3:"):
-        load_movielens(cfg, tmp_path)
-
-
-def test_missing_column_is_refused(config: Config, tmp_path: Path):
-    (tmp_path / "ratings.csv").write_text("userId,movieId,score,timestamp\n1,10,4.0,100\n")
-    (tmp_path / "movies.csv").write_text("movieId,title,genres\n10,A (1990),Drama\n")
-    cfg = config.data.model_copy(update={"sha256": {}})
-    with pytest.raises(DataError, match=r"lacks column\(s\) \['rating'\]"):
-        load_movielens(cfg, tmp_path)
+def test_tiny_dataset_loads_with_the_same_figures(tiny_movielens: MovieLens):
+    """The ml-latest-small-format fixture through the one reading path: the figures it always had."""
+    data = tiny_movielens
+    assert (data.n_users, data.n_movies) == (60, 405)
+    assert data.splits.sizes() == {"train": 2213, "validation": 271, "test": 621}  # as before the one path
+    assert set(data.checksums) == {"movies.csv", "ratings.csv"}
 
 
 # ----------------------------------------------------------------------------- seed split on the real data

@@ -14,10 +14,13 @@ import pytest
 
 from jobs import synth
 from ncf import datasets
+from ncf.config import load_config
 from ncf.data import NO_GENRES, DataError, sha256_normalised
 from ncf.datasets import DATASETS, read_dataset, read_fold, verify
 
 pytestmark = pytest.mark.unit
+
+PUBLISHED = load_config().data.datasets  # what GroupLens publishes: archive URL, digests, sizes (conf/data.yaml)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "movielens"
 RATINGS_DTYPES = {"userId": np.int32, "movieId": np.int32, "rating": np.float32, "timestamp": np.int64}
@@ -70,8 +73,9 @@ def check_types(ratings: pd.DataFrame, movies: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------- registry
 
 
-def test_registry_holds_the_published_sizes_and_archives():
-    sizes = {name: (s.n_ratings, s.n_users, s.n_movies) for name, s in DATASETS.items()}
+def test_config_holds_the_published_archives_digests_and_sizes():
+    sizes = {name: (p.sizes.ratings, p.sizes.users, p.sizes.movies) if p.sizes else None
+             for name, p in PUBLISHED.items()}
     assert sizes["ml-100k"] == (100_000, 943, 1_682)
     assert sizes["ml-1m"] == (1_000_209, 6_040, 3_883)
     assert sizes["ml-10m"] == (10_000_054, 69_878, 10_681)
@@ -79,11 +83,18 @@ def test_registry_holds_the_published_sizes_and_archives():
     assert sizes["ml-25m"] == (25_000_095, 162_541, 62_423)
     assert sizes["ml-32m"] == (32_000_204, 200_948, 87_585)
     assert sizes["ml-latest-small"] == (100_836, 610, 9_742)
-    assert DATASETS["ml-10m"].url == "https://files.grouplens.org/datasets/movielens/ml-10m.zip"
+    assert sizes["ml-latest"] is None  # it changes over time
+    assert PUBLISHED["ml-10m"].url == "https://files.grouplens.org/datasets/movielens/ml-10m.zip"
+    assert PUBLISHED["ml-100k"].sha256["u.data"].startswith("06416e59")
+    assert PUBLISHED["ml-100k"].sha256["u.item"].startswith("553841eb")
+    assert set(PUBLISHED["ml-latest-small"].sha256) == {"links.csv", "movies.csv", "ratings.csv", "tags.csv"}
+
+
+def test_every_configured_dataset_has_a_reader_and_back():
+    assert set(PUBLISHED) == set(DATASETS)
     assert DATASETS["ml-10m"].archive_folder == "ml-10M100K"
-    assert DATASETS["ml-100k"].sha256["u.data"].startswith("06416e59")
-    assert set(DATASETS["ml-latest-small"].sha256) == {"links.csv", "movies.csv", "ratings.csv", "tags.csv"}
     assert DATASETS["ml-25m"].as_dict()["ratings_file"] == "ratings.csv"
+    assert DATASETS["ml-100k"].files("u3") == ["u.data", "u.item", "u.genre", "u3.base", "u3.test"]
     with pytest.raises(DataError, match="unknown MovieLens dataset 'ml-5m'"):
         datasets.get_spec("ml-5m")
 
@@ -267,25 +278,26 @@ def digests(folder: Path, names: list[str]) -> dict[str, str]:
 def test_verify_checks_ml_100k_checksums(copy_of):
     folder = copy_of("ml-100k")
     expected = digests(folder, ["u.data", "u.item"])
-    result = verify("ml-100k", folder, sha256=expected, check_counts=False)
-    assert result.sha256 == expected
+    result = verify("ml-100k", folder, sha256=expected, sizes=PUBLISHED["ml-100k"].sizes)
+    assert result.sha256 == expected  # the digests cover u.data and u.item: the published sizes are not compared
+    assert "SHA-256 of u.data, u.item matched" in result.method
     assert (result.ratings, result.users, result.movies) == (25, 5, 10)
     assert set(result.folds) == {"u1", "u2", "u3", "u4", "u5", "ua", "ub"}
 
     # The real archive's digests do not match the fixtures.
     with pytest.raises(DataError, match=r"u\.data is corrupt or modified: sha256 .*, expected 06416e59"):
-        verify("ml-100k", folder, check_counts=False)
+        verify("ml-100k", folder, sha256=PUBLISHED["ml-100k"].sha256)
 
     # CRLF line endings are normalised away...
     (folder / "u.item").write_bytes((folder / "u.item").read_bytes().replace(b"\n", b"\r\n"))
-    verify("ml-100k", folder, sha256=expected, check_counts=False)
+    verify("ml-100k", folder, sha256=expected)
 
     # ...but one modified byte is caught, even where it still parses.
     data = bytearray((folder / "u.data").read_bytes())
     data[data.index(b"\t") + 1] ^= 0x01  # a movie id digit changes, e.g. 2 -> 3
     (folder / "u.data").write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"u\.data is corrupt or modified"):
-        verify("ml-100k", folder, sha256=expected, check_counts=False)
+        verify("ml-100k", folder, sha256=expected)
 
 
 def test_streamed_digest_matches_the_normalised_one(tmp_path):
@@ -298,9 +310,10 @@ def test_streamed_digest_matches_the_normalised_one(tmp_path):
 
 def test_verify_without_checksums_checks_counts():
     with pytest.raises(DataError, match=r"ratings\.csv: 20 ratings, but the published ml-25m has 25,000,095"):
-        verify("ml-25m", fixture("ml-25m"))
-    result = verify("ml-25m", fixture("ml-25m"), check_counts=False)
+        verify("ml-25m", fixture("ml-25m"), sizes=PUBLISHED["ml-25m"].sizes)
+    result = verify("ml-25m", fixture("ml-25m"))
     assert (result.ratings, result.users, result.movies, result.sha256) == (20, 4, 8, {})
+    assert "no SHA-256 and no published sizes known" in result.method and "structure only" in result.method
 
 
 def test_verify_checks_folds(copy_of):
@@ -308,7 +321,7 @@ def test_verify_checks_folds(copy_of):
     test_lines = (folder / "ua.test").read_bytes()
     (folder / "ua.base").write_bytes((folder / "ua.base").read_bytes() + test_lines.split(b"\n")[0] + b"\n")
     with pytest.raises(DataError, match=r"ua\.test shares 1 \(user, movie\) pair"):
-        verify("ml-100k", folder, sha256={}, check_counts=False)
+        verify("ml-100k", folder)
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -325,7 +338,7 @@ def test_synthetic_tiny_is_exact_deterministic_and_readable(tmp_path):
     assert (tmp_path / "a" / "ratings.csv").read_bytes() != (tmp_path / "c" / "ratings.csv").read_bytes()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["movies.csv", "ratings.csv"]
 
-    result = verify("ml-25m", tmp_path / "a", check_counts=False)  # the ml-25m parser reads it, validated
+    result = verify("ml-25m", tmp_path / "a")  # the ml-25m parser reads it, validated
     assert (result.ratings, result.users, result.movies) == (2_000, 50, 200)
     ratings, movies = read_dataset("ml-25m", tmp_path / "a")
     per_user = ratings.groupby("userId").size()

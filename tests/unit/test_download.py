@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ncf.config import Config, DataConfig
+from ncf.config import Config, DataConfig, with_values
 from ncf.data import DataError, download_dataset, resolve_data_dir, sha256_normalised
 from ncf.integrations.ray_train import free_port
 
@@ -99,7 +99,7 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 def data_config(config: Config, url: str, cache_dir: Path) -> DataConfig:
-    return config.data.model_copy(update={"url": url, "cache_dir": str(cache_dir)})
+    return with_values(config, {"data.datasets.ml-latest-small.url": url, "data.cache_dir": str(cache_dir)}).data
 
 
 def assert_nothing_left(cache_dir: Path) -> None:
@@ -111,7 +111,7 @@ def test_good_archive_is_extracted_and_verified(server, good_zip, tiny_config, c
     cfg = data_config(tiny_config, server.serve("ml.zip", good_zip), cache_dir)
     folder = download_dataset(cfg)
     assert folder == cache_dir / "ml-latest-small"
-    for name, digest in cfg.sha256.items():
+    for name, digest in cfg.published.sha256.items():
         assert sha256_normalised(folder / name) == digest
         assert (folder / name).read_bytes() == real_files[name]
     assert sorted(p.name for p in cache_dir.iterdir()) == ["ml-latest-small"]  # no temp folder left
@@ -122,7 +122,7 @@ def test_crlf_archive_verifies_and_is_written_with_lf(server, real_files, tiny_c
     crlf = {name: content.replace(b"\n", b"\r\n") for name, content in real_files.items()}
     cfg = data_config(tiny_config, server.serve("crlf.zip", make_zip(crlf)), cache_dir)
     folder = download_dataset(cfg)
-    for name, digest in cfg.sha256.items():
+    for name, digest in cfg.published.sha256.items():
         content = (folder / name).read_bytes()
         assert b"\r\n" not in content
         assert content == real_files[name]
@@ -193,7 +193,8 @@ def test_corrupted_cache_is_refused(server, good_zip, tiny_config, cache_dir):
 
 def test_resolve_data_dir_prefers_ncf_data_dir(monkeypatch, tmp_path, config):
     monkeypatch.setenv("NCF_DATA_DIR", str(tmp_path))
-    cfg = config.data.model_copy(update={"dir": str(tmp_path / "elsewhere"), "url": "http://127.0.0.1:9/none.zip"})
+    cfg = with_values(config, {"data.dir": str(tmp_path / "elsewhere"),
+                               "data.datasets.ml-latest-small.url": "http://127.0.0.1:9/none.zip"}).data
     assert resolve_data_dir(cfg) == tmp_path.resolve()
 
 
@@ -215,3 +216,59 @@ def test_resolve_data_dir_downloads_when_nothing_configured(monkeypatch, server,
     cfg = data_config(tiny_config, server.serve("ml.zip", good_zip), cache_dir).model_copy(update={"dir": None})
     assert resolve_data_dir(cfg) == cache_dir / "ml-latest-small"
     assert server.hit_count("ml.zip") == 1
+
+
+# ----------------------------------------------------------------------------- other datasets by name
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "movielens"
+
+
+def fixture_zip(name: str, extra: dict[str, bytes] | None = None) -> bytes:
+    """A fixture folder zipped as GroupLens ships it (everything inside one folder), CRLF line endings."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for path in sorted((FIXTURES / name).iterdir()):
+            zf.writestr(f"{name}/{path.name}", path.read_bytes().replace(b"\n", b"\r\n"))
+        for member, content in (extra or {}).items():
+            zf.writestr(f"{name}/{member}", content)
+    return buffer.getvalue()
+
+
+def named_config(config: Config, name: str, url: str, cache_dir: Path, **published) -> DataConfig:
+    values = {"data.name": name, "data.cache_dir": str(cache_dir), f"data.datasets.{name}.url": url}
+    return with_values(config, values | {f"data.datasets.{name}.{k}": v for k, v in published.items()}).data
+
+
+def test_dataset_without_digests_is_checked_against_the_published_sizes(server, config, cache_dir):
+    """ml-1m has no known digests: every line is parsed and the sizes compared; the fixture is not the
+    published dataset, so it is refused and nothing is kept."""
+    cfg = named_config(config, "ml-1m", server.serve("ml-1m.zip", fixture_zip("ml-1m")), cache_dir)
+    with pytest.raises(DataError, match=r"ratings\.dat: 20 ratings, but the published ml-1m has 1,000,209"):
+        download_dataset(cfg)
+    assert_nothing_left(cache_dir)
+
+
+def test_dataset_without_digests_or_sizes_is_checked_line_by_line(server, config, cache_dir, capfd):
+    cfg = named_config(config, "ml-1m", server.serve("ml-1m.zip", fixture_zip("ml-1m")), cache_dir, sizes=None)
+    folder = download_dataset(cfg)
+    assert folder == cache_dir / "ml-1m"
+    assert sorted(p.name for p in folder.iterdir()) == ["movies.dat", "ratings.dat"]
+    assert b"\r\n" not in (folder / "ratings.dat").read_bytes()
+    assert "ml-1m: no SHA-256 and no published sizes known for ratings.dat, movies.dat" in capfd.readouterr().err
+
+
+def test_ml_100k_archive_keeps_what_the_reader_needs(server, config, cache_dir):
+    archive = fixture_zip("ml-100k", extra={"u.user": b"1|24|M|technician|85711\n", "README": b"read me\n"})
+    expected = {name: sha256_normalised(FIXTURES / "ml-100k" / name) for name in ("u.data", "u.item")}
+    cfg = named_config(config, "ml-100k", server.serve("ml-100k.zip", archive), cache_dir, sha256=expected)
+    folder = download_dataset(cfg)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README", "u.data", "u.genre", "u.item"] + [f"{f}.{part}" for f in ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
+                                                    for part in ("base", "test")])
+
+
+def test_configured_folder_may_hold_a_folder_per_dataset(monkeypatch, tmp_path, config):
+    (tmp_path / "ml-100k").mkdir()
+    monkeypatch.setenv("NCF_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir(with_values(config, {"data.name": "ml-100k"}).data) == (tmp_path / "ml-100k").resolve()
+    assert resolve_data_dir(config.data) == tmp_path.resolve()  # no ml-latest-small folder: the folder itself

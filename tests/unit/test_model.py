@@ -15,7 +15,8 @@ N_USERS, N_MOVIES, N_GENRES = 9, 23, 5
 
 
 def model_config(*overrides: str) -> ModelConfig:
-    return load_config(list(overrides)).model
+    # Any objective: the full-ranking monitor is valid for every head (val_rmse needs a rating head).
+    return load_config(["train.monitor=val_full_ndcg_at_10", *overrides]).model
 
 
 def small_config(*overrides: str) -> ModelConfig:
@@ -76,17 +77,25 @@ def test_rating_is_strength_scaled_to_the_rating_range():
     assert out.strength.std() > 1e-3
 
 
+ARCHITECTURES = [(f"model.architecture={arch}", f"model.objective={objective}", f"model.attention={attention}")
+                 for arch in ("mlp", "gmf", "neumf") for objective in ("rating", "implicit", "joint")
+                 for attention in ("true", "false")]
+
+
 @pytest.mark.parametrize("options", [(), ("model.use_bias=true",), ("model.use_genres=true",),
                                      ("model.use_bias=true", "model.use_genres=true"),
-                                     ("model.batch_norm=false", "model.use_bias=true")])
+                                     ("model.batch_norm=false", "model.use_bias=true"), *ARCHITECTURES,
+                                     ("model.architecture=neumf", "model.objective=joint", "model.use_bias=true",
+                                      "model.use_genres=true")])
 def test_score_users_equals_forward_on_the_grid(options):
+    """The fast catalogue scorer gives the eval-mode forward's ranking logit for every architecture and head."""
     torch.manual_seed(0)
     cfg = small_config(*options)
     model = NCF(N_USERS, N_MOVIES, cfg, genres() if cfg.use_genres else None)
     scramble_batch_norm_and_biases(model)
     model.eval()
     with torch.no_grad():
-        expected = model(*all_pairs()).rating.view(N_USERS, N_MOVIES)
+        expected = model(*all_pairs()).logit.view(N_USERS, N_MOVIES)
     users = torch.arange(N_USERS)
     got = model.score_users(users)
     assert got.shape == (N_USERS, N_MOVIES)
@@ -107,7 +116,7 @@ def test_xavier_init_and_zero_biases():
                 torch.ones(400, N_GENRES))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     embeddings = [model.user_embedding, model.movie_embedding]
-    assert len(linears) == 1 + 5 + 1  # attention, 4 hidden + output, genre projection
+    assert len(linears) == 1 + 5 + 1  # attention, 4 hidden + rating head, genre projection
     for module in linears + embeddings:
         fan_out, fan_in = module.weight.shape
         bound = math.sqrt(6.0 / (fan_in + fan_out))
@@ -150,7 +159,9 @@ def test_options_are_off_by_default():
     names = {name for name, _ in model.named_parameters()}
     assert not any("bias" in name.split(".")[0] for name in names)
     hidden = [m.out_features for m in model.mlp if isinstance(m, nn.Linear)]
-    assert hidden == [512, 256, 128, 64, 1]
+    assert hidden == [512, 256, 128, 64]
+    assert model.rating_head.in_features == 64 and model.rating_head.out_features == 1
+    assert not hasattr(model, "interaction_head") and model.heads == ("rating",)
     assert model.mlp[0].in_features == 2 * 128
     dropouts = [m.p for m in model.mlp if isinstance(m, nn.Dropout)]
     assert dropouts == [0.3, 0.2, 0.1]  # the 0.0 dropout adds no layer
@@ -184,3 +195,58 @@ def test_flops_per_sample_by_hand():
     cfg = model_config("model.embedding_dim=8", "model.hidden_dims=[16, 8]", "model.dropouts=[0.0, 0.0]")
     # attention 16x2, layers 16x16 and 16x8, output 8x1 multiply-adds; two flops each.
     assert count_flops_per_sample(cfg) == 2 * (16 * 2 + 16 * 16 + 16 * 8 + 8)
+
+
+def test_each_architecture_reads_its_paths():
+    """mlp: the MLP's last layer; gmf: the embedding product (embedding_dim wide); neumf: both, concatenated."""
+    widths = {"mlp": 4, "gmf": 8, "neumf": 4 + 8}
+    for arch, width in widths.items():
+        model = NCF(N_USERS, N_MOVIES, small_config(f"model.architecture={arch}", "model.objective=joint"))
+        assert model.rating_head.in_features == width and model.interaction_head.in_features == width
+        assert hasattr(model, "mlp") == (arch != "gmf")
+        assert model.heads == ("rating", "interaction")
+
+
+def test_without_attention_both_weights_are_a_half():
+    torch.manual_seed(0)
+    model = NCF(N_USERS, N_MOVIES, small_config("model.attention=false", "model.architecture=neumf")).eval()
+    assert not hasattr(model, "attention")
+    out = model(*all_pairs())
+    assert torch.equal(out.user_weight, torch.full_like(out.user_weight, 0.5))
+    assert torch.equal(out.movie_weight, out.user_weight)
+
+
+def test_gmf_is_the_gated_product_under_the_head():
+    """GMF by hand: head(2 w_u u * 2 w_m m)."""
+    torch.manual_seed(0)
+    model = NCF(N_USERS, N_MOVIES, small_config("model.architecture=gmf", "model.objective=implicit")).eval()
+    users, movies = all_pairs()
+    with torch.no_grad():
+        out = model(users, movies)
+        u, m = model.user_embedding(users), model.movie_embedding(movies)
+        product = (2 * out.user_weight[:, None] * u) * (2 * out.movie_weight[:, None] * m)
+        expected = product @ model.interaction_head.weight[0] + model.interaction_head.bias
+    assert torch.allclose(out.logit, expected, atol=1e-6)
+
+
+def test_what_each_objective_shows():
+    """rating: strength is the rating head's sigmoid; implicit: no rating head, the 'rating' is the strength on
+    the rating scale; joint: the rating from the rating head, the strength from the interaction head."""
+    torch.manual_seed(0)
+    pairs = all_pairs()
+    for objective in ("rating", "implicit", "joint"):
+        model = NCF(N_USERS, N_MOVIES, small_config(f"model.objective={objective}"))
+        scramble_batch_norm_and_biases(model)
+        out = model.eval()(*pairs)
+        assert torch.allclose(out.strength, torch.sigmoid(out.logit))
+        if objective == "joint":
+            assert not torch.allclose(out.rating, 0.5 + 4.5 * out.strength, atol=1e-3)
+        else:
+            assert torch.allclose(out.rating, 0.5 + 4.5 * out.strength, atol=1e-6)
+
+
+def test_flops_of_the_paper_architectures():
+    cfg = model_config("model.embedding_dim=8", "model.hidden_dims=[16, 8]", "model.dropouts=[0.0, 0.0]",
+                       "model.architecture=neumf", "model.attention=false", "model.objective=joint")
+    # no attention; MLP 16x16 and 16x8; GMF product 8; two heads over 8 + 8.
+    assert count_flops_per_sample(cfg) == 2 * (16 * 16 + 16 * 8 + 8 + 2 * 16)

@@ -10,7 +10,9 @@ import torch
 
 from ncf.config import load_config
 from ncf.data import MovieLens
+from ncf.ranking import top_k_unseen
 from ncf.recommender import PAIR_COLUMNS, TOP_K_COLUMNS, Recommender, UnknownIdError
+from ncf.reranking import fit_retriever
 from ncf.training import build_model
 
 
@@ -37,12 +39,10 @@ def test_recommend_ranks_unseen_movies(recommender: Recommender, tiny_movielens:
     assert len(seen_ids) > 7
     assert not seen_ids & set(top["movie_id"].tolist())
     assert top["movie_id"].is_unique
-    assert (np.diff(top["predicted_rating"].to_numpy()) <= 1e-5).all()  # best first
-    # Nothing unseen scores above the 7th recommendation.
-    all_scores = recommender.scorer.score(np.array([3]))[0].numpy()
-    unseen = np.setdiff1d(np.arange(tiny_movielens.n_movies), seen.movie[seen.user == 3])
-    assert all_scores[unseen].max() == pytest.approx(top["predicted_rating"].iloc[0], abs=1e-5)
-    assert np.sort(all_scores[unseen])[-7] == pytest.approx(top["predicted_rating"].iloc[-1], abs=1e-5)
+    # Served as retrieval then re-ranking: the recommender's own top-k, which never repeats a seen movie.
+    movies, scores = recommender.top_k(np.array([3]), 7)
+    assert top["movie_id"].tolist() == tiny_movielens.ids.movie_ids[movies[0]].tolist()
+    assert (np.diff(scores[0]) <= 0).all()  # best first
     titles = dict(zip(tiny_movielens.movies["movieId"], tiny_movielens.movies["title"], strict=True))
     assert top["title"].tolist() == [titles[m] for m in top["movie_id"]]
 
@@ -102,3 +102,23 @@ def test_indexes_built_once_for_serving(recommender: Recommender, tiny_movielens
     assert all("big, bold" in recommender.titles[m].lower() for m in found)
     assert (np.diff(recommender.popularity[found]) <= 0).all()  # most rated first
     assert len(recommender.search_titles("no such title", limit=5)) == 0
+
+
+def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, tmp_path: Path):
+    """Saved and loaded with its retriever and chosen re-ranking, the recommender ranks the same lists."""
+    config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
+                          "retrieval.n_candidates=20", "retrieval.rating_weight=0.5"])
+    torch.manual_seed(0)
+    model = build_model(config, tiny_movielens)
+    retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(),
+                              tiny_movielens.n_users, tiny_movielens.n_movies)
+    recommender = Recommender.from_training(model, config, tiny_movielens, retriever)
+    loaded = Recommender.load(recommender.save(tmp_path))
+    assert loaded.candidates is not None and loaded.candidates.name == "ease"
+    assert loaded.reranking.n_candidates == 20 and loaded.reranking.weights["rating"] == 0.5
+    users = np.arange(tiny_movielens.n_users)
+    np.testing.assert_array_equal(loaded.top_k(users, 10)[0], recommender.top_k(users, 10)[0])
+    # Every list comes from the retriever's candidates: the retriever's top 20 for the first 10 places.
+    candidates, _ = top_k_unseen(retriever.score, users, recommender.seen, 20)
+    top, _ = recommender.top_k(users, 10)
+    assert all(np.isin(top[u], candidates[u]).all() for u in users)

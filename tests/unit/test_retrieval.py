@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from ncf.data import Ratings
-from ncf.evaluation import full_ranking_against
+from ncf.evaluation import full_ranking_against, score_ranker
 from ncf.metrics import (
     full_ranking_metrics,
     full_ranking_per_user,
@@ -18,7 +18,7 @@ from ncf.metrics import (
     sample_negatives,
     sampled_ranking_metrics,
 )
-from ncf.ranking import SeenItems, top_k_unseen
+from ncf.ranking import SeenItems
 from ncf.retrieval import (
     ALS,
     EASE,
@@ -27,7 +27,6 @@ from ncf.retrieval import (
     interaction_matrix,
     load_retriever,
     recency_age,
-    retrieve_and_rerank,
 )
 
 pytestmark = pytest.mark.unit
@@ -148,43 +147,31 @@ def test_recency_weights_by_rank_and_by_days():
 
 def test_blend_standardises_each_users_candidates():
     z = sqrt(1.5)  # z-scores of (1, 2, 3): -1.2247, 0, 1.2247 (population std sqrt(2/3))
-    got = blend(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]), np.array([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]]), 0.5)
+    got = blend(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]), {"rating": np.array([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])},
+                {"rating": 0.5})
     np.testing.assert_allclose(got[0], [-z + 0.5 * z, 0.0 - 0.5 * z, z + 0.0])
     # No spread in the retriever's scores: only the NCF's standardised scores count.
     np.testing.assert_allclose(got[1], [-0.5 * z, 0.0, 0.5 * z])
     # Scale-free: multiplying either model's scores changes nothing.
-    np.testing.assert_allclose(blend(np.array([[10.0, 20.0, 30.0]]), np.array([[300.0, 100.0, 200.0]]), 0.5),
-                               got[:1])
+    np.testing.assert_allclose(blend(np.array([[10.0, 20.0, 30.0]]), {"rating": np.array([[300.0, 100.0, 200.0]])},
+                                     {"rating": 0.5}), got[:1])
+
+
+def test_blend_adds_each_weighted_head():
+    """Two heads by hand: z(r) + 0.5 z(rating) + 2 z(interaction); a head without a weight counts 0."""
+    z = sqrt(1.5)
+    retrieved, rating, interaction = np.array([[1.0, 2.0, 3.0]]), np.array([[3.0, 2.0, 1.0]]), np.array([[0, 9, 0.0]])
+    # z(interaction) of (0, 9, 0): mean 3, population std sqrt(18) -> (-1/sqrt(2), 2/sqrt(2), -1/sqrt(2))
+    zi = np.array([-1.0, 2.0, -1.0]) / sqrt(2)
+    got = blend(retrieved, {"rating": rating, "interaction": interaction}, {"rating": 0.5, "interaction": 2.0})
+    np.testing.assert_allclose(got[0], np.array([-z, 0, z]) + 0.5 * np.array([z, 0, -z]) + 2.0 * zi)
+    np.testing.assert_allclose(blend(retrieved, {"rating": rating}, {}), [[-z, 0.0, z]])
 
 
 def test_blend_keeps_unscorable_candidates_last():
-    got = blend(np.array([[1.0, -np.inf, 3.0]]), np.array([[0.0, 100.0, 1.0]]), 10.0)
+    got = blend(np.array([[1.0, -np.inf, 3.0]]), {"rating": np.array([[0.0, 100.0, 1.0]])}, {"rating": 10.0})
     assert np.isneginf(got[0, 1]) and np.isfinite(got[0, [0, 2]]).all()
     np.testing.assert_allclose(got[0, [0, 2]], [-1.0 - 10.0 * 1.0, 1.0 + 10.0 * 1.0])
-
-
-def test_retrieve_and_rerank_never_returns_a_seen_movie():
-    rng = np.random.default_rng(0)
-    n_users, n_movies = 12, 40
-    retriever = rng.normal(size=(n_users, n_movies))
-    ncf = rng.normal(size=(n_users, n_movies))
-    seen_users = np.repeat(np.arange(n_users), 15)
-    seen_movies = np.concatenate([rng.choice(n_movies, 15, replace=False) for _ in range(n_users)])
-    seen = SeenItems(seen_users, seen_movies, n_users)
-    users = np.array([3, 0, 11, 7])
-    for weight in (0.0, 1.0, 1e6):
-        items, scores = retrieve_and_rerank(lambda u: retriever[u], lambda u: ncf[u], users, seen, 10, 5, weight,
-                                            chunk=3)
-        assert items.shape == scores.shape == (4, 5)
-        assert all(np.intersect1d(items[i], seen.of(u)).size == 0 for i, u in enumerate(users))
-        assert (np.diff(scores, axis=1) <= 0).all()
-        candidates, _ = top_k_unseen(lambda u: retriever[u], users, seen, 10)
-        assert all(np.isin(items[i], candidates[i]).all() for i in range(4))
-        if weight == 0.0:  # the retriever's own order
-            np.testing.assert_array_equal(items, candidates[:, :5])
-        if weight == 1e6:  # the NCF's order among the retrieved candidates
-            best = np.argsort(-np.take_along_axis(ncf[users], candidates, axis=1), axis=1)[:, :5]
-            np.testing.assert_array_equal(items, np.take_along_axis(candidates, best, axis=1))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -204,7 +191,8 @@ def test_full_ranking_against_any_held_out_slice():
     # user 1 saw 1 and holds out 0; user 2 holds out nothing relevant and is not ranked.
     seen = SeenItems(np.array([0, 1]), np.array([0, 1]), 3)
     target = ratings([0, 0, 1, 2], [2, 3, 0, 3], [5.0, 2.0, 4.0, 3.5], [0, 0, 0, 0])
-    summary, per_user = full_ranking_against(lambda u: np.tile(np.arange(4.0), (len(u), 1)), seen, target, 4, k=2)
+    summary, per_user = full_ranking_against(score_ranker(lambda u: np.tile(np.arange(4.0), (len(u), 1))), seen,
+                                             target, 4, k=2)
     # Top 2: user 0 [3, 2] (hit at rank 2), user 1 [3, 2] (miss).
     np.testing.assert_allclose(per_user["full_ndcg_at_2"], [1 / log2(3), 0.0])
     np.testing.assert_allclose(per_user["full_hit_rate_at_2"], [1.0, 0.0])

@@ -1,0 +1,193 @@
+"""Retrieval, then re-ranking: the top-k every recommender serves, is evaluated on and is chosen by.
+
+A retriever fitted on who rated what (`ncf.retrieval`) proposes each user's best unseen
+movies; the NCF re-ranks the first `n_candidates` of them by the blend of standardised
+scores (`ncf.retrieval.blend`) with its heads' signals. Training (validation every
+epoch), evaluation, the registered model and Ray Serve all rank through `top_k`, so
+what is measured is what is served. The blend's settings are chosen on the validation
+slice by `choose_reranking`, with a model and a retriever that were fitted without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ncf.config import RetrievalConfig
+from ncf.data import Ratings
+from ncf.evaluation import relevant_targets
+from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
+from ncf.model import NCF, MovieSide, forward_batched
+from ncf.ranking import SeenItems, top_k_unseen
+from ncf.retrieval import ALS, EASE, blend, interaction_matrix
+
+HEAD_SIGNALS = {"rating": "rating", "interaction": "logit"}  # head -> the ModelOutput field re-ranking reads
+
+
+@dataclass
+class Reranking:
+    """How many retrieved candidates the NCF re-ranks, and each head's weight in the blend."""
+
+    n_candidates: int
+    weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: RetrievalConfig) -> Reranking:
+        return cls(cfg.n_candidates, {"rating": cfg.rating_weight, "interaction": cfg.interaction_weight})
+
+
+class CandidateRetriever:
+    """A fitted retriever, with the most rated movies for users it cannot score (no rating >= its
+    `min_rating` to build a profile from): without them those users' candidates would be arbitrary."""
+
+    def __init__(self, retriever: EASE | ALS, ratings: Ratings, min_rating: float | None, n_users: int,
+                 n_movies: int):
+        self.retriever = retriever
+        kept = ratings.rating >= min_rating if min_rating is not None else np.ones(len(ratings), bool)
+        self.profiles = ratings.take(np.flatnonzero(kept))  # what the user's scores are built from
+        self.no_profile = np.bincount(self.profiles.user, minlength=n_users) == 0
+        self.fallback = np.log1p(np.bincount(ratings.movie, minlength=n_movies).astype(np.float32))
+
+    @property
+    def name(self) -> str:
+        return self.retriever.name
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        users = np.asarray(users)
+        scores = np.asarray(self.retriever.score(users), dtype=np.float32)
+        empty = self.no_profile[users]
+        if empty.any():
+            scores[empty] = self.fallback
+        return scores
+
+    def evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's profile movies behind `movie`'s retrieval score, strongest first, and their shares:
+        for EASE exactly the terms of the score (profile weight x B[j, movie]); for ALS the cosine of
+        the item factors (ALS scores have no per-movie terms)."""
+        r = self.retriever
+        if isinstance(r, EASE):
+            row = r.profiles[user]
+            position = np.searchsorted(r.items, np.r_[row.indices, movie])
+            position = np.minimum(position, len(r.items) - 1)
+            kept = r.items[position] == np.r_[row.indices, movie]
+            if not kept[-1]:
+                return np.empty(0, np.int64), np.empty(0)
+            movies = row.indices[kept[:-1]]
+            shares = row.data[kept[:-1]] * r.weights[position[:-1][kept[:-1]], position[-1]]
+        else:
+            movies = np.unique(self.profiles.movie[self.profiles.user == user])
+            vectors = r.item_factors[np.r_[movies, movie]]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            shares = vectors[:-1] @ vectors[-1]
+        keep = (shares > 0) & (movies != movie)
+        order = np.argsort(-shares[keep], kind="stable")
+        return movies[keep][order].astype(np.int64), shares[keep][order].astype(np.float64)
+
+
+def fit_retriever(cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies: int,
+                  seed: int = 0) -> CandidateRetriever | None:
+    """The configured retriever fitted on `ratings` (None for `retriever: none`)."""
+    if cfg.retriever == "none":
+        return None
+    interactions = interaction_matrix(ratings, n_users, n_movies, cfg.min_rating)
+    if cfg.retriever == "ease":
+        profiles = (interaction_matrix(ratings, n_users, n_movies, cfg.min_rating, cfg.recency_half_life,
+                                       cfg.recency_unit) if cfg.recency_half_life else None)
+        model = EASE(cfg.ease_lambda, cfg.ease_max_items, num_threads=1).fit(interactions, profiles)
+    else:
+        model = ALS(cfg.als_factors, cfg.als_regularization, iterations=cfg.als_iterations, seed=seed,
+                    num_threads=1).fit(interactions)
+    return CandidateRetriever(model, ratings, cfg.min_rating, n_users, n_movies)
+
+
+# Users [U], candidate movies [U, N] -> each head's signal on every candidate, [U, N] per head.
+PairSignals = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def model_signals(model: NCF) -> PairSignals:
+    """The model's heads on (user, candidate) pairs: the rating head's predicted rating, the interaction
+    head's logit."""
+
+    def signals(users: np.ndarray, candidates: np.ndarray) -> dict[str, np.ndarray]:
+        out = forward_batched(model, np.repeat(users, candidates.shape[1]), candidates.ravel())
+        return {head: getattr(out, HEAD_SIGNALS[head]).numpy().reshape(candidates.shape) for head in model.heads}
+
+    return signals
+
+
+def blended_pairs(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking, users: np.ndarray,
+                  candidates: np.ndarray) -> np.ndarray:
+    """Scores of given (user, candidate) pairs as the served ranking orders them: the blend over the row's
+    candidates, or the model's ranking logit without a retriever (the sampled protocol's question)."""
+    if retriever is None:
+        out = forward_batched(model, np.repeat(users, candidates.shape[1]), candidates.ravel())
+        return out.logit.numpy().reshape(candidates.shape)
+    retrieved = np.take_along_axis(retriever.score(users), candidates, axis=1)
+    return blend(retrieved, model_signals(model)(users, candidates), reranking.weights)
+
+
+def rerank(candidates: np.ndarray, retrieved: np.ndarray, signals: dict[str, np.ndarray], reranking: Reranking,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n_candidates` columns ordered by the blend, then the rest in the retriever's order
+    (each scored below every re-ranked one); the first `k` of each row, with their scores."""
+    n = min(reranking.n_candidates, candidates.shape[1])
+    blended = blend(retrieved[:, :n], {h: s[:, :n] for h, s in signals.items()}, reranking.weights)
+    order = np.argsort(-blended, axis=1, kind="stable")
+    items = np.concatenate([np.take_along_axis(candidates[:, :n], order, axis=1), candidates[:, n:]], axis=1)
+    scores = np.take_along_axis(blended, order, axis=1)
+    floor = np.where(np.isfinite(scores), scores, 0.0).min(axis=1, keepdims=True)
+    tail = np.where(np.isfinite(retrieved[:, n:]), floor - 1.0 - np.arange(candidates.shape[1] - n), -np.inf)
+    return items[:, :k], np.concatenate([scores, tail], axis=1)[:, :k]
+
+
+def top_k(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking, users: np.ndarray,
+          seen: SeenItems, k: int, movie_side: MovieSide | None = None, chunk: int = 256) -> tuple[np.ndarray,
+                                                                                              np.ndarray]:
+    """Each user's k best unseen movies (indices [U, k]) and their scores, best first: retrieval then
+    re-ranking, or the model alone over the whole catalogue without a retriever. Scores are -inf
+    where a user has fewer than k unseen movies to offer."""
+    users = np.asarray(users, dtype=np.int64)
+    if retriever is None:
+        return top_k_unseen(lambda batch: model.score_users(torch.as_tensor(batch), movie_side=movie_side),
+                            users, seen, k)
+    signals = model_signals(model)
+    width = max(reranking.n_candidates, k)
+    items, scores = [], []
+    for start in range(0, len(users), chunk):
+        batch = users[start: start + chunk]
+        candidates, retrieved = top_k_unseen(retriever.score, batch, seen, width)
+        n = min(reranking.n_candidates, candidates.shape[1])
+        got = rerank(candidates, retrieved, signals(batch, candidates[:, :n]), reranking, k)
+        items.append(got[0])
+        scores.append(got[1])
+    return np.concatenate(items), np.concatenate(scores)
+
+
+def choose_reranking(model: NCF, retriever: CandidateRetriever, seen: SeenItems, target: Ratings, n_movies: int,
+                     cfg: RetrievalConfig, k: int = K) -> tuple[Reranking, dict[str, float], list[dict]]:
+    """The grid point of `cfg`'s grids with the best full-ranking NDCG@k against `target` (the validation
+    slice; `model` and `retriever` must not have seen it), its metrics, and every grid point's figures.
+
+    Candidates and head signals are computed once for the largest N; each grid point only re-blends.
+    Weights of heads the model lacks are not searched. Ties keep the earlier grid point.
+    """
+    users, rows, movies = relevant_targets(target)
+    width = max(cfg.n_candidates_grid)
+    candidates, retrieved = top_k_unseen(retriever.score, users, seen, width)
+    signals = model_signals(model)(users, candidates)
+    grids = {"rating": cfg.rating_weight_grid, "interaction": cfg.interaction_weight_grid}
+    heads = list(signals)
+    table, best = [], None
+    for n in cfg.n_candidates_grid:
+        for weights in itertools.product(*(grids[h] for h in heads)):
+            reranking = Reranking(n, dict(zip(heads, weights, strict=True)))
+            top, _ = rerank(candidates, retrieved, signals, reranking, k)
+            metrics = full_ranking_summary(full_ranking_per_user(top, rows, movies, n_movies), top, n_movies)
+            table.append({"n_candidates": n, **{f"{h}_weight": w for h, w in reranking.weights.items()}, **metrics})
+            if best is None or metrics[f"full_ndcg_at_{k}"] > best[1][f"full_ndcg_at_{k}"]:
+                best = (reranking, metrics)
+    return best[0], best[1], table

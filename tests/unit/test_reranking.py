@@ -1,0 +1,157 @@
+"""Retrieval then re-ranking (what every recommender serves), negative sampling and the three objectives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ncf.config import Config, load_config
+from ncf.data import MovieLens, Ratings
+from ncf.evaluation import full_ranking_against
+from ncf.ranking import SeenItems, top_k_unseen
+from ncf.reranking import (
+    CandidateRetriever,
+    Reranking,
+    blended_pairs,
+    choose_reranking,
+    fit_retriever,
+    model_signals,
+    rerank,
+    top_k,
+)
+from ncf.retrieval import EASE, blend, interaction_matrix
+from ncf.training import LocalReporter, build_model, rated_keys, sample_unrated, train_loop
+
+pytestmark = pytest.mark.unit
+
+SMALL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]"]
+
+
+def small(tiny_config: Config, *overrides: str) -> Config:
+    return load_config([f"data.dir={tiny_config.data.dir}", *SMALL, *overrides])
+
+
+@pytest.fixture(scope="module")
+def model_and_retriever(tiny_config: Config, tiny_movielens: MovieLens):
+    config = small(tiny_config)
+    torch.manual_seed(0)
+    model = build_model(config, tiny_movielens).eval()
+    train = tiny_movielens.splits.train
+    retriever = fit_retriever(config.retrieval, train, tiny_movielens.n_users, tiny_movielens.n_movies)
+    return config, model, retriever
+
+
+def test_rerank_by_hand():
+    """Weight 0 keeps the retriever's order; the first n are blended, the rest follow in the retriever's order."""
+    candidates = np.array([[10, 11, 12, 13]])
+    retrieved = np.array([[4.0, 3.0, 2.0, 1.0]])
+    signals = {"rating": np.array([[1.0, 2.0, 3.0, 9.0]])}
+    items, _ = rerank(candidates, retrieved, signals, Reranking(3, {"rating": 0.0}), k=4)
+    np.testing.assert_array_equal(items, [[10, 11, 12, 13]])
+    items, scores = rerank(candidates, retrieved, signals, Reranking(3, {"rating": 100.0}), k=4)
+    # Among the first 3 the NCF's order wins (12, 11, 10); 13 stays 4th whatever its NCF score.
+    np.testing.assert_array_equal(items, [[12, 11, 10, 13]])
+    assert (np.diff(scores, axis=1) < 0).all()
+    expected = blend(retrieved[:, :3], {"rating": signals["rating"][:, :3]}, {"rating": 100.0})[0, [2, 1, 0]]
+    np.testing.assert_allclose(scores[0, :3], expected)
+
+
+def test_top_k_never_returns_a_seen_movie_and_follows_the_blend(model_and_retriever, tiny_movielens):
+    config, model, retriever = model_and_retriever
+    train = tiny_movielens.splits.train
+    seen = SeenItems(train.user, train.movie, tiny_movielens.n_users)
+    users = np.arange(tiny_movielens.n_users)
+    reranking = Reranking(30, {"rating": 0.5})
+    items, scores = top_k(model, retriever, reranking, users, seen, 10, chunk=7)
+    assert items.shape == scores.shape == (len(users), 10)
+    assert all(np.intersect1d(items[u], seen.of(u)).size == 0 for u in users)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    # The same as re-ranking the retriever's own top 30 by hand.
+    candidates, retrieved = top_k_unseen(retriever.score, users, seen, 30)
+    blended = blend(retrieved, model_signals(model)(users, candidates), reranking.weights)
+    by_hand = np.take_along_axis(candidates, np.argsort(-blended, axis=1, kind="stable")[:, :10], axis=1)
+    np.testing.assert_array_equal(items, by_hand)
+    # Scoring given pairs the same way gives the same order (the sampled protocol's scores).
+    pairs = blended_pairs(model, retriever, reranking, users, candidates)
+    np.testing.assert_allclose(pairs, blended, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_retriever_the_model_ranks_the_catalogue(model_and_retriever, tiny_movielens):
+    _, model, _ = model_and_retriever
+    train = tiny_movielens.splits.train
+    seen = SeenItems(train.user, train.movie, tiny_movielens.n_users)
+    users = np.array([0, 5, 9])
+    items, _ = top_k(model, None, Reranking(0), users, seen, 5)
+    expected, _ = top_k_unseen(lambda u: model.score_users(torch.as_tensor(u)), users, seen, 5)
+    np.testing.assert_array_equal(items, expected)
+
+
+def test_users_without_a_profile_get_the_most_rated_movies():
+    ratings = Ratings(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 2, 1]), np.array([5.0, 4.0, 4.5, 5.0, 2.0]),
+                      np.zeros(5, dtype=np.int64))
+    ease = EASE(lam=1.0, max_items=None).fit(interaction_matrix(ratings, 3, 4, min_rating=4.0))
+    retriever = CandidateRetriever(ease, ratings, 4.0, 3, 4)
+    assert retriever.no_profile.tolist() == [False, False, True]  # user 2 rated nothing >= 4
+    scores = retriever.score(np.array([2]))
+    np.testing.assert_allclose(scores[0], np.log1p([1.0, 3.0, 1.0, 0.0]))  # movie 1 is rated most
+
+
+def test_ease_evidence_is_the_terms_of_its_score():
+    ratings = Ratings(np.array([0, 0, 0, 1, 1, 2, 2, 2]), np.array([0, 1, 2, 0, 3, 1, 2, 3]),
+                      np.full(8, 5.0), np.zeros(8, dtype=np.int64))
+    x = interaction_matrix(ratings, 3, 4, min_rating=4.0)
+    retriever = CandidateRetriever(EASE(lam=0.5, max_items=None).fit(x), ratings, 4.0, 3, 4)
+    movies, shares = retriever.evidence(user=1, movie=1)
+    score = retriever.score(np.array([1]))[0, 1]
+    positive = sum(w for w in retriever.retriever.weights[[0, 3], 1] if w > 0)
+    assert set(movies) <= {0, 3} and shares.sum() == pytest.approx(positive)
+    assert score == pytest.approx(retriever.retriever.weights[0, 1] + retriever.retriever.weights[3, 1])
+    assert (np.diff(shares) <= 0).all()
+
+
+def test_choose_reranking_picks_the_best_grid_point_on_validation(model_and_retriever, tiny_movielens):
+    config, model, retriever = model_and_retriever
+    train, validation = tiny_movielens.splits.train, tiny_movielens.splits.validation
+    seen = SeenItems(train.user, train.movie, tiny_movielens.n_users)
+    cfg = config.retrieval.model_copy(update={"n_candidates_grid": [5, 20], "rating_weight_grid": [0.0, 1.0, 4.0]})
+    chosen, metrics, table = choose_reranking(model, retriever, seen, validation, tiny_movielens.n_movies, cfg)
+    assert len(table) == 6 and {row["n_candidates"] for row in table} == {5, 20}
+    for row in table:  # each grid point's figure is what ranking with it gives
+        reranking = Reranking(row["n_candidates"], {"rating": row["rating_weight"]})
+        got, _ = full_ranking_against(lambda u, s, k, r=reranking: top_k(model, retriever, r, u, s, k)[0], seen,
+                                      validation, tiny_movielens.n_movies)
+        assert got["full_ndcg_at_10"] == pytest.approx(row["full_ndcg_at_10"])
+    best = max(row["full_ndcg_at_10"] for row in table)
+    assert metrics["full_ndcg_at_10"] == pytest.approx(best)
+    assert (chosen.n_candidates, chosen.weights["rating"]) in {(r["n_candidates"], r["rating_weight"]) for r in table
+                                                               if r["full_ndcg_at_10"] == best}
+
+
+def test_sampled_unrated_movies_are_never_rated():
+    rng = np.random.default_rng(0)
+    n_users, n_movies = 30, 25
+    users = np.repeat(np.arange(n_users), 20)
+    movies = np.concatenate([rng.choice(n_movies, 20, replace=False) for _ in range(n_users)])
+    ratings = Ratings(users, movies, np.full(len(users), 4.0), np.zeros(len(users), dtype=np.int64))
+    keys = rated_keys(ratings, n_movies)
+    negatives = sample_unrated(users, keys, n_movies, 4, np.random.default_rng(1))
+    assert len(negatives) == 4 * len(users)
+    owner = np.repeat(users, 4)
+    assert not np.isin(owner * n_movies + negatives, keys).any()
+    assert len(np.unique(owner * n_movies + negatives)) > 100  # spread over each user's 5 unrated movies
+    again = sample_unrated(users, keys, n_movies, 4, np.random.default_rng(1))
+    np.testing.assert_array_equal(negatives, again)  # seeded
+
+
+@pytest.mark.parametrize("objective,architecture", [("rating", "mlp"), ("implicit", "gmf"), ("implicit", "mlp"),
+                                                    ("implicit", "neumf"), ("joint", "neumf")])
+def test_each_objectives_loss_falls(tiny_config, tiny_movielens, objective, architecture):
+    config = small(tiny_config, f"model.objective={objective}", f"model.architecture={architecture}",
+                   "train.monitor=val_full_ndcg_at_10", "train.max_epochs=4", "train.patience=10",
+                   "train.refit=false", "train.learning_rate=0.005")
+    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    losses = [m["train_loss"] for m in result.history]
+    assert losses[-1] < losses[0], losses
+    assert all(0 <= m["val_full_ndcg_at_10"] <= 1 for m in result.history)
+    assert ("val_rmse" in result.history[0]) == (objective != "implicit")
