@@ -388,7 +388,7 @@ def test_new_champion_is_served_without_a_failed_request(http: httpx.Client, mod
     try:
         time.sleep(1)
         promoted_at = time.monotonic()
-        mlflow_tracking.promote(new)
+        mlflow_tracking.promote(mlflow_tracking.MODEL_NAME, new)
         deadline = time.monotonic() + 60
         while http.get("/version").json()["model_version"] != new and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -84,10 +84,11 @@ def two_node_cluster() -> Iterator[Cluster]:
     inside it); stopped by that temp dir, never with `ray stop` (it would stop everyone's Ray)."""
     gcs, dashboard, client, agent = free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="ncfray2-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    # The nodes get no storage credentials or endpoint: the job brings its own.
+    # The nodes get no storage credentials or endpoint (the job brings its own), and no NCF_DATA_DIR: their
+    # workers inherit the nodes' environment, where it would win over the job's data.dir (the tiny dataset).
     env = {k: v for k, v in client_env(NODES="2", RAY_DASHBOARD_PORT=str(dashboard), RAY_WORKER_CPUS="2",
                                        RAY_WORKER_ARGS=f"--object-store-memory {OBJECT_STORE}").items()
-           if k != "RAY_ADDRESS"}
+           if k not in ("RAY_ADDRESS", "NCF_DATA_DIR")}
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if "RAY_AUTH_MODE" not in env and (env.get("RAY_AUTH_TOKEN") or token.is_file() and token.stat().st_size):
         env["RAY_AUTH_MODE"] = "token"  # as the head decides by itself when a token exists
