@@ -126,8 +126,9 @@ def test_training_survives_an_unreachable_store_and_loses_no_metric(server: Trac
             output.append(line)
             epoch = int(match.group(1)) if (match := EPOCH_LINE.match(line)) else None
             if epoch == STOP_AFTER:
-                server.stop()  # the job trains on meanwhile
+                # From the moment the stop begins: a fast machine may train several epochs while it takes.
                 stopped = time.time()
+                server.stop()  # the job trains on meanwhile
             elif stopped and not restarted and epoch in (START_AFTER, EPOCHS):
                 server.start()
                 restarted = time.time()
