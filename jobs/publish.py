@@ -24,6 +24,7 @@ from ncf.data import MovieLens
 from ncf.evaluation import (
     DECK_REPORTED,
     evaluate,
+    evaluate_per_user,
     fitted_baselines,
     format_table,
     full_ranking_against,
@@ -112,11 +113,10 @@ def evaluate_all(recommender: Recommender, model: NCF, config: Config, data: Mov
         dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Test metrics of the served recommender, the model alone and the baselines (sampled protocol
     included), and the served recommender's per-user test figures (for paired comparisons)."""
-    served = evaluate(recommender, data)
+    served, per_user = evaluate_per_user(recommender, data)
     if "rating" not in model.heads:  # its "predicted rating" is its strength rescaled: no rating error to report
         served = {name: value for name, value in served.items() if name not in ("rmse", "mae")}
     served |= sampled_metrics(recommender.score_pairs, data)
-    _, per_user = full_ranking_against(recommender.rank, seen_in_training(data), data.splits.test, data.n_movies)
     results = {SERVED: served}
     if recommender.candidates is not None:  # without a retriever the served ranking is the model alone
         alone = NCFScorer(model)

@@ -77,8 +77,16 @@ def ranker_of(model: Scorable) -> Ranker | None:
 
 
 def evaluate(model: Scorable, data: MovieLens, k: int = K) -> dict[str, float]:
+    return evaluate_per_user(model, data, k)[0]
+
+
+def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K) -> tuple[dict[str, float],
+                                                                            dict[str, np.ndarray]]:
+    """`evaluate`'s metrics and the per-user full-ranking figures behind them (empty without a ranking),
+    for paired comparisons without ranking the test users a second time."""
     test = data.splits.test
     metrics: dict[str, float] = {}
+    per_user: dict[str, np.ndarray] = {}
     if model.predict is not None:
         pred = np.asarray(model.predict(test.user, test.movie), dtype=float)
         metrics["rmse"] = rmse(test.rating, pred)
@@ -86,8 +94,9 @@ def evaluate(model: Scorable, data: MovieLens, k: int = K) -> dict[str, float]:
         metrics.update(seed_ranking_metrics(test.user, test.rating, pred, k=k))
     rank = ranker_of(model)
     if rank is not None:
-        metrics.update(full_ranking_against(rank, seen_in_training(data), test, data.n_movies, k)[0])
-    return metrics
+        summary, per_user = full_ranking_against(rank, seen_in_training(data), test, data.n_movies, k)
+        metrics.update(summary)
+    return metrics, per_user
 
 
 class RetrievalBaseline:
