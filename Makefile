@@ -98,3 +98,9 @@ serve: venv  ## API and web page on 127.0.0.1:8000 (conf/serve.yaml) following t
 
 bench-serve: venv  ## load test of /recommend vs the naive path, loopback only -> docs/benchmarks/serve_load.md
 	$(PY) -m jobs.bench_serve $(ARGS)
+
+# ---- Batch: every user's recommendations at once ----
+.PHONY: recommend-all
+
+recommend-all: venv  ## every user's top-k from the champion with Ray Data -> reports/recommendations/<model>/v<version>/ (ARGS="--k 20 --version 3 ...")
+	$(PY) -m jobs.recommend_all $(ARGS)

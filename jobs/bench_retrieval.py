@@ -28,6 +28,7 @@ from ncf.baselines import MostPopular
 from ncf.config import load_config
 from ncf.data import MovieLens, Ratings, load_movielens, resolve_data_dir
 from ncf.evaluation import full_ranking_against, score_ranker
+from ncf.files import write_atomically
 from ncf.metrics import leave_one_out, paired_bootstrap, sampled_ranking_metrics
 from ncf.ranking import SeenItems
 from ncf.retrieval import ALS, EASE, interaction_matrix
@@ -38,6 +39,8 @@ EASE_LAMBDAS = (100.0, 250.0, 500.0, 1000.0)
 INPUTS = {"binarised": None, ">=4": 4.0}
 RECENCY = (("rank", 10.0), ("rank", 25.0), ("rank", 50.0), ("rank", 100.0), ("rank", 200.0),
            ("days", 30.0), ("days", 180.0), ("days", 365.0), ("days", 1095.0))
+# Profile weight rating - offset (None: every kept rating 1); only offsets below the input's lowest rating.
+PROFILE_OFFSETS = (None, 2.0, 3.0, 3.5)
 ALS_FACTORS = (32, 64, 128)
 ALS_REGS = (1.0, 10.0, 50.0)
 MAX_ITEMS = 8000
@@ -59,9 +62,10 @@ class Slice:
     n_users: int
     n_movies: int
 
-    def matrix(self, min_rating: float | None, recency: tuple[str, float] | None = None) -> sp.csr_matrix:
+    def matrix(self, min_rating: float | None, recency: tuple[str, float] | None = None,
+               offset: float | None = None) -> sp.csr_matrix:
         unit, half_life = recency or ("rank", None)
-        return interaction_matrix(self.fit_on, self.n_users, self.n_movies, min_rating, half_life, unit)
+        return interaction_matrix(self.fit_on, self.n_users, self.n_movies, min_rating, half_life, unit, offset)
 
     def evaluate(self, score: Callable[[np.ndarray], np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
         """Summary metrics and per-user NDCG@10 (rows in the order of the sorted user ids)."""
@@ -87,39 +91,51 @@ def slices(data: MovieLens) -> tuple[Slice, Slice]:
 
 def label(setting: dict) -> str:
     if setting["kind"] == "ease":
-        recency = "none" if setting["recency"] is None else f"{setting['recency'][1]:g} {setting['recency'][0]}"
-        return (f"EASE lambda={setting['lam']:g}, input {setting['input']}, recency {recency}, "
+        return (f"EASE lambda={setting['lam']:g}, input {setting['input']}, {profile_label(setting)}, "
                 f"max_items {setting['max_items']}")
     return (f"ALS factors={setting['factors']}, reg={setting['reg']:g}, alpha=1, input {setting['input']}, "
             f"15 iterations, seed 0")
 
 
+def profile_label(setting: dict) -> str:
+    recency = "none" if setting["recency"] is None else f"{setting['recency'][1]:g} {setting['recency'][0]}"
+    offset = setting.get("offset")
+    return f"recency {recency}, profile weight " + ("1" if offset is None else f"rating - {offset:g}")
+
+
 def choose_ease(val: Slice, max_items: int) -> tuple[dict, list[str]]:
+    """Every lambda x input x scored profile (recency half-life, rating offset) on validation; B is fitted on
+    the plain input, the profile only changes how users are scored."""
     rows, best = [], None
     for name, min_rating in INPUTS.items():
         x = val.matrix(min_rating)
-        profiles = {None: x} | {r: val.matrix(min_rating, r) for r in RECENCY}
+        offsets = [o for o in PROFILE_OFFSETS if o is None or (min_rating is not None and o < min_rating)]
+        profiles = {(r, o): val.matrix(min_rating, r, o) for r in (None, *RECENCY) for o in offsets}
         model = EASE(max_items=max_items, num_threads=1)
         gram = model.gram(x)
         for lam in EASE_LAMBDAS:
             model.lam = lam
             model.fit_gram(gram, x)
             plain, _ = val.evaluate(model.score)
-            recency_scores = {}
-            for recency in RECENCY:
-                model.profiles = profiles[recency]
-                recency_scores[recency] = val.evaluate(model.score)[0][NDCG]
-            best_recency = max(recency_scores, key=recency_scores.get)
-            by_unit = {unit: max(v for r, v in recency_scores.items() if r[0] == unit) for unit in ("rank", "days")}
+            scores = {}
+            for (recency, offset), profile in profiles.items():
+                model.profiles = profile
+                scores[recency, offset] = val.evaluate(model.score)[0][NDCG]
+            recency_only = {r: v for (r, o), v in scores.items() if o is None and r is not None}
+            best_recency = max(recency_only, key=recency_only.get)
+            by_unit = {unit: max(v for r, v in recency_only.items() if r[0] == unit) for unit in ("rank", "days")}
+            best_profile = max(scores, key=scores.get)
+            chosen = {"kind": "ease", "lam": lam, "input": name, "max_items": max_items,
+                      "recency": best_profile[0], "offset": best_profile[1]}
             rows.append(f"| {lam:g} | {name} | {plain[NDCG]:.4f} | {plain['full_hit_rate_at_10']:.4f} | "
-                        f"{best_recency[1]:g} {best_recency[0]} | {recency_scores[best_recency]:.4f} | "
-                        f"{by_unit['rank']:.4f} | {by_unit['days']:.4f} |")
+                        f"{best_recency[1]:g} {best_recency[0]} | {recency_only[best_recency]:.4f} | "
+                        f"{by_unit['rank']:.4f} | {by_unit['days']:.4f} | "
+                        f"{profile_label(chosen)} | "
+                        f"{scores[best_profile]:.4f} |")
             say(f"  EASE lambda {lam:g}, {name}: NDCG {plain[NDCG]:.4f}, with recency {best_recency}: "
-                f"{recency_scores[best_recency]:.4f}")
-            for recency, ndcg in ((None, plain[NDCG]), (best_recency, recency_scores[best_recency])):
-                if best is None or ndcg > best[0]:
-                    best = (ndcg, {"kind": "ease", "lam": lam, "input": name, "recency": recency,
-                                   "max_items": max_items})
+                f"{recency_only[best_recency]:.4f}, best profile {best_profile}: {scores[best_profile]:.4f}")
+            if best is None or scores[best_profile] > best[0]:
+                best = (scores[best_profile], chosen)
     return best[1] | {"validation_ndcg": best[0]}, rows
 
 
@@ -127,7 +143,7 @@ def ease_max_items_sweep(val: Slice, setting: dict) -> list[str]:
     """How much the item cap costs: the chosen setting at smaller caps, on validation."""
     rows = []
     x = val.matrix(INPUTS[setting["input"]])
-    profiles = val.matrix(INPUTS[setting["input"]], setting["recency"])
+    profiles = val.matrix(INPUTS[setting["input"]], setting["recency"], setting["offset"])
     n_rated = int((x.getnnz(axis=0) > 0).sum())
     for cap in (*MAX_ITEMS_SWEEP, setting["max_items"]):
         model = EASE(setting["lam"], cap, num_threads=1).fit(x, profiles)
@@ -163,7 +179,7 @@ def choose_als(val: Slice) -> tuple[dict, list[str]]:
 def build(setting: dict, part: Slice) -> Callable[[], EASE | ALS]:
     x = part.matrix(INPUTS[setting["input"]])
     if setting["kind"] == "ease":
-        profiles = part.matrix(INPUTS[setting["input"]], setting["recency"])
+        profiles = part.matrix(INPUTS[setting["input"]], setting["recency"], setting["offset"])
         return lambda: EASE(setting["lam"], setting["max_items"], num_threads=1).fit(x, profiles)
     return lambda: ALS(setting["factors"], setting["reg"], alpha=1.0, iterations=15, seed=0, num_threads=1).fit(x)
 
@@ -236,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     results["most_popular"] = {"metrics": metrics, "ndcg": ndcg, "seconds": float("nan"), "peak_mib": float("nan"),
                                "setting": "by number of ratings"}
     ease_item_bytes = 0
-    ablation = ease_setting | {"recency": None}  # not chosen on test: shows what the recency profile adds
-    for name, setting in (("ease", ease_setting), ("als", als_setting), ("ease, no recency (ablation)", ablation)):
+    ablation = ease_setting | {"recency": None, "offset": None}  # not chosen on test: what the profile adds
+    for name, setting in (("ease", ease_setting), ("als", als_setting), ("ease, plain profile (ablation)", ablation)):
         model, seconds, peak = measure_fit(build(setting, test))
         metrics, ndcg = test.evaluate(model.score)
         results[name] = {"metrics": metrics, "ndcg": ndcg, "seconds": seconds, "peak_mib": peak,
@@ -318,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         "## Validation: EASE grid",
         "",
         f"Fit on train, ranked against validation ({val.n_ranked_users()} users), max_items {args.max_items}. B is fit "
-        "on the plain input; recency reweights only the scored profile (0.5 ** (age / half-life), age counted "
-        "in ratings newer (rank) or in days); the best of half-lives "
-        f"{', '.join(f'{h:g} {u}' for u, h in RECENCY)} is shown, and the best of each unit.",
+        "on the plain input; recency and rating offset reweight only the scored profile: each kept rating "
+        "weighs 0.5 ** (age / half-life), age counted in ratings newer (rank) or in days, times rating - offset. "
+        f"The best of half-lives {', '.join(f'{h:g} {u}' for u, h in RECENCY)} is shown, the best of each unit, "
+        f"and the best profile of every half-life (or none) with every offset of "
+        f"{', '.join('none' if o is None else f'{o:g}' for o in PROFILE_OFFSETS)} below the input's lowest rating.",
         "",
-        "| lambda | input | NDCG@10 | HR@10 | best recency | NDCG@10 with it | best rank | best days |",
-        "|---|---|---|---|---|---|---|---|",
+        "| lambda | input | NDCG@10 | HR@10 | best recency | NDCG@10 with it | best rank | best days | best profile "
+        "| NDCG@10 with it |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *ease_rows,
         "",
         "Item cap, chosen setting:",
@@ -341,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         *als_rows,
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_atomically(args.out, "\n".join(lines), "report")
     say(f"wrote {args.out}")
     return 0
 

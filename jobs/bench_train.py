@@ -1,13 +1,17 @@
 """Epoch time of the training loop: in-process vs Ray Train, against the hardware limit.
 
-    python -m jobs.bench_train [--epochs 4] [--gpu]
+    python -m jobs.bench_train [--epochs 4] [--gpu | --table-sizes]
 
-CPU mode measures, side by side in one run: the loop in-process, under Ray Train
-with 1 worker (2 CPUs) and with 2 workers (1 CPU each); the steady-state epoch is
-the median of the epochs after the first. It sets the in-process epoch against the
-model's FLOP count and this machine's measured fp32 matmul throughput. GPU mode
-trains briefly with one worker per visible GPU and reports samples/s.
-Results go to docs/benchmarks/train_epoch_time.{md,json} (or train_gpu.*).
+CPU mode measures, side by side in one run: the loop in-process (with the configured
+embeddings, then with the other kind, dense vs sparse), under Ray Train with 1 worker
+(2 CPUs) and with 2 workers (1 CPU each); the steady-state epoch is the median of the
+epochs after the first. It sets the in-process epoch (training pass + validation) and
+its training pass alone against the model's FLOP count and this machine's measured fp32
+matmul throughput. `--table-sizes` times the training step on random ids with the
+embedding tables of ml-latest-small and of ML-25M, dense and sparse, at batch 256 and at
+the configured batch: the step should cost what the batch touches, not the table size.
+GPU mode trains briefly with one worker per visible GPU and reports samples/s.
+Results go to docs/benchmarks/train_epoch_time.{md,json} (or train_table_size.*, train_gpu.*).
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import torch
 
 from ncf.config import Config, load_config, override_parser
 from ncf.data import load_movielens, resolve_data_dir
+from ncf.files import write_atomically
 from ncf.integrations.ray_train import fit_with_ray, init_ray
-from ncf.model import count_flops_per_sample
-from ncf.training import LocalReporter, load_checkpoint, train_loop
+from ncf.model import NCF, count_flops_per_sample
+from ncf.training import LocalReporter, load_checkpoint, make_optimizer, train_loop, train_step
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
+# (users, movies) of the embedding tables the table-size mode compares.
+TABLE_SIZES = {"ml-latest-small": (610, 9_742), "ml-25m": (162_541, 62_423)}
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -39,14 +46,16 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def steady_epoch_seconds(history: list[dict]) -> float:
-    times = [h["epoch_seconds"] for h in history]
+def steady_epoch_seconds(history: list[dict], key: str = "epoch_seconds") -> float:
+    times = [h[key] for h in history]
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
 def ray_history(config: Config, workers: int, cpus: float, use_gpu: bool = False) -> list[dict]:
     trial = config.model_copy(deep=True)
     trial.train.num_workers, trial.train.cpus_per_worker, trial.train.use_gpu = workers, cpus, use_gpu
+    if use_gpu and workers > 1:  # NCCL has no sparse all-reduce
+        trial.model.sparse_embeddings = False
     return load_checkpoint(fit_with_ray(trial, run_id=None))["state"]["history"]
 
 
@@ -56,25 +65,82 @@ def bench_cpu(config: Config) -> dict:
     gflops = matmul_gflops()
     flops_epoch = 3 * count_flops_per_sample(config.model) * n_train  # forward + backward ~ 3x forward
     local = train_loop(config, data, LocalReporter(verbose=False)).history
+    other = config.model_copy(deep=True)
+    other.model.sparse_embeddings = not config.model.sparse_embeddings
+    other_local = train_loop(other, data, LocalReporter(verbose=False)).history
     init_ray()
     one = ray_history(config, workers=1, cpus=2)
     two = ray_history(config, workers=2, cpus=1)
-    in_process = steady_epoch_seconds(local)
+    in_process, train_pass = steady_epoch_seconds(local), steady_epoch_seconds(local, "train_seconds")
+    kind = {True: "sparse", False: "dense"}
     return {
         "machine": f"{host.processor() or host.machine()}, {torch.get_num_threads()} torch threads",
-        "train_samples": n_train, "batch_size": config.train.batch_size, "epochs": config.train.max_epochs,
+        "train_samples": n_train, "batch_size": config.train.batch_size,
+        "learning_rate": config.train.learning_rate, "embeddings": kind[config.model.sparse_embeddings],
+        "epochs": config.train.max_epochs,
         "matmul_fp32_gflops": gflops, "model_flops_per_sample_train": 3 * count_flops_per_sample(config.model),
         "epoch_floor_seconds": flops_epoch / (gflops * 1e9),
         "in_process_epoch_seconds": in_process,
+        "in_process_train_pass_seconds": train_pass,
+        f"in_process_epoch_seconds_{kind[other.model.sparse_embeddings]}_embeddings": steady_epoch_seconds(other_local),
+        f"in_process_train_pass_seconds_{kind[other.model.sparse_embeddings]}_embeddings":
+            steady_epoch_seconds(other_local, "train_seconds"),
         "ray_1_worker_epoch_seconds": steady_epoch_seconds(one),
         "ray_2_workers_epoch_seconds": steady_epoch_seconds(two),
         "ray_1_worker_ratio": steady_epoch_seconds(one) / in_process,
         "ray_2_workers_ratio": steady_epoch_seconds(two) / in_process,
         "fraction_of_hardware_limit": flops_epoch / (gflops * 1e9) / in_process,
+        "fraction_of_hardware_limit_train_pass": flops_epoch / (gflops * 1e9) / train_pass,
         "epoch_seconds": {"in_process": [h["epoch_seconds"] for h in local],
+                          f"in_process_{kind[other.model.sparse_embeddings]}_embeddings":
+                              [h["epoch_seconds"] for h in other_local],
                           "ray_1_worker": [h["epoch_seconds"] for h in one],
                           "ray_2_workers": [h["epoch_seconds"] for h in two]},
     }
+
+
+def step_seconds(config: Config, tables: dict[str, tuple[int, int]], batch_size: int,
+                 steps: int) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, optimizer) on random ids, per table size.
+    The sizes take turns step by step, so a machine busy with other work slows them alike; 3 warm-up
+    steps each (the first allocates the optimizer's state)."""
+    torch.manual_seed(config.train.seed)
+    trainers = {name: (model := NCF(n_users, n_movies, config.model).train(), make_optimizer(model, config.train))
+                for name, (n_users, n_movies) in tables.items()}
+    negatives_per_positive = config.train.negatives_per_positive if config.model.objective != "rating" else 0
+    times: dict[str, list[float]] = {name: [] for name in tables}
+    for _ in range(steps + 3):
+        for name, (model, optimizer) in trainers.items():
+            n_users, n_movies = tables[name]
+            users, movies = torch.randint(0, n_users, (batch_size,)), torch.randint(0, n_movies, (batch_size,))
+            ratings = config.model.rating_min + (config.model.rating_max - config.model.rating_min) * torch.rand(
+                batch_size)
+            negatives = (torch.randint(0, n_movies, (batch_size * negatives_per_positive,))
+                         if negatives_per_positive else None)
+            started = time.perf_counter()
+            train_step(model, optimizer, users, movies, ratings, negatives, config)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(seconds[3:]) for name, seconds in times.items()}
+
+
+def bench_table_sizes(config: Config, steps: int) -> dict:
+    """Training-step throughput with small and ML-25M-sized embedding tables, dense and sparse, at batch 256
+    and at the configured batch; `ratio` = large-table throughput / small-table throughput."""
+    (small, small_size), (large, large_size) = TABLE_SIZES.items()
+    rows = []
+    for batch_size in sorted({256, config.train.batch_size}):
+        for sparse in (False, True):
+            trial = config.model_copy(deep=True)
+            trial.model.sparse_embeddings = sparse
+            seconds = step_seconds(trial, TABLE_SIZES, batch_size, steps)
+            rows.append({"batch_size": batch_size, "embeddings": "sparse" if sparse else "dense",
+                         f"{small}_samples_per_s": round(batch_size / seconds[small]),
+                         f"{large}_samples_per_s": round(batch_size / seconds[large]),
+                         "ratio": round(seconds[small] / seconds[large], 3)})
+    return {"machine": f"{host.processor() or host.machine()}, {torch.get_num_threads()} torch threads",
+            f"{small}_tables": f"{small_size[0]} users x {small_size[1]} movies",
+            f"{large}_tables": f"{large_size[0]} users x {large_size[1]} movies",
+            "embedding_dim": config.model.embedding_dim, "timed_steps": steps, "throughput": rows}
 
 
 def bench_gpu(config: Config) -> dict:
@@ -93,27 +159,42 @@ def bench_gpu(config: Config) -> dict:
 
 def to_markdown(title: str, result: dict, command: str) -> str:
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in result.items() if not isinstance(v, dict))
-    detail = json.dumps({k: v for k, v in result.items() if isinstance(v, dict)}, indent=2)
-    return f"# {title}\n\nCommand: `{command}`\n\n| measure | value |\n|---|---|\n{rows}\n\n```json\n{detail}\n```\n"
+                     for k, v in result.items() if not isinstance(v, (dict, list)))
+    tables = "".join(f"\n\n{k}:\n\n" + table(v) for k, v in result.items() if isinstance(v, list))
+    details = {k: v for k, v in result.items() if isinstance(v, dict)}
+    detail = f"\n\n```json\n{json.dumps(details, indent=2)}\n```" if details else ""
+    return f"# {title}\n\nCommand: `{command}`\n\n| measure | value |\n|---|---|\n{rows}{tables}{detail}\n"
+
+
+def table(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = override_parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--gpu", action="store_true", help="short training on every visible GPU")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true", help="short training on every visible GPU")
+    mode.add_argument("--table-sizes", action="store_true",
+                      help="training-step throughput with ml-latest-small vs ML-25M-sized embedding tables")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement of --table-sizes")
     args = p.parse_args(argv)
     config = load_config(args.overrides, preset=args.preset)
-    config.data.dir = str(resolve_data_dir(config.data))
+    if not args.table_sizes:  # random ids: no data
+        config.data.dir = str(resolve_data_dir(config.data))
     config.train.max_epochs, config.train.patience, config.train.refit = args.epochs, args.epochs, False
     if args.gpu:
         name, title, result = "train_gpu", "GPU training throughput", bench_gpu(config)
+    elif args.table_sizes:
+        name, title = "train_table_size", "Training step: small vs ML-25M-sized embedding tables"
+        result = bench_table_sizes(config, args.steps)
     else:
         name, title, result = "train_epoch_time", "Epoch time: in-process vs Ray Train", bench_cpu(config)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / f"{name}.json").write_text(json.dumps(result, indent=2))
+    write_atomically(OUT_DIR / f"{name}.json", json.dumps(result, indent=2), "report")
     command = "python -m jobs.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
-    (OUT_DIR / f"{name}.md").write_text(to_markdown(title, result, command.strip()))
+    write_atomically(OUT_DIR / f"{name}.md", to_markdown(title, result, command.strip()), "report")
     print(to_markdown(title, result, command.strip()))
     return 0
 

@@ -32,6 +32,7 @@ from ncf.evaluation import (
     sampled_metrics,
     seen_in_training,
 )
+from ncf.files import write_atomically
 from ncf.integrations import mlflow_tracking
 from ncf.metrics import paired_bootstrap
 from ncf.model import NCF
@@ -226,14 +227,14 @@ def gate(summary: RunSummary, config: Config) -> dict[str, str]:
 
 
 def write_report(summary: RunSummary, data: MovieLens, path: Path) -> None:
-    """Print the metric table (with the deck's reported figures) and write it as JSON."""
+    """Print the metric table (with the deck's reported figures) and write it as JSON, atomically: a full disk
+    or a read-only folder leaves no half-written file and raises a WriteError naming `path`."""
     print(format_table(summary.metrics | {"deck (reported)": DECK_REPORTED}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
+    write_atomically(path, json.dumps({
         "split": data.splits.sizes(), "models": summary.metrics, "validation": summary.validation,
         "reference": {"deck_reported": DECK_REPORTED}, "comparison_with_champion": summary.comparison,
         "mlflow": {"run_id": summary.run_id, "model": summary.model_name, "version": summary.model_version},
-    }, indent=2, default=float))
+    }, indent=2, default=float), "report")
     print(f"wrote {path}")
 
 

@@ -22,16 +22,21 @@ import mlflow
 from jobs.publish import RunSummary, finish_run, gate, log_data_tags, write_report
 from ncf.config import Config, load_config, override_parser
 from ncf.data import load_movielens, resolve_data_dir
+from ncf.files import WriteError, check_writable
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
-from ncf.training import fit_in_process
+from ncf.training import CheckpointError, fit_in_process
 
 REPORT_PATH = Path("reports") / "metrics.json"  # under the working directory
 
 
 def run(config: Config, launcher: str = "ray", report_path: Path | None = REPORT_PATH,
         run_name: str | None = None) -> tuple[RunSummary, bool]:
-    """Train, evaluate, log, register; returns the summary and whether it became champion."""
+    """Train, evaluate, log, register; returns the summary and whether it became champion.
+
+    An unwritable report folder stops the job here, before any training (a WriteError naming it)."""
+    if report_path:
+        check_writable(report_path.parent, "report")
     config = config.model_copy(deep=True)
     config.data.dir = str(resolve_data_dir(config.data))  # workers load the same verified files
     data = load_movielens(config.data)
@@ -62,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p = override_parser(__doc__.splitlines()[0])
     p.add_argument("--launcher", choices=("ray", "local"), default="ray")
     args = p.parse_args(argv)
-    run(load_config(args.overrides, preset=args.preset), launcher=args.launcher)
+    try:
+        run(load_config(args.overrides, preset=args.preset), launcher=args.launcher)
+    except (WriteError, CheckpointError) as err:  # a path that cannot be written or read back: no traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -15,7 +15,6 @@ test metrics) is printed and written to `reports/tune.md`.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -43,9 +42,10 @@ from jobs.sweep_trials import (
 from ncf import plots
 from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
 from ncf.data import MovieLens, load_movielens, resolve_data_dir
+from ncf.files import WriteError, check_writable, write_atomically
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import Storage, init_ray, storage_location
-from ncf.training import CHECKPOINT_FILE, fit_in_process
+from ncf.training import CheckpointError, copy_checkpoint, fit_in_process
 
 SWEEP_CONFIG = "ncf_config.yaml"  # the sweep's base config, kept in its Tune folder for --resume
 SWEEP_TAG = "ncf.sweep_path"
@@ -218,9 +218,8 @@ def _finish(config: Config, data: MovieLens, results, path: Storage, parent_run_
         child = find_child_run(MlflowClient(), experiment_id, parent_run_id, trial_id)
         mlflow.set_tags({"sweep.best_trial": trial_id, "sweep.best_run_id": child})
         folder = Path(tmp) / "best"
-        folder.mkdir()
         with trial_checkpoint(best, path.filesystem).as_directory() as saved:  # the refit continues a copy
-            shutil.copy2(Path(saved) / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
+            copy_checkpoint(Path(saved), folder)
         with mlflow.start_run(run_id=child, nested=True):
             mlflow.set_tag("ncf.refit_after_sweep", str(best_config.train.refit).lower())
             if best_config.train.refit:  # the trial's own loop, continued into its refit phase
@@ -251,15 +250,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="where to write the sweep's Markdown report (relative: to the working directory)")
     args = p.parse_args(argv)
     try:
+        check_writable(args.report.parent, "report")  # before the sweep, not after it
         outcome = sweep(load_config(args.overrides, preset=args.preset), resume=args.resume)
+        write_atomically(args.report, outcome.report(), "report")
     except SweepInterrupted as stop:
         print(stop, file=sys.stderr, flush=True)
         return INTERRUPTED
-    except SweepError as problem:
+    except (SweepError, WriteError, CheckpointError) as problem:
         print(problem, file=sys.stderr, flush=True)
         return 2
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(outcome.report())
     print(f"wrote {args.report}")
     return 0
 

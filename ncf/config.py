@@ -58,6 +58,8 @@ class DataConfig(Section):
     dir: str | None
     cache_dir: str
     prepared_dir: str | None
+    # How Ray Train workers get their batches: in memory, or streamed by Ray Data (ncf.integrations.ray_data).
+    loader: Literal["in_memory", "ray_data"]
     split: SplitConfig
     datasets: dict[str, PublishedDataset] = Field(min_length=1)
 
@@ -96,6 +98,8 @@ class ModelConfig(Section):
     rating_max: float
     use_bias: bool
     use_genres: bool
+    # nn.Embedding(sparse=True) + SparseAdam: each step updates only the rows its batch touched.
+    sparse_embeddings: bool
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -140,6 +144,7 @@ class RetrievalConfig(Section):
     min_rating: float | None
     recency_half_life: float | None = Field(gt=0)
     recency_unit: Literal["rank", "days"]
+    profile_rating_offset: float | None
     ease_lambda: float = Field(gt=0)
     ease_max_items: int | None = Field(gt=0)
     als_factors: int = Field(gt=0)
@@ -157,6 +162,10 @@ class RetrievalConfig(Section):
     def _check_grids(self) -> RetrievalConfig:
         if any(n <= 0 for n in self.n_candidates_grid):
             raise ValueError("retrieval.n_candidates_grid must hold positive counts")
+        if self.profile_rating_offset is not None and self.profile_rating_offset >= (self.min_rating or 0.5):
+            raise ValueError(f"retrieval.profile_rating_offset ({self.profile_rating_offset}) must be below the "
+                             f"lowest rating a profile keeps (min_rating {self.min_rating or 0.5}): profile "
+                             "weights are rating - offset and must be positive")
         return self
 
 
@@ -259,6 +268,10 @@ class Config(Section):
         if self.train.monitor == "val_rmse" and self.model.objective == "implicit":
             raise ValueError("train.monitor val_rmse needs a rating head: an implicit model monitors "
                              "val_full_ndcg_at_10")
+        if self.model.sparse_embeddings and self.train.use_gpu and self.train.num_workers > 1:
+            raise ValueError("model.sparse_embeddings with train.use_gpu and train.num_workers > 1: DDP on GPUs "
+                             "all-reduces with NCCL, which has no sparse all-reduce; use dense embeddings "
+                             "(model.sparse_embeddings false) or one GPU")
         return self
 
 
@@ -361,6 +374,13 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
     for text in overrides:
         _set_path(tree, *parse_override(text))
     return config_from_dict(tree)
+
+
+def saved_section(name: str, saved: dict) -> dict:
+    """Section `name` of a config saved with a model, with the keys added to the config since then taken from
+    the shipped defaults, so registered models keep loading as the config grows. A key added later must
+    default to the behaviour before it (e.g. `retrieval.profile_rating_offset: null`)."""
+    return load_config().model_dump()[name] | saved
 
 
 def _read_yaml(path: Path, what: str) -> object:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ncf.metrics import (
     seed_ranking_metrics,
 )
 from ncf.ranking import ScoreFn, SeenItems, top_k_unseen
-from ncf.retrieval import ALS, EASE, interaction_matrix
+from ncf.retrieval import configured_retriever, fit_on_ratings
 
 FULL_RANKING_THRESHOLD = 4.0
 
@@ -100,15 +100,16 @@ def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K) -> tuple[dic
 
 
 class RetrievalBaseline:
-    """A retriever on its own (EASE or ALS with the configured settings) as a ranking baseline."""
+    """A retriever on its own (EASE or ALS, fitted exactly as the served recommender's) as a ranking baseline."""
 
     predict = None
 
-    def __init__(self, retriever: EASE | ALS, min_rating: float | None):
-        self.retriever, self.min_rating, self.name = retriever, min_rating, retriever.name
+    def __init__(self, kind: Literal["ease", "als"], cfg: RetrievalConfig, seed: int = 0):
+        self.name, self.cfg = kind, cfg
+        self.retriever = configured_retriever(kind, cfg, seed)
 
     def fit(self, ratings: Ratings, n_users: int, n_movies: int) -> RetrievalBaseline:
-        self.retriever.fit(interaction_matrix(ratings, n_users, n_movies, self.min_rating))
+        fit_on_ratings(self.retriever, ratings, n_users, n_movies, self.cfg)
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
@@ -116,9 +117,7 @@ class RetrievalBaseline:
 
 
 def retrieval_baselines(cfg: RetrievalConfig, seed: int = 0) -> list[RetrievalBaseline]:
-    return [RetrievalBaseline(EASE(cfg.ease_lambda, cfg.ease_max_items, num_threads=1), cfg.min_rating),
-            RetrievalBaseline(ALS(cfg.als_factors, cfg.als_regularization, iterations=cfg.als_iterations, seed=seed,
-                                  num_threads=1), cfg.min_rating)]
+    return [RetrievalBaseline(kind, cfg, seed) for kind in ("ease", "als")]
 
 
 def fitted_baselines(data: MovieLens, retrieval: RetrievalConfig | None = None) -> list:

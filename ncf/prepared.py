@@ -23,6 +23,7 @@ Pure computing code: no Ray, no MLflow.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,6 +183,12 @@ def prepare(cfg: DataConfig, source: Path, *, force: bool = False) -> Prepared:
         staged.chmod(0o755)  # mkdtemp's folder is private; the prepared copy is as readable as its files
         manifest = _build(cfg, Path(source), staged)
         _install(staged, target)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise
+        # A full disk, a quota or a file size limit while writing (pyarrow's errors do not name the file).
+        raise DataError(f"cannot write the prepared data to {target} ({err}); nothing was kept: free space "
+                        "there or point data.prepared_dir at another folder") from err
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     manifest = _read_manifest(target) or manifest  # another process may have put an equal copy in place first
@@ -326,7 +334,10 @@ def statistics(name: str, ids: IdMaps, movies: pd.DataFrame, ratings: Ratings, r
 
 def _ratings(path: Path) -> Ratings:
     """A split as the in-memory `Ratings` the training loop takes (int64 indices, float64 ratings)."""
-    table = pq.read_table(path)
+    return _ratings_of(pq.read_table(path))
+
+
+def _ratings_of(table: pa.Table) -> Ratings:
     return Ratings(table.column("user").to_numpy().astype(np.int64),
                    table.column("movie").to_numpy().astype(np.int64),
                    table.column("rating").to_numpy().astype(np.float64),
@@ -337,8 +348,9 @@ class _Replaced(Exception):
     """The prepared copy was replaced while it was being read."""
 
 
-def read(folder: Path, manifest: dict | None = None) -> MovieLens:
-    """The `MovieLens` object of a prepared folder."""
+def read(folder: Path, manifest: dict | None = None, splits: Collection[str] = SPLITS) -> MovieLens:
+    """The `MovieLens` object of a prepared folder; the splits not in `splits` are left empty (a Ray Data
+    worker reads only what its validation needs)."""
     folder = Path(folder)
     manifest = manifest or _read_manifest(folder)
     if manifest is None:
@@ -350,11 +362,12 @@ def read(folder: Path, manifest: dict | None = None) -> MovieLens:
                            "genres": table.column("genres").to_pylist()})
     ids = IdMaps(users, movies["movieId"].to_numpy())
     genres, genre_names = genre_matrix(movies)
-    splits = Splits(*(_ratings(folder / f"{part}.parquet") for part in SPLITS))
+    empty = _ratings_of(RATINGS_SCHEMA.empty_table())
+    wanted = Splits(*(_ratings(folder / f"{part}.parquet") if part in splits else empty for part in SPLITS))
     if (_read_manifest(folder) or {}).get("build") != manifest.get("build"):
         raise _Replaced(folder)  # another process rebuilt it meanwhile: the files may be of two builds
     checksums = {name: f["sha256"] for name, f in manifest["source"]["files"].items()}
-    return MovieLens(ids, movies, genres, genre_names, splits, checksums)
+    return MovieLens(ids, movies, genres, genre_names, wanted, checksums)
 
 
 def load(cfg: DataConfig, source: Path, attempts: int = 3) -> MovieLens:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import yaml
 
-from ncf.config import Config, ModelConfig, RetrievalConfig
+from ncf.config import Config, ModelConfig, RetrievalConfig, saved_section
 from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
 from ncf.ranking import SeenItems
@@ -69,7 +69,8 @@ class Recommender:
         self.history = history  # every known rating (train + validation), encoded
         self.scorer = NCFScorer(self.model)
         self.predict = self.scorer.predict
-        retrieval = RetrievalConfig.model_validate(config["retrieval"]) if "retrieval" in config else None
+        retrieval = (RetrievalConfig.model_validate(saved_section("retrieval", config["retrieval"]))
+                     if "retrieval" in config else None)
         self.candidates = (CandidateRetriever(retriever, history, retrieval.min_rating, ids.n_users, ids.n_movies)
                            if retriever is not None else None)
         self.reranking = Reranking.from_config(retrieval) if retrieval else Reranking(0)
@@ -113,7 +114,7 @@ class Recommender:
         folder = Path(folder)
         config = yaml.safe_load((folder / CONFIG).read_text())
         # Only the model section shapes the network: sections added since training do not matter here.
-        model_config = ModelConfig.model_validate(config["model"])
+        model_config = ModelConfig.model_validate(saved_section("model", config["model"]))
         ids = IdMaps.load(folder / IDS)
         movies = pd.read_csv(folder / MOVIES, dtype={"title": str, "genres": str}, keep_default_na=False)
         with np.load(folder / HISTORY) as arrays:

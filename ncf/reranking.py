@@ -23,7 +23,7 @@ from ncf.evaluation import relevant_targets
 from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
 from ncf.model import NCF, MovieSide, forward_batched
 from ncf.ranking import SeenItems, top_k_unseen
-from ncf.retrieval import ALS, EASE, blend, interaction_matrix
+from ncf.retrieval import ALS, EASE, blend, configured_retriever, fit_on_ratings
 
 HEAD_SIGNALS = {"rating": "rating", "interaction": "logit"}  # head -> the ModelOutput field re-ranking reads
 
@@ -93,14 +93,7 @@ def fit_retriever(cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies
     """The configured retriever fitted on `ratings` (None for `retriever: none`)."""
     if cfg.retriever == "none":
         return None
-    interactions = interaction_matrix(ratings, n_users, n_movies, cfg.min_rating)
-    if cfg.retriever == "ease":
-        profiles = (interaction_matrix(ratings, n_users, n_movies, cfg.min_rating, cfg.recency_half_life,
-                                       cfg.recency_unit) if cfg.recency_half_life else None)
-        model = EASE(cfg.ease_lambda, cfg.ease_max_items, num_threads=1).fit(interactions, profiles)
-    else:
-        model = ALS(cfg.als_factors, cfg.als_regularization, iterations=cfg.als_iterations, seed=seed,
-                    num_threads=1).fit(interactions)
+    model = fit_on_ratings(configured_retriever(cfg.retriever, cfg, seed), ratings, n_users, n_movies, cfg)
     return CandidateRetriever(model, ratings, cfg.min_rating, n_users, n_movies)
 
 

@@ -21,6 +21,7 @@ import scipy.linalg
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from ncf.config import RetrievalConfig
 from ncf.data import Ratings
 
 FILE_NAME = "retriever.npz"
@@ -56,7 +57,8 @@ def recency_age(users: np.ndarray, timestamps: np.ndarray, unit: Literal["rank",
 
 def interaction_matrix(ratings: Ratings, n_users: int, n_movies: int, min_rating: float | None = None,
                        recency_half_life: float | None = None,
-                       recency_unit: Literal["rank", "days"] = "rank") -> sp.csr_matrix:
+                       recency_unit: Literal["rank", "days"] = "rank",
+                       rating_offset: float | None = None) -> sp.csr_matrix:
     """User x movie float32 CSR of who rated what: 1 per rating, or only ratings >= `min_rating`.
 
     With `recency_half_life`, each entry weighs 0.5 ** (age / half_life), age measured by
@@ -65,6 +67,9 @@ def interaction_matrix(ratings: Ratings, n_users: int, n_movies: int, min_rating
     (docs/benchmarks/retrieval.md): with EASE on all ratings, NDCG@10 0.104 against 0.094
     by days; on ratings >= 4 the two tie (0.1117 and 0.1119). Users rate in bursts, often
     years apart: a rank counts the ratings since, not the calendar gap.
+
+    With `rating_offset`, each entry is also multiplied by rating - rating_offset: a profile
+    leans on the movies the user liked most.
     """
     keep = np.ones(len(ratings), dtype=bool) if min_rating is None else ratings.rating >= min_rating
     users, movies = ratings.user[keep], ratings.movie[keep]
@@ -73,6 +78,11 @@ def interaction_matrix(ratings: Ratings, n_users: int, n_movies: int, min_rating
         if recency_half_life <= 0:
             raise ValueError("recency_half_life must be positive")
         weights = 0.5 ** (recency_age(users, ratings.timestamp[keep], recency_unit) / recency_half_life)
+    if rating_offset is not None:
+        graded = ratings.rating[keep] - rating_offset
+        if (graded <= 0).any():
+            raise ValueError(f"rating_offset {rating_offset} leaves kept ratings with a weight <= 0")
+        weights = weights * graded
     matrix = sp.csr_matrix((weights.astype(np.float32), (users, movies)), shape=(n_users, n_movies),
                            dtype=np.float32)
     matrix.sum_duplicates()
@@ -284,6 +294,26 @@ class ALS:
 
 
 RETRIEVERS: dict[str, type[EASE] | type[ALS]] = {EASE.name: EASE, ALS.name: ALS}
+
+
+def configured_retriever(kind: Literal["ease", "als"], cfg: RetrievalConfig, seed: int = 0) -> EASE | ALS:
+    """An unfitted retriever of `kind` with `cfg`'s settings (one BLAS / `implicit` thread)."""
+    if kind == EASE.name:
+        return EASE(cfg.ease_lambda, cfg.ease_max_items, num_threads=1)
+    return ALS(cfg.als_factors, cfg.als_regularization, iterations=cfg.als_iterations, seed=seed, num_threads=1)
+
+
+def fit_on_ratings(retriever: EASE | ALS, ratings: Ratings, n_users: int, n_movies: int,
+                   cfg: RetrievalConfig) -> EASE | ALS:
+    """Fit on the ratings >= `cfg.min_rating`. EASE scores users from a profile weighted by recency and by
+    rating when `cfg` asks for it (its item weights are still fitted on the plain interactions)."""
+    interactions = interaction_matrix(ratings, n_users, n_movies, cfg.min_rating)
+    if not isinstance(retriever, EASE):
+        return retriever.fit(interactions)
+    weighted = cfg.recency_half_life is not None or cfg.profile_rating_offset is not None
+    profiles = (interaction_matrix(ratings, n_users, n_movies, cfg.min_rating, cfg.recency_half_life,
+                                   cfg.recency_unit, cfg.profile_rating_offset) if weighted else None)
+    return retriever.fit(interactions, profiles)
 
 
 def load_retriever(folder: Path) -> EASE | ALS:

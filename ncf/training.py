@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
-import shutil
+import os
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -25,14 +27,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ncf.config import Config
+from ncf.config import Config, TrainConfig
 from ncf.data import MovieLens, Ratings, epoch_batches
 from ncf.evaluation import full_ranking_against
+from ncf.files import atomic_path, check_writable, copy_atomically, make_folder, write_atomically
 from ncf.model import NCF, forward_batched
 from ncf.ranking import SeenItems
 from ncf.reranking import Reranking, fit_retriever, top_k
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "previous"  # LocalReporter's subfolder with the checkpoint before the latest
 
 
 class Reporter(Protocol):
@@ -51,7 +55,8 @@ class Reporter(Protocol):
 
 
 class LocalReporter:
-    """In-process runs: prints progress, keeps the latest checkpoint in a folder."""
+    """In-process runs: prints progress, keeps the latest checkpoint in a folder and the one before it
+    in its `previous/` subfolder, which `restore` falls back to when the latest is corrupt or truncated."""
 
     rank, world_size = 0, 1
 
@@ -68,9 +73,27 @@ class LocalReporter:
         return model
 
     def restore(self) -> Path | None:
-        if self.resume and self.checkpoint_dir and (self.checkpoint_dir / CHECKPOINT_FILE).exists():
-            return self.checkpoint_dir
-        return None
+        """The latest checkpoint if intact; else, with a warning, the previous one; else a CheckpointError."""
+        if not (self.resume and self.checkpoint_dir):
+            return None
+        latest, previous = self.checkpoint_dir, self.checkpoint_dir / PREVIOUS_CHECKPOINT
+        if not (latest / CHECKPOINT_FILE).exists() and not (previous / CHECKPOINT_FILE).exists():
+            return None
+        try:
+            return verify_checkpoint(latest).parent
+        except CheckpointError as latest_error:
+            try:
+                verify_checkpoint(previous)
+            except CheckpointError as previous_error:
+                raise CheckpointError(f"{latest_error}; no intact checkpoint to fall back to: {previous_error}") \
+                    from latest_error
+            # Set aside, so the next epoch does not keep it as "previous" over the intact one.
+            for path in (latest / CHECKPOINT_FILE, checksum_path(latest)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, path.with_name(f"{path.name}.corrupt"))
+            print(f"warning: {latest_error}; resuming from the previous checkpoint {previous / CHECKPOINT_FILE} "
+                  f"(the corrupt one is kept as {CHECKPOINT_FILE}.corrupt)", file=sys.stderr, flush=True)
+            return previous
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         self.history.append(metrics)
@@ -79,8 +102,13 @@ class LocalReporter:
         if self.on_epoch:
             self.on_epoch(metrics)
         if checkpoint and self.checkpoint_dir:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(checkpoint / CHECKPOINT_FILE, self.checkpoint_dir / CHECKPOINT_FILE)
+            latest, previous = self.checkpoint_dir, self.checkpoint_dir / PREVIOUS_CHECKPOINT
+            if (latest / CHECKPOINT_FILE).exists():  # the latest becomes the previous one, file by file
+                make_folder(previous, "checkpoint")
+                for path in (latest / CHECKPOINT_FILE, checksum_path(latest)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(path, previous / path.name)
+            copy_checkpoint(checkpoint, latest)
 
 
 def format_epoch(m: dict[str, float]) -> str:
@@ -132,14 +160,121 @@ def build_model(config: Config, data: MovieLens) -> NCF:
     return NCF(data.n_users, data.n_movies, config.model, genres)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or truncated; the message names its path."""
+
+
+def checksum_path(folder: Path) -> Path:
+    """The sha256 of the checkpoint file, beside it (`sha256sum -c` reads it)."""
+    return Path(folder) / f"{CHECKPOINT_FILE}.sha256"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SparseDenseAdam(torch.optim.Optimizer):
+    """SparseAdam for the sparse-gradient embedding tables and Adam for the rest, as one optimizer: the
+    loop steps it, the LR scheduler sets the lr of its groups (the groups of both), checkpoints save
+    and restore both states.
+
+    SparseAdam moves only the rows a batch touched (lazy Adam: an untouched row keeps its moments and
+    its value). It has no weight decay: here the L2 term is added to the touched rows' gradients, as
+    Adam adds it to every row's.
+    """
+
+    def __init__(self, dense: list[nn.Parameter], sparse: list[nn.Parameter], lr: float, weight_decay: float):
+        self.dense = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, foreach=True)
+        self.sparse = torch.optim.SparseAdam(sparse, lr=lr)
+        self.weight_decay = weight_decay
+        super().__init__(dense + sparse, {"lr": lr})
+        self.param_groups = self.dense.param_groups + self.sparse.param_groups  # the same dicts: one lr
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("SparseDenseAdam.step takes no closure")
+        if self.weight_decay:
+            for p in self.sparse.param_groups[0]["params"]:
+                if p.grad is not None:
+                    grad = p.grad.coalesce()
+                    rows = grad.indices()[0]
+                    p.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + self.weight_decay * p[rows],
+                                                     grad.shape, is_coalesced=True, check_invariants=False)
+        self.dense.step()
+        self.sparse.step()
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if set(state_dict) != {"dense", "sparse"}:
+            raise ValueError("the checkpoint's optimizer state is not SparseDenseAdam's: was it saved with "
+                             "model.sparse_embeddings false?")
+        self.dense.load_state_dict(state_dict["dense"])
+        self.sparse.load_state_dict(state_dict["sparse"])
+        self.param_groups = self.dense.param_groups + self.sparse.param_groups
+
+
+def make_optimizer(model: NCF, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (multi-tensor: one kernel per step for all parameters), or `SparseDenseAdam` when the model's
+    embedding tables have sparse gradients (`model.sparse_embeddings`)."""
+    sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    if not sparse:
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                foreach=True)
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    return SparseDenseAdam(dense, sparse, cfg.learning_rate, cfg.weight_decay)
+
+
 def save_checkpoint(folder: Path, model: NCF, optimizer, scheduler, state: TrainState) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state.__dict__ | {"phase": int(state.phase)}}, folder / CHECKPOINT_FILE)
+    """The checkpoint file, then its sha256 beside it, each written atomically (`ncf.files.atomic_path`)."""
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "state": state.__dict__ | {"phase": int(state.phase)}}
+    with atomic_path(Path(folder) / CHECKPOINT_FILE, "checkpoint") as tmp:
+        with open(tmp, "wb") as f:  # through a Python file: a full disk is an OSError saying so, not torch's own
+            torch.save(payload, f)
+        digest = _sha256(tmp)
+    write_atomically(checksum_path(folder), f"{digest}  {CHECKPOINT_FILE}\n", "checkpoint checksum")
+
+
+def copy_checkpoint(source: Path, folder: Path) -> Path:
+    """The checkpoint in folder `source`, verified (a CheckpointError naming it if not intact), copied into
+    `folder`: file then checksum, each atomically."""
+    copy_atomically(verify_checkpoint(source), make_folder(folder, "checkpoint") / CHECKPOINT_FILE, "checkpoint")
+    copy_atomically(checksum_path(source), checksum_path(folder), "checkpoint checksum")
+    return Path(folder)
+
+
+def verify_checkpoint(folder: Path) -> Path:
+    """The checkpoint file in `folder` if its sha256 is the one written beside it, else a CheckpointError."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing")
+    try:
+        expected = checksum_path(folder).read_text().split()[0]
+    except (OSError, IndexError):
+        raise CheckpointError(f"checkpoint {path} cannot be verified: its checksum {checksum_path(folder)} is "
+                              "missing or empty (a copy without it, or a write that did not finish)") from None
+    actual = _sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {path.stat().st_size} bytes with "
+                              f"sha256 {actual}, expected {expected}")
+    return path
 
 
 def load_checkpoint(folder: Path) -> dict:
-    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    """The verified checkpoint in `folder` (CheckpointError naming the path if it is not intact)."""
+    path = verify_checkpoint(folder)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # intact bytes that still do not load: not a checkpoint of this code
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {err}") from err
 
 
 def final_weights(saved: dict) -> dict[str, torch.Tensor]:
@@ -184,17 +319,55 @@ def sample_unrated(users: np.ndarray, rated_keys: np.ndarray, n_movies: int, n: 
     return movies
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # user indices, movie indices, ratings
+
+
+class BatchSource(Protocol):
+    """Where a rank's training batches come from, epoch by epoch: the same number of batches on every rank
+    (DDP steps together). `InMemoryBatches` by default; Ray Data shards under `data.loader: ray_data`
+    (`ncf.integrations.ray_data`)."""
+
+    def epoch(self, phase: Phase, epoch: int) -> Iterable[Batch]:
+        """This rank's batches of one epoch of `phase` (search: train; refit: train + validation)."""
+
+    def figures(self) -> dict[str, float]:
+        """Metrics about the epoch last iterated, added to that epoch's metrics."""
+
+
+class InMemoryBatches:
+    """Batches sliced from the in-memory splits (`ncf.data.epoch_batches`): every rank draws the same
+    seeded permutation of the epoch and takes every `world_size`-th rating."""
+
+    def __init__(self, config: Config, data: MovieLens, reporter: Reporter):
+        self.splits, self.cfg = data.splits, config.train
+        self.rank, self.world_size = reporter.rank, reporter.world_size
+        self._refit: tuple[torch.Tensor, ...] | None = None
+
+    def epoch(self, phase: Phase, epoch: int) -> Iterable[Batch]:
+        if phase == Phase.SEARCH:
+            tensors = self.splits.train.tensors()
+        else:
+            self._refit = self._refit or self.splits.train_and_validation().tensors()  # built once, when refitting
+            tensors = self._refit
+        return epoch_batches(tensors, self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed, rank=self.rank,
+                             world_size=self.world_size)
+
+    def figures(self) -> dict[str, float]:
+        return {}
+
+
 def rated_keys(ratings: Ratings, n_movies: int) -> np.ndarray:
     return np.unique(ratings.user.astype(np.int64) * n_movies + ratings.movie)
 
 
-def _batch_loss(wrapped: nn.Module, users, movies, ratings, negatives, config: Config) -> tuple[torch.Tensor, float]:
+def _batch_loss(wrapped: nn.Module, users, movies, ratings, negatives,
+                config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The objective's loss on one batch of rated pairs (and their sampled unrated movies), and the
-    rating head's MSE (nan without one)."""
+    rating head's MSE, detached (nan without one): a tensor, so no step waits to read it."""
     objective, cfg = config.model.objective, config.train
     if objective == "rating":
         loss = nn.functional.mse_loss(wrapped(users, movies).rating.float(), ratings)
-        return loss, loss.item()
+        return loss, loss.detach()
     n_pos = len(users)
     out = wrapped(torch.cat([users, users.repeat_interleave(cfg.negatives_per_positive)]),
                   torch.cat([movies, negatives]))
@@ -202,37 +375,47 @@ def _batch_loss(wrapped: nn.Module, users, movies, ratings, negatives, config: C
     labels[:n_pos] = 1.0
     bce = nn.functional.binary_cross_entropy_with_logits(out.logit.float(), labels)
     if objective == "implicit":
-        return bce, math.nan
+        return bce, torch.full((), math.nan, device=users.device)
     mse = nn.functional.mse_loss(out.rating[:n_pos].float(), ratings)
-    return cfg.rating_loss_weight * mse + cfg.interaction_loss_weight * bce, mse.item()
+    return cfg.rating_loss_weight * mse + cfg.interaction_loss_weight * bce, mse.detach()
 
 
-def _train_epoch(wrapped: nn.Module, optimizer, ratings: Ratings, n_movies: int, config: Config, epoch: int,
-                 reporter: Reporter) -> tuple[float, float]:
-    """One pass over this rank's shard; returns the mean training loss and the rating head's mean MSE."""
+def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, users: torch.Tensor, movies: torch.Tensor,
+               ratings: torch.Tensor, negatives: torch.Tensor | None, config: Config,
+               use_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch (on the model's device); returns the loss and the rating head's MSE,
+    detached tensors (nan MSE without a rating head)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+        loss, mse = _batch_loss(wrapped, users, movies, ratings, negatives, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), mse
+
+
+def _train_epoch(wrapped: nn.Module, optimizer, batches: Iterable[Batch], keys: np.ndarray | None, n_movies: int,
+                 config: Config, epoch: int, reporter: Reporter) -> tuple[float, float]:
+    """One pass over this rank's batches; returns the mean training loss and the rating head's mean MSE.
+    `keys`: the rated pairs (`rated_keys`) unrated movies are drawn against (implicit and joint objectives).
+
+    The sums stay on the device and are read once, after the last step: no step waits for the one before."""
     cfg = config.train
     device = reporter.device
     use_bf16 = cfg.mixed_precision and device.type == "cuda"
     implicit = config.model.objective != "rating"
-    keys = rated_keys(ratings, n_movies) if implicit else None
     rng = np.random.default_rng([cfg.seed, epoch, reporter.rank])
     wrapped.train()
-    loss_sum = mse_sum = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss and MSE, weighted by batch length
     n_seen = 0
-    for users, movies, target in epoch_batches(ratings.tensors(), cfg.batch_size, epoch=epoch, seed=cfg.seed,
-                                               rank=reporter.rank, world_size=reporter.world_size):
+    for users, movies, target in batches:
         negatives = (torch.from_numpy(sample_unrated(users.numpy(), keys, n_movies, cfg.negatives_per_positive, rng))
                      .to(device) if implicit else None)
         users, movies, target = users.to(device), movies.to(device), target.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
-            loss, mse = _batch_loss(wrapped, users, movies, target, negatives, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(users)
-        mse_sum += mse * len(users)
+        sums += torch.stack(train_step(wrapped, optimizer, users, movies, target, negatives, config, use_bf16)) \
+            * len(users)
         n_seen += len(users)
-    return loss_sum / max(n_seen, 1), mse_sum / max(n_seen, 1)
+    loss_mean, mse_mean = (sums / max(n_seen, 1)).tolist()
+    return loss_mean, mse_mean
 
 
 class Validation:
@@ -282,8 +465,9 @@ def _report(reporter: Reporter, metrics: dict[str, float], model, optimizer, sch
         reporter.report(metrics, checkpoint)
 
 
-def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResult:
+def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: BatchSource | None = None) -> TrainResult:
     """Early-stop on `train.monitor` over the validation slice, then (train.refit) retrain on train + validation.
+    The batches come from `batches`, by default sliced from `data`'s splits (`InMemoryBatches`).
 
     The refit phase repeats the best epoch count with the learning rates the search
     phase used, so the final model also learns from each user's most recent ratings,
@@ -294,7 +478,7 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(config, data).to(reporter.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min" if minimise else "max", factor=cfg.lr_plateau_factor, patience=cfg.lr_plateau_patience)
     state = TrainState()
@@ -310,12 +494,16 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
               f"best {monitor} {state.best_value:.4f})", flush=True)
     wrapped = reporter.prepare(model)
     validate = Validation(config, data, reporter.rank) if state.phase == Phase.SEARCH else None
+    batches = batches or InMemoryBatches(config, data, reporter)
+    implicit = config.model.objective != "rating"
+    keys = rated_keys(data.splits.train, data.n_movies) if implicit and state.phase == Phase.SEARCH else None
 
     while state.phase == Phase.SEARCH and state.epoch < cfg.max_epochs and state.stale_epochs < cfg.patience:
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_mse = _train_epoch(wrapped, optimizer, data.splits.train, data.n_movies, config,
-                                                 state.epoch, reporter)
+        train_loss, train_mse = _train_epoch(wrapped, optimizer, batches.epoch(Phase.SEARCH, state.epoch), keys,
+                                             data.n_movies, config, state.epoch, reporter)
+        train_seconds = time.perf_counter() - started  # the training pass alone, without validation
         validation = validate(model)
         value = validation[monitor]
         # The plateau scheduler follows validation MSE when the monitor is RMSE (the deck's setting).
@@ -329,28 +517,29 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter) -> TrainResu
             state.stale_epochs += 1
         state.epoch += 1
         _report(reporter, _epoch_metrics(state, Phase.SEARCH, train_loss, train_mse, lr, started, monitor) | validation
-                | {"improved": float(improved)}, model, optimizer, scheduler, state)
+                | batches.figures() | {"improved": float(improved), "train_seconds": train_seconds},
+                model, optimizer, scheduler, state)
 
     if cfg.refit and state.phase == Phase.SEARCH and state.best_epoch > 0:
         state.phase = Phase.REFIT
         torch.manual_seed(cfg.seed)
         model.reset_parameters()  # in place, identically on every rank: a DDP wrapper stays valid
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg)
         print(f"refitting on train + validation for {state.best_epoch} epoch(s)", flush=True)
     if state.phase == Phase.REFIT:
         search_lrs = [m["lr"] for m in state.history if m["phase"] == Phase.SEARCH]
-        all_train = data.splits.train_and_validation()
+        keys = rated_keys(data.splits.train_and_validation(), data.n_movies) if implicit else None
         while state.refit_epochs < state.best_epoch:
             started = time.perf_counter()
             lr = search_lrs[state.refit_epochs]
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            train_loss, train_mse = _train_epoch(wrapped, optimizer, all_train, data.n_movies, config,
-                                                 state.refit_epochs, reporter)
+            train_loss, train_mse = _train_epoch(wrapped, optimizer, batches.epoch(Phase.REFIT, state.refit_epochs),
+                                                 keys, data.n_movies, config, state.refit_epochs, reporter)
             state.refit_epochs += 1
             state.epoch += 1
-            _report(reporter, _epoch_metrics(state, Phase.REFIT, train_loss, train_mse, lr, started, monitor),
-                    model, optimizer, scheduler, state)
+            _report(reporter, _epoch_metrics(state, Phase.REFIT, train_loss, train_mse, lr, started, monitor)
+                    | batches.figures(), model, optimizer, scheduler, state)
 
     final = copy.deepcopy(model).cpu()
     final.load_state_dict(final_weights({"model": final.state_dict(), "state": state.__dict__}))
@@ -368,7 +557,9 @@ def _epoch_metrics(state: TrainState, phase: Phase, train_loss: float, train_mse
 
 def fit_in_process(config: Config, data: MovieLens, checkpoint_dir: Path, resume: bool = False,
                    on_epoch: Callable[[dict[str, float]], None] | None = None) -> Path:
-    """Train in this process (the `local` launcher); `resume` continues from the checkpoint in `checkpoint_dir`."""
+    """Train in this process (the `local` launcher); `resume` continues from the checkpoint in `checkpoint_dir`.
+    An unwritable `checkpoint_dir` is a WriteError naming it before the first epoch, not after it."""
+    check_writable(checkpoint_dir, "checkpoint")
     device = "cuda" if config.train.use_gpu else "cpu"
     train_loop(config, data, LocalReporter(checkpoint_dir, resume=resume, device=device, on_epoch=on_epoch))
     return checkpoint_dir

@@ -3,8 +3,8 @@
 `Recommendations` answers from one model version at a time (`serving.model_version`). It loads
 the version `serve.model_uri` names, then polls that URI and swaps in each new version once it
 is loaded and warmed, so no request waits for an update or fails on one. /recommend answers
-from a per-version cache of each user's top-100 unseen movies; users not cached yet are scored
-together, one catalogue pass per batch (`@serve.batch`).
+from a per-version cache of each user's top-100 unseen movies; a user not cached yet is scored at
+once when alone, else together with the others, one catalogue pass per batch (`@serve.batch`).
 """
 
 # No `from __future__ import annotations` here: FastAPI must resolve the handlers' parameter types
@@ -24,7 +24,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from mlflow import MlflowClient
 from ray import serve
 from ray.serve import Application
@@ -174,6 +174,7 @@ class Recommendations:
         self.client = MlflowClient(tracking_uri, tracking_uri)
         self._ranked.set_max_batch_size(self.config.max_batch_size)
         self._ranked.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self._misses = 0  # requests waiting for a ranking in this replica now
         self.served = await asyncio.to_thread(load_version, resolve_version(self.config.model_uri, self.client),
                                               self.config.cache_users)
         self._follow_task = asyncio.get_running_loop().create_task(self._follow())
@@ -211,19 +212,32 @@ class Recommendations:
         ranked = {served: await asyncio.to_thread(served.rank, todo) for served, todo in users.items()}
         return [ranked[served][user] for served, user in requests]
 
+    async def _rank_miss(self, served: ServedVersion, user: int) -> Ranking:
+        """The ranking of a user not cached yet: at once when no other is being ranked (batching would only add
+        its wait), else batched with the others (`_ranked`)."""
+        self._misses += 1
+        try:
+            if self._misses == 1:
+                return (await asyncio.to_thread(served.rank, [user]))[user]
+            return await self._ranked((served, user))
+        finally:
+            self._misses -= 1
+
     @api.get("/", include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
 
     @api.get("/recommend", response_model=RecommendationsOut, responses=ERRORS)
-    async def recommend(self, user_id: UserId, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> dict:
+    async def recommend(self, user_id: UserId, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> Response:
         """The k best movies the user has not rated; an unknown user gets the most rated movies (cold start)."""
+        # The body is written from pieces serialised once per version (`recommendations_json`), not validated
+        # through RecommendationsOut per request: a cached answer is a lookup plus a join.
         served = self.served
         user = served.recommender.user_index(user_id)
         cached = served.cold if user is None else served.cached(user)
-        ranking = cached or await self._ranked((served, user))
-        return {"user_id": user_id, "cold_start": user is None, "model_version": served.version,
-                "items": served.items(ranking, k)}
+        ranking = cached or await self._rank_miss(served, user)
+        return Response(served.recommendations_json(user_id, ranking, k, cold_start=user is None),
+                        media_type="application/json")
 
     @api.get("/explain", response_model=ExplanationOut, responses=ERRORS)
     def explain(self, user_id: UserId, movie_id: MovieId) -> dict:

@@ -15,13 +15,24 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from pydantic_core import to_json
 
 from ncf.config import MODEL_URI
 from ncf.recommender import Recommender
-from serving.schemas import MAX_K
+from serving.schemas import MAX_K, Item, Movie, RecommendationsOut
 
 LIKED = 4.0  # "because you rated" draws from ratings this high (or the user's best, if lower)
 BECAUSE_N = 5
+# What /recommend writes, piece by piece, exactly as the schemas' own serialiser would: `Item` writes its figures
+# (below: each with the `Ranking` field it comes from), then the movie's fields. The figures are formatted per
+# request, each movie's fields once per version.
+FIGURES = {"predicted_rating": "rating", "strength": "strength", "user_weight": "user_weight",
+           "movie_weight": "movie_weight"}
+if tuple(Item.model_fields) != (*FIGURES, *Movie.model_fields) or tuple(RecommendationsOut.model_fields) != (
+        "user_id", "cold_start", "model_version", "items"):
+    raise RuntimeError("serving.schemas changed the order of /recommend's fields: update serving.model_version")
+ITEM_JSON = b"{" + b"".join(b'"%s":%%b,' % name.encode() for name in FIGURES) + b"%b"
+RECOMMENDATIONS_JSON = b'{"user_id":%d,"cold_start":%b,"model_version":%b,"items":[%b]}'
 
 
 class ModelNotFoundError(LookupError):
@@ -71,6 +82,7 @@ class ServedVersion:
         # Cold start: the most rated movies, each at its mean rating; only the movie side speaks.
         self.cold = Ranking(popular, means, (means - lo) / (hi - lo), np.zeros(len(popular)), np.ones(len(popular)))
         self.rankings: OrderedDict[int, Ranking] = OrderedDict()  # least recently asked for first
+        self.movie_json: dict[int, bytes] = {}  # movie index -> its fields in an item's JSON, filled as asked for
 
     def cached(self, user: int) -> Ranking | None:
         ranking = self.rankings.get(user)
@@ -110,11 +122,23 @@ class ServedVersion:
         rec = self.recommender
         return {"movie_id": int(rec.ids.movie_ids[index]), "title": rec.titles[index], "genres": rec.genre_lists[index]}
 
-    def items(self, ranking: Ranking, k: int) -> list[dict]:
-        return [self.movie(m) | {"predicted_rating": float(r), "strength": float(s), "user_weight": float(uw),
-                                 "movie_weight": float(mw)}
-                for m, r, s, uw, mw in zip(ranking.movies[:k], ranking.rating[:k], ranking.strength[:k],
-                                           ranking.user_weight[:k], ranking.movie_weight[:k], strict=True)]
+    def recommendations_json(self, user_id: int, ranking: Ranking, k: int, cold_start: bool) -> bytes:
+        """The /recommend body (`RecommendationsOut`) of the first k movies of `ranking`, byte for byte what the
+        schema's serialiser writes, without building or validating a model per request."""
+        movies = ranking.movies[:k].tolist()
+        # One call formats every figure: a flat JSON array of numbers, split at its commas.
+        figures = to_json(np.column_stack([getattr(ranking, field)[:k] for field in FIGURES.values()])
+                          .ravel().tolist())[1:-1].split(b",")
+        n = len(FIGURES)
+        items = b",".join(ITEM_JSON % (*figures[i * n: (i + 1) * n], self._movie_json(m)) for i, m in enumerate(movies))
+        return RECOMMENDATIONS_JSON % (user_id, b"true" if cold_start else b"false", to_json(self.version), items)
+
+    def _movie_json(self, index: int) -> bytes:
+        """The movie's fields as an `Item` writes them, after the figures: serialised once per version."""
+        piece = self.movie_json.get(index)
+        if piece is None:
+            piece = self.movie_json[index] = Movie.model_validate(self.movie(index)).model_dump_json().encode()[1:]
+        return piece
 
     def explain(self, user_id: int, movie_id: int) -> dict:
         """The pair's prediction and attention weights, the user's liked movies closest to it in the model,

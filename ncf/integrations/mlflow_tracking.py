@@ -9,6 +9,7 @@ any worker logs (concurrent creation of a fresh SQLite store crashes).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -222,6 +223,17 @@ def load_recommender(model_uri: str, dst_path: str):
     return mlflow.pyfunc.load_model(model_uri, dst_path=dst_path).unwrap_python_model().recommender
 
 
+def load_id_maps(model_uri: str):
+    """The `ncf.data.IdMaps` of a registered version, downloading only its ids file (not the whole model):
+    enough to plan work over its users before anything loads the model."""
+    from ncf.data import IdMaps
+    from ncf.recommender import IDS
+
+    folder = mlflow.models.Model.load(model_uri).flavors["python_function"]["artifacts"]["recommender"]["path"]
+    with tempfile.TemporaryDirectory(prefix="ncf-ids-") as tmp:
+        return IdMaps.load(Path(mlflow.artifacts.download_artifacts(f"{model_uri}/{folder}/{IDS}", dst_path=tmp)))
+
+
 def describe_version(config: Config, version: str, description: str, tags: dict[str, str],
                      client: MlflowClient | None = None) -> None:
     """A description and tags on the registered version, so the registry page says what it is."""
@@ -245,27 +257,96 @@ def promote(name: str, version: str, client: MlflowClient | None = None) -> None
     (client or MlflowClient()).set_registered_model_alias(name, CHAMPION, version)
 
 
-def promote_if_better(name: str, version: str, value: float, metric: str, lower_is_better: bool,
-                      client: MlflowClient | None = None) -> dict[str, str]:
-    """Move `name`'s champion alias to `version` only if its `metric` beats the champion's.
+def entry_tag(metric: str) -> str:
+    """The version tag holding a version's figure once it entered the champion gate on `metric`."""
+    return f"champion.value.{metric}"
 
-    The incumbent's figure is the `metric` its run logged (a run without one counts as
-    beaten). Returns the decision and both figures, as tags for the runs to record.
+
+def _entries(name: str, metric: str, client: MlflowClient) -> dict[str, float]:
+    """Every version of `name` that entered the gate on `metric`, with its (finite) figure."""
+    key, found, token = entry_tag(metric), {}, None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        for entry in page:
+            try:
+                value = float(entry.tags.get(key, "nan"))
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                found[str(entry.version)] = value
+        token = page.token
+        if not token:
+            return found
+
+
+def _incumbent_figure(name: str, incumbent, metric: str, client: MlflowClient) -> float | None:
+    """The champion's figure: its entry tag, else (a champion from before entry tags) the `metric` its run
+    logged, then written as its entry tag so that every gate running now compares against it."""
+    recorded = incumbent.tags.get(entry_tag(metric))
+    if recorded is not None:
+        return float(recorded)
+    value = client.get_run(incumbent.run_id).data.metrics.get(metric) if incumbent.run_id else None
+    if value is not None:
+        client.set_model_version_tag(name, str(incumbent.version), entry_tag(metric), repr(float(value)))
+    return value
+
+
+def promote_if_better(name: str, version: str, value: float, metric: str, lower_is_better: bool,
+                      client: MlflowClient | None = None, max_rounds: int = 50) -> dict[str, str]:
+    """Enter `version` in `name`'s champion gate on `metric`; the alias ends on the best entry.
+
+    Several gates may run at once (two sweeps finishing together) against any store, with no lock.
+    Read-compare-set alone is not safe: both read the old champion, and the worse one's alias
+    write can land last. So each gate (1) records its figure as a version tag (`entry_tag`) before
+    touching the alias, then (2) repeats "read every entry, then read the alias; if the alias is not
+    on the best entry, set it there" until a round changes nothing. Ties go to the older version.
+
+    Why it converges whatever the interleaving: every alias write is followed by a check round of
+    the same gate, and every entry tag is written before its gate's first round. Take the gate whose
+    last round started last: that round read every entry (all tags were written before any gate's
+    last round) and found the alias on the best one; no alias write comes after it, since that
+    write's own check round would have started later. So the alias ends on the best of all entries.
+    Rounds end: entries only grow and a gate only moves the alias when another wrote a stale best,
+    so `max_rounds` is never reached with a few concurrent gates. A version stops competing when its
+    entry tag is deleted (the way to retire a champion for good: moving the alias by hand is undone by
+    the next gate when an entry beats the version moved to).
+
+    A champion from before entry tags competes with the `metric` its run logged (none: it counts as
+    beaten). Returns the decision and both figures (the displaced champion's, or the one that stays),
+    as tags for the runs to record.
     """
     client = client or MlflowClient()
-    incumbent = champion_version(name, client)
-    incumbent_value = None
-    if incumbent is not None and incumbent.run_id:
-        incumbent_value = client.get_run(incumbent.run_id).data.metrics.get(metric)
-    promoted = (incumbent is None or incumbent_value is None
-                or (value < incumbent_value if lower_is_better else value > incumbent_value))
-    if promoted:
-        promote(name, version, client)
+    client.set_model_version_tag(name, version, entry_tag(metric), repr(float(value)))
+    before = champion_version(name, client)
+    before_value = _incumbent_figure(name, before, metric, client) if before is not None else None
+    champion = _settle(name, metric, lower_is_better, client, max_rounds)
+    promoted = champion == str(version)
+    if promoted:  # the incumbent is the champion it displaced
+        displaced = before is not None and str(before.version) != str(version)
+        incumbent_version = str(before.version) if displaced else "none"
+        incumbent_value = before_value if displaced else None
+    else:  # the incumbent is the champion that stays
+        incumbent_version = champion or "none"
+        incumbent_value = _entries(name, metric, client).get(champion) if champion else None
     return {
         "champion.decision": "promoted" if promoted else "kept",
         "champion.metric": metric,
         "champion.candidate_version": version,
         "champion.candidate_value": f"{value:.6f}",
-        "champion.incumbent_version": str(incumbent.version) if incumbent else "none",
+        "champion.incumbent_version": incumbent_version,
         "champion.incumbent_value": f"{incumbent_value:.6f}" if incumbent_value is not None else "none",
     }
+
+
+def _settle(name: str, metric: str, lower_is_better: bool, client: MlflowClient, max_rounds: int) -> str | None:
+    """Move the alias to the best entry until a round finds it there; the champion's version (None: no entry)."""
+    for _ in range(max_rounds):
+        entries = _entries(name, metric, client)  # entries first, then the alias: the order the argument needs
+        if not entries:
+            return None
+        best = min(entries, key=lambda v: (entries[v] if lower_is_better else -entries[v], int(v)))
+        holder = champion_version(name, client)
+        if holder is not None and str(holder.version) == best:
+            return best
+        promote(name, best, client)
+    raise MlflowException(f"the {CHAMPION} alias of {name} did not settle after {max_rounds} rounds")

@@ -20,11 +20,27 @@ from mlflow.entities import RunTag
 
 from ncf.config import Config, ConfigError, TrainConfig, config_from_dict
 from ncf.data import load_movielens
-from ncf.integrations import mlflow_tracking
-from ncf.training import format_epoch, lower_is_better, train_loop
+from ncf.files import check_writable
+from ncf.integrations import mlflow_tracking, ray_data
+from ncf.training import CheckpointError, format_epoch, lower_is_better, train_loop, verify_checkpoint
 
 EpochCallback = Callable[[dict[str, float]], None]
 logger = logging.getLogger(__name__)
+
+
+def verified_copy(checkpoint) -> Path | None:
+    """A local copy of the Ray checkpoint to resume from, verified (CheckpointError naming it if corrupt).
+
+    Ray hands a restarted run only its latest checkpoint, so a corrupt one stops the run with a clear
+    error rather than falling back: the failure, with the path, ends in the trainer's `result.error`."""
+    if checkpoint is None:
+        return None
+    folder = Path(checkpoint.to_directory())
+    try:
+        verify_checkpoint(folder)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from None
+    return folder
 
 
 class RayTrainReporter:
@@ -47,8 +63,7 @@ class RayTrainReporter:
     def restore(self) -> Path | None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return Path(checkpoint.to_directory()) if checkpoint else None
+        return verified_copy(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         import ray.train
@@ -74,8 +89,7 @@ class TuneReporter:
     def restore(self) -> Path | None:
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        return Path(checkpoint.to_directory()) if checkpoint else None
+        return verified_copy(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         from ray import tune
@@ -101,10 +115,11 @@ def _tag_run(client, run_id: str, tags: dict[str, str]) -> None:
 
 
 def train_worker(params: dict) -> None:
-    """The function every Ray Train worker runs. With a run id, each worker tags the run with the node
-    it runs on (a replacement worker after a failure overwrites its rank's tags)."""
+    """The function every Ray Train worker runs: its batches from memory, or from its Ray Data shard
+    (`data.loader: ray_data`, the driver's prepared folder in `params["prepared"]`). With a run id, each
+    worker tags the run with the node it runs on (a replacement worker after a failure overwrites its
+    rank's tags)."""
     config = config_from_dict(params["config"])
-    data = load_movielens(config.data)
     on_epoch = tagging = None
     if params.get("run_id"):
         on_epoch = mlflow_tracking.EpochLogger(params["run_id"], params["tracking_uri"])
@@ -112,7 +127,13 @@ def train_worker(params: dict) -> None:
         tagging = threading.Thread(target=_tag_run, args=(on_epoch.client, on_epoch.run_id, worker_placement()),
                                    name="mlflow-placement-tags", daemon=True)
         tagging.start()
-    train_loop(config, data, RayTrainReporter(on_epoch))
+    reporter = RayTrainReporter(on_epoch)
+    if config.data.loader == "ray_data":
+        data = ray_data.worker_data(Path(params["prepared"]), reporter.rank)
+        batches = ray_data.ShardBatches(config, reporter)
+    else:
+        data, batches = load_movielens(config.data), None
+    train_loop(config, data, reporter, batches)
     if on_epoch:
         on_epoch.flush()  # the epochs' metrics buffered while the store was unreachable
         tagging.join()
@@ -207,19 +228,24 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
     """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config.
 
     `callbacks` are Ray Train callbacks (a Tune trial passes `TuneReportCallback`). Checkpoints go to
-    `storage_location(config.train)`, where a restarted worker group resumes from the latest one.
+    `storage_location(config.train)`, where a restarted worker group resumes from the latest one. With
+    `data.loader: ray_data` the workers' batches are shards of the prepared Parquet (`ncf.integrations.ray_data`).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = config.train
     storage = storage_location(cfg)
+    streamed = ray_data.training_datasets(config) if config.data.loader == "ray_data" else None
     # Rank 0 prints each epoch once; Ray Train's print patch would echo every line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(), "run_id": run_id,
-                           "tracking_uri": mlflow_tracking.tracking_uri()},
+                           "tracking_uri": mlflow_tracking.tracking_uri(),
+                           "prepared": str(streamed.folder) if streamed else None},
+        datasets=streamed.datasets if streamed else None,
+        dataset_config=DataConfig(datasets_to_split=list(streamed.datasets)) if streamed else None,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -237,7 +263,11 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
 
 
 def fit_with_ray(config: Config, run_id: str | None) -> Path:
-    """Train under Ray Train; returns a local copy of the final checkpoint (downloaded when in S3)."""
+    """Train under Ray Train; returns a local copy of the final checkpoint (downloaded when in S3).
+    A local checkpoint folder that cannot be written is a WriteError naming it, before Ray starts."""
+    storage = storage_location(config.train)
+    if storage.filesystem.type_name == "local":
+        check_writable(Path(storage.path), "checkpoint")
     init_ray()
     # A run name Ray Train has seen under the same storage path would be resumed: keep names unique.
     result = make_trainer(config, run_id, name=f"ncf-train-{run_id or uuid.uuid4().hex[:12]}").fit()

@@ -26,7 +26,7 @@ from ncf.ranking import top_k_unseen
 from ncf.recommender import Recommender
 from serving.app import build_app
 from serving.model_version import load_version, resolve_version
-from serving.schemas import MAX_ID
+from serving.schemas import MAX_ID, RecommendationsOut
 
 pytestmark = pytest.mark.integration
 
@@ -176,6 +176,14 @@ def test_unknown_user_gets_popular_movies_flagged_cold_start(http: httpx.Client,
     for item in body["items"]:
         assert (item["user_weight"], item["movie_weight"]) == (0.0, 1.0)
         assert 0.5 <= item["predicted_rating"] <= 5.0
+
+
+@pytest.mark.parametrize("params", [{"user_id": 1, "k": 100}, {"user_id": 3, "k": 7}, {"user_id": 0, "k": 3}])
+def test_recommend_body_is_byte_for_byte_what_its_schema_writes(http: httpx.Client, params: dict):
+    """/recommend writes its body from pieces serialised once per version, not through the schema per request."""
+    response = http.get("/recommend", params=params)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert response.content == RecommendationsOut.model_validate_json(response.content).model_dump_json().encode()
 
 
 def test_explain_gives_weights_and_the_users_closest_liked_movies(http: httpx.Client, champion: Recommender):

@@ -174,8 +174,9 @@ def _kill_worker_after_checkpoints(storage: Path, address: str, outcome: list, s
 
 
 def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_dir, tmp_path):
+    # Batches of 256 (4x slower epochs than the default's 4096): the kill must land while epochs remain.
     overrides = [*SMALL_MODEL, "train.max_epochs=8", "train.patience=10", "train.refit=false",
-                 f"data.dir={data_dir}"]
+                 "train.batch_size=256", "train.learning_rate=0.001", f"data.dir={data_dir}"]
     data = load_movielens(load_config(overrides).data)
 
     def test_rmse(storage: Path) -> tuple[float, dict]:

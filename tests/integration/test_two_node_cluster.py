@@ -231,6 +231,7 @@ def test_checkpoints_are_in_s3_and_the_killed_worker_resumed_from_them(server: S
     assert checkpoints, sorted(stored)[:30]
     # The last checkpoint (named by time): the replacement workers continued the run from one in S3.
     server.s3.download_file(CHECKPOINT_BUCKET, checkpoints[-1], str(tmp_path / "checkpoint.pt"))
+    server.s3.download_file(CHECKPOINT_BUCKET, f"{checkpoints[-1]}.sha256", str(tmp_path / "checkpoint.pt.sha256"))
     state = load_checkpoint(tmp_path)["state"]
     assert state["resumed"] >= 1, "the replacement worker group resumed from a checkpoint"
     assert [h["epoch"] for h in state["history"]] == list(range(1, EPOCHS + 1))

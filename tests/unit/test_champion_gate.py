@@ -80,3 +80,20 @@ def test_models_of_other_datasets_get_their_own_registered_name():
     assert mlflow_tracking.model_name(load_config()) == "ncf-movielens"
     assert mlflow_tracking.model_name(load_config(["data.name=ml-1m"])) == "ncf-ml-1m"
     assert mlflow_tracking.model_name(load_config(["registry.model_name=mine"])) == "mine"
+
+
+def test_a_champion_from_before_entry_tags_competes_with_its_runs_figure(registry):
+    """A champion set by hand (or by an older gate) has no entry tag: its run's figure counts, and is recorded."""
+    mlflow.end_run()  # a test before may have left its run active
+    config = load_config(["registry.model_name=legacy"])
+    name = mlflow_tracking.model_name(config)
+    old = candidate(registry, name, {"val_full_ndcg_at_10": 0.12})
+    mlflow.end_run()
+    mlflow_tracking.promote(name, old.model_version, registry)
+    worse = candidate(registry, name, {"val_full_ndcg_at_10": 0.11})
+    decision = gate(worse, config)
+    mlflow.end_run()
+    assert (decision["champion.decision"], decision["champion.incumbent_version"]) == ("kept", old.model_version)
+    assert str(registry.get_model_version_by_alias(name, "champion").version) == old.model_version
+    tags = registry.get_model_version(name, old.model_version).tags
+    assert float(tags[mlflow_tracking.entry_tag("val_full_ndcg_at_10")]) == 0.12

@@ -81,6 +81,14 @@ def test_out_of_range_value_names_the_key():
         load_config(["data.split.test_fraction=1.5"])
 
 
+def test_profile_rating_offset_must_leave_every_kept_rating_a_positive_weight():
+    assert load_config(["retrieval.profile_rating_offset=3.5"]).retrieval.profile_rating_offset == 3.5
+    with pytest.raises(ConfigError, match=r"retrieval.profile_rating_offset \(4.0\) must be below the lowest rating"):
+        load_config(["retrieval.profile_rating_offset=4.0"])
+    with pytest.raises(ConfigError, match=r"min_rating 0.5"):
+        load_config(["retrieval.min_rating=null", "retrieval.profile_rating_offset=1.0"])
+
+
 def test_dataset_by_name():
     data = load_config(["data.name=ml-1m"]).data
     assert data.published.url.endswith("/ml-1m.zip") and data.published.sizes.ratings == 1_000_209
@@ -148,7 +156,7 @@ def test_flatten_gives_dotted_keys():
     flat = flatten(load_config(["model.embedding_dim=32"]))
     assert flat["model.embedding_dim"] == 32
     assert flat["data.split.protocol"] == "seed"
-    assert flat["train.batch_size"] == 256
+    assert flat["train.batch_size"] == 4096
     assert flat["model.hidden_dims"] == [512, 256, 128, 64]
     assert not any(isinstance(v, dict) for v in flat.values())
     assert {key.split(".")[0] for key in flat} == {*SECTIONS, "preset"}

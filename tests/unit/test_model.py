@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ncf.config import ModelConfig, load_config
-from ncf.model import NCF, count_flops_per_sample
+from ncf.model import NCF, UniformDropout, count_flops_per_sample
 
 N_USERS, N_MOVIES, N_GENRES = 9, 23, 5
 
@@ -175,6 +175,42 @@ def test_options_add_their_parameters():
     assert model.movie_bias.weight.shape == (N_MOVIES, 1)
     assert model.genre_projection.weight.shape == (8, N_GENRES)
     assert "genres" in dict(model.named_buffers())
+
+
+def test_sparse_embeddings_change_only_how_gradients_are_stored():
+    """Same init, same outputs; the tables' gradients hold only the rows the batch touched."""
+    options = ("model.use_bias=true",)
+    torch.manual_seed(0)
+    dense = NCF(N_USERS, N_MOVIES, small_config(*options, "model.sparse_embeddings=false")).eval()
+    torch.manual_seed(0)
+    sparse = NCF(N_USERS, N_MOVIES, small_config(*options, "model.sparse_embeddings=true")).eval()
+    assert dense.state_dict().keys() == sparse.state_dict().keys()
+    for name, value in dense.state_dict().items():
+        assert torch.equal(value, sparse.state_dict()[name]), name
+    users, movies = torch.tensor([1, 4, 4]), torch.tensor([0, 7, 22])
+    for model in (dense, sparse):
+        model(users, movies).rating.sum().backward()
+    for table in ("user_embedding", "movie_embedding", "user_bias", "movie_bias"):
+        grad = getattr(sparse, table).weight.grad
+        assert grad.is_sparse
+        assert set(grad.coalesce().indices()[0].tolist()) == set((users if "user" in table else movies).tolist())
+        assert torch.allclose(grad.to_dense(), getattr(dense, table).weight.grad, atol=1e-6)
+    assert not sparse.mlp[0].weight.grad.is_sparse
+
+
+def test_uniform_dropout_is_dropout():
+    """Drops a fraction p, scales the rest by 1/(1-p) (the mean is kept), passes gradients through the mask
+    only, and is the identity in eval mode."""
+    torch.manual_seed(0)
+    dropout = UniformDropout(0.3)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert 1 - kept.float().mean().item() == pytest.approx(0.3, abs=0.005)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    assert torch.equal(dropout.eval()(x), x)
 
 
 def test_use_genres_requires_the_genre_matrix():

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ncf.config import load_config
 from ncf.data import MovieLens
@@ -122,3 +123,14 @@ def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, t
     candidates, _ = top_k_unseen(retriever.score, users, recommender.seen, 20)
     top, _ = recommender.top_k(users, 10)
     assert all(np.isin(top[u], candidates[u]).all() for u in users)
+
+
+def test_a_model_saved_before_a_config_key_existed_still_loads(recommender: Recommender, tmp_path: Path):
+    """Keys added to the model and retrieval sections since a model was registered take their shipped defaults."""
+    folder = recommender.save(tmp_path / "model")
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    del saved["retrieval"]["profile_rating_offset"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    loaded = Recommender.load(folder)
+    users = np.arange(5)
+    np.testing.assert_array_equal(loaded.top_k(users, 10)[0], recommender.top_k(users, 10)[0])

@@ -142,6 +142,18 @@ def test_recency_weights_by_rank_and_by_days():
                                [[0.25, 1.0]])
 
 
+def test_profile_weights_by_rating_above_the_offset_times_recency():
+    # User 0 rated movies 0, 1, 2 with 5, 3, 4 at t = 100, 200, 300.
+    r = ratings([0, 0, 0], [0, 1, 2], [5.0, 3.0, 4.0], [100, 200, 300])
+    np.testing.assert_allclose(interaction_matrix(r, 1, 3, min_rating=4.0, rating_offset=2.0).toarray(),
+                               [[3.0, 0.0, 2.0]])
+    # Ages among the kept ratings are 1 and 0: (5 - 2) * 0.5 and (4 - 2) * 1.
+    np.testing.assert_allclose(interaction_matrix(r, 1, 3, min_rating=4.0, recency_half_life=1.0,
+                                                  rating_offset=2.0).toarray(), [[1.5, 0.0, 2.0]])
+    with pytest.raises(ValueError, match="rating_offset 3.0 leaves kept ratings with a weight <= 0"):
+        interaction_matrix(r, 1, 3, rating_offset=3.0)
+
+
 # ----------------------------------------------------------------------------- blend and re-rank
 
 

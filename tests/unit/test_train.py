@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from ncf.baselines import GlobalMean, MostPopular, UserItemBias
-from ncf.config import Config, load_config
+from ncf.config import Config, ConfigError, load_config
 from ncf.data import MovieLens
 from ncf.evaluation import TABLE_COLUMNS, evaluate, evaluate_baselines, format_table
 from ncf.metrics import rmse
@@ -19,9 +20,13 @@ from ncf.training import (
     CHECKPOINT_FILE,
     LocalReporter,
     Phase,
+    SparseDenseAdam,
     TrainResult,
+    build_model,
+    make_optimizer,
     model_from_checkpoint,
     train_loop,
+    train_step,
 )
 
 SAMPLED = {"sampled_hr_at_10", "sampled_ndcg_at_10"}  # the paper's protocol, asked for separately
@@ -120,9 +125,12 @@ def test_early_stopping_and_lr_plateau(tiny_movielens):
     assert history[first_stale + 1]["lr"] == pytest.approx(0.005)
 
 
-def test_resume_continues_from_the_checkpoint(tiny_movielens, tmp_path):
-    """No dropout, so the run is deterministic: stopping and resuming must change nothing."""
-    deterministic = ("model.dropouts=[0.0, 0.0]", "train.refit=false", "train.patience=4")
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_resume_continues_from_the_checkpoint(tiny_movielens, tmp_path, sparse):
+    """No dropout, so the run is deterministic: stopping and resuming must change nothing (the optimizer's
+    moments included: restarting them would change every later step)."""
+    deterministic = ("model.dropouts=[0.0, 0.0]", "train.refit=false", "train.patience=4",
+                     f"model.sparse_embeddings={str(sparse).lower()}")
     straight = train_loop(small_config("train.max_epochs=4", *deterministic), tiny_movielens,
                           LocalReporter(verbose=False))
 
@@ -141,6 +149,66 @@ def test_resume_continues_from_the_checkpoint(tiny_movielens, tmp_path):
         assert got["val_rmse"] == pytest.approx(want["val_rmse"], rel=1e-5)
     assert resumed.best_epoch == straight.best_epoch
     assert resumed.best_value == pytest.approx(straight.best_value, rel=1e-5)
+
+
+def test_sparse_embeddings_train(tiny_movielens):
+    config = small_config("model.sparse_embeddings=true", "train.max_epochs=4", "train.patience=4",
+                          "train.refit=false", "train.weight_decay=1e-4")
+    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    losses = [m["train_loss"] for m in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    assert result.history[-1]["val_rmse"] < result.history[0]["val_rmse"]
+
+
+def a_sparse_step(config, data, seed: int = 0):
+    """A fresh sparse-embedding model and its optimizer after one step on 32 random training pairs."""
+    torch.manual_seed(seed)
+    model = build_model(config, data)
+    optimizer = make_optimizer(model, config.train)
+    users, movies, ratings = (t[:32] for t in data.splits.train.tensors())
+    train_step(model, optimizer, users, movies, ratings, None, config)
+    return model, optimizer, (users, movies, ratings)
+
+
+def test_sparse_step_moves_only_the_rows_of_the_batch(tiny_movielens):
+    config = small_config("model.sparse_embeddings=true", "train.weight_decay=1e-2")
+    torch.manual_seed(0)
+    before = build_model(config, tiny_movielens).user_embedding.weight.detach().clone()
+    model, optimizer, (users, _, _) = a_sparse_step(config, tiny_movielens)
+    assert isinstance(optimizer, SparseDenseAdam)
+    moved = (model.user_embedding.weight.detach() != before).any(dim=1).nonzero().flatten()
+    assert set(moved.tolist()) == set(users.tolist())
+
+
+def test_sparse_optimizer_state_and_lr_survive_a_checkpoint(tiny_movielens):
+    """What the checkpoint saves of SparseDenseAdam restores it exactly: the next step is the same;
+    the plateau scheduler's lr reaches both the dense and the sparse parameters."""
+    config = small_config("model.sparse_embeddings=true")
+    model, optimizer, batch = a_sparse_step(config, tiny_movielens)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+    scheduler.step(1.0)
+    scheduler.step(2.0)  # no improvement: lr halves
+    assert {group["lr"] for group in optimizer.sparse.param_groups + optimizer.dense.param_groups} == {
+        config.train.learning_rate / 2}
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+    restored, fresh_optimizer, _ = a_sparse_step(config, tiny_movielens, seed=1)  # other weights, other moments
+    restored.load_state_dict(saved_model)
+    fresh_optimizer.load_state_dict(saved_optimizer)
+    assert fresh_optimizer.param_groups[-1]["lr"] == config.train.learning_rate / 2
+    for m, opt in ((model, optimizer), (restored, fresh_optimizer)):
+        torch.manual_seed(5)  # the same dropout masks
+        train_step(m, opt, *batch, None, config)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[name]), name
+    with pytest.raises(ValueError, match="sparse_embeddings"):
+        dense = small_config("model.sparse_embeddings=false")
+        fresh_optimizer.load_state_dict(make_optimizer(build_model(dense, tiny_movielens), dense.train).state_dict())
+
+
+def test_sparse_embeddings_refuse_nccl_data_parallel():
+    with pytest.raises(ConfigError, match="NCCL"):
+        small_config("model.sparse_embeddings=true", "train.use_gpu=true", "train.num_workers=2")
 
 
 def test_resume_false_ignores_an_existing_checkpoint(tiny_movielens, tmp_path):

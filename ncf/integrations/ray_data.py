@@ -1,0 +1,133 @@
+"""Ray Data input for Ray Train (`data.loader: ray_data`): the prepared Parquet streamed to the workers.
+
+The driver reads the prepared train split (and, for the refit phase, train + validation) into the object
+store once (`training_datasets`); Ray Train splits each dataset into one disjoint shard per worker with
+equal row counts (`streaming_split(equal=True)`: DDP needs every rank to take the same number of steps),
+reshuffled every epoch (a seeded `random_shuffle`, reseeded at each execution). A worker reads only the
+small parts of the prepared folder (ids, movies, genres) and rank 0 what validation needs
+(`worker_data`); no worker parses CSV or holds the training split for its batches.
+
+Each epoch's metrics carry every rank's shard figures, `shard/<rank>/rows` and `shard/<rank>/checksum`
+(`pair_checksum` of the (user, movie) pairs it trained on): the shards of an epoch are disjoint and cover
+the split when the rows add up to its size and the checksums to its checksum (modulo CHECKSUM_MODULUS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ncf import prepared
+from ncf.config import Config, ConfigError
+from ncf.data import MovieLens, resolve_data_dir
+from ncf.training import Batch, Phase, Reporter
+
+DATASETS = {Phase.SEARCH: "train", Phase.REFIT: "train_and_validation"}  # Ray Train dataset names
+COLUMNS = {"user": torch.int64, "movie": torch.int64, "rating": torch.float32}  # what batches carry, as typed
+CHECKSUM_MODULUS = 1 << 52  # checksums stay exact in a float64 metric
+# Ray Data's read and shuffle tasks reserve no CPU: the training workers hold the CPUs, and a task waiting
+# for one would stall every epoch (with one worker on all of a node's CPUs, forever).
+TASK_OPTIONS = {"num_cpus": 0}
+
+
+def check_supported(config: Config) -> None:
+    """A ConfigError unless the run can train from Ray Data shards: the implicit and joint objectives
+    draw unrated movies against every rated pair of the training split, which no worker holds here."""
+    if config.model.objective != "rating":
+        raise ConfigError(f"data.loader ray_data trains the rating objective only, not model.objective "
+                          f"{config.model.objective}: negative sampling needs every rated (user, movie) pair on "
+                          "each worker; use data.loader in_memory")
+
+
+@dataclass(frozen=True)
+class TrainingInput:
+    """What the driver hands Ray Train: the prepared folder the workers read their metadata from, and
+    the datasets to shard (named as in DATASETS)."""
+
+    folder: Path
+    datasets: dict[str, object]  # name -> ray.data.Dataset
+
+
+def training_datasets(config: Config) -> TrainingInput:
+    """The prepared copy of `data.name` (built first if missing or stale), its train split (and with
+    `train.refit` train + validation) read into the object store, reshuffled at every epoch."""
+    import ray.data
+
+    check_supported(config)
+    folder = prepared.prepare(config.data, resolve_data_dir(config.data)).folder
+
+    def quiet(dataset):
+        dataset.context.enable_progress_bars = False  # an epoch is one line of the log, not a screen of bars
+        return dataset
+
+    def read(part: str):
+        return quiet(ray.data.read_parquet(str(folder / f"{part}.parquet"), **TASK_OPTIONS)
+                     .select_columns(list(COLUMNS), **TASK_OPTIONS)).materialize()
+
+    def shuffled(dataset):
+        return quiet(dataset.random_shuffle(seed=ray.data.RandomSeedConfig(seed=config.train.seed), **TASK_OPTIONS))
+
+    train = read("train")
+    datasets = {DATASETS[Phase.SEARCH]: shuffled(train)}
+    if config.train.refit:
+        datasets[DATASETS[Phase.REFIT]] = shuffled(train.union(read("validation")))
+    return TrainingInput(folder, datasets)
+
+
+def worker_data(folder: Path, rank: int) -> MovieLens:
+    """What a worker's training loop needs besides its batches: ids, movies and genres for every rank;
+    rank 0, which computes the validation figures, also the validation slice and the train split (the
+    retriever and the movies each user has seen are fitted on it)."""
+    return prepared.read(folder, splits=("train", "validation") if rank == 0 else ())
+
+
+def pair_checksum(users: np.ndarray, movies: np.ndarray) -> int:
+    """An order-free checksum of (user, movie) pairs: the sum of a 64-bit mix of each pair, modulo
+    CHECKSUM_MODULUS. Sums of disjoint parts add up (modulo) to the checksum of the whole."""
+    z = (np.asarray(users, dtype=np.uint64) << np.uint64(32)) | np.asarray(movies, dtype=np.uint64)
+    z = z + np.uint64(0x9E3779B97F4A7C15)  # splitmix64's finaliser: wraps around, as intended
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return int(np.add.reduce(z, dtype=np.uint64)) % CHECKSUM_MODULUS
+
+
+class ShardBatches:
+    """The `BatchSource` of a Ray Train worker under `data.loader: ray_data`: its shard of each epoch,
+    in batches of `train.batch_size`; after each epoch, every rank's shard figures."""
+
+    def __init__(self, config: Config, reporter: Reporter):
+        import ray.train
+
+        self.batch_size, self.world_size, self.device = config.train.batch_size, reporter.world_size, reporter.device
+        phases = [Phase.SEARCH, Phase.REFIT] if config.train.refit else [Phase.SEARCH]
+        self.shards = {phase: ray.train.get_dataset_shard(DATASETS[phase]) for phase in phases}
+        self._figures: dict[str, float] = {}
+
+    def epoch(self, phase: Phase, epoch: int) -> Iterator[Batch]:
+        rows = checksum = 0
+        for batch in self.shards[phase].iter_torch_batches(batch_size=self.batch_size, dtypes=COLUMNS):
+            users, movies = batch["user"], batch["movie"]
+            rows += len(users)
+            checksum = (checksum + pair_checksum(users.numpy(), movies.numpy())) % CHECKSUM_MODULUS
+            yield users, movies, batch["rating"]
+        self._figures = self._every_rank(rows, checksum)
+
+    def _every_rank(self, rows: int, checksum: int) -> dict[str, float]:
+        mine = torch.tensor([rows, checksum], dtype=torch.int64, device=self.device)  # NCCL gathers GPU tensors
+        if dist.is_available() and dist.is_initialized():
+            gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(gathered, mine)
+        else:
+            gathered = [mine]
+        return {f"shard/{rank}/{name}": float(value)
+                for rank, figures in enumerate(gathered) for name, value in zip(("rows", "checksum"), figures.tolist(),
+                                                                                strict=True)}
+
+    def figures(self) -> dict[str, float]:
+        return self._figures
