@@ -376,11 +376,19 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
     return config_from_dict(tree)
 
 
+# Keys added to the config since models were first registered, each with the value that reproduces the
+# behaviour before it: a saved config without the key loads with that value (`saved_section`).
+ADDED_KEYS: dict[str, dict[str, Any]] = {
+    "model": {"sparse_embeddings": False},
+    "retrieval": {"profile_rating_offset": None},
+}
+
+
 def saved_section(name: str, saved: dict) -> dict:
-    """Section `name` of a config saved with a model, with the keys added to the config since then taken from
-    the shipped defaults, so registered models keep loading as the config grows. A key added later must
-    default to the behaviour before it (e.g. `retrieval.profile_rating_offset: null`)."""
-    return load_config().model_dump()[name] | saved
+    """Section `name` of a config saved with a model, completed with the keys added since (ADDED_KEYS), so
+    registered models keep loading as the config grows. Independent of conf/: a registered model loads
+    from its own copy of the package, which carries no config files."""
+    return ADDED_KEYS.get(name, {}) | saved
 
 
 def _read_yaml(path: Path, what: str) -> object:

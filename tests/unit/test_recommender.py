@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from ncf.config import load_config
+from ncf.config import ADDED_KEYS, load_config
 from ncf.data import MovieLens
 from ncf.ranking import top_k_unseen
 from ncf.recommender import PAIR_COLUMNS, TOP_K_COLUMNS, Recommender, UnknownIdError
@@ -125,12 +125,16 @@ def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, t
     assert all(np.isin(top[u], candidates[u]).all() for u in users)
 
 
-def test_a_model_saved_before_a_config_key_existed_still_loads(recommender: Recommender, tmp_path: Path):
+def test_a_model_saved_before_a_config_key_existed_still_loads(recommender: Recommender, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
     """Keys added to the model and retrieval sections since a model was registered take their shipped defaults."""
     folder = recommender.save(tmp_path / "model")
     saved = yaml.safe_load((folder / "config.yaml").read_text())
-    del saved["retrieval"]["profile_rating_offset"]
+    for section, keys in ADDED_KEYS.items():
+        for key in keys:
+            del saved[section][key]
     (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.setenv("NCF_CONF_DIR", str(tmp_path / "no-conf-here"))  # a registered model's code has no conf/
     loaded = Recommender.load(folder)
     users = np.arange(5)
     np.testing.assert_array_equal(loaded.top_k(users, 10)[0], recommender.top_k(users, 10)[0])
