@@ -32,7 +32,7 @@ train-local: venv  ## the same training loop in this process (debugging)
 	$(PY) -m jobs.train --launcher local --preset $(PRESET) $(ARGS)
 
 test: venv  ## every test: unit, integration (real Ray, MLflow, HTTP) and e2e (browser)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=15 $(ARGS)
 
 test-unit: venv  ## the hermetic unit tests only (no data folder, network, Ray cluster or browser)
 	$(PY) -m pytest -m unit $(ARGS)

@@ -57,15 +57,6 @@ def test_train_job_as_a_user_who_cannot_write_the_reports_folder(workdir: Path):
     assert not (workdir / "open" / "mlflow.db").exists(), "stopped before any MLflow run"
 
 
-def test_train_job_with_a_file_where_the_reports_folder_should_be(workdir: Path):
-    (workdir / "reports").write_text("not a folder")
-    done = subprocess.run(TRAIN, cwd=workdir, env=job_env(workdir), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert f"error: cannot create the report folder {workdir / 'reports'}: [Errno 17] File exists" in done.stderr
-    assert (workdir / "reports").read_text() == "not a folder"
-    assert not (workdir / "open" / "mlflow.db").exists(), "stopped before any MLflow run"
-
-
 def test_tune_job_refuses_an_unwritable_report_path_before_the_sweep(workdir: Path):
     (workdir / "reports").write_text("not a folder")
     done = subprocess.run([sys.executable, "-m", "jobs.tune", "--report", "reports/tune.md", "--set",
