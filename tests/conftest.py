@@ -51,6 +51,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, layer))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_follows_the_environment() -> Iterator[None]:
+    """A job run in-process points MLflow's process-wide URIs at its store (`mlflow_tracking.setup`); after each
+    module they follow MLFLOW_TRACKING_URI again (as the module's fixtures left it), so no later module reads
+    an earlier module's store."""
+    yield
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+
+
 @pytest.fixture(scope="session")
 def config() -> Config:
     """The default configuration from conf/."""
