@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import ray
 from services import Server, mlflow_server
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A private Ray cluster for the module's in-driver Ray work, with the dashboard (its state API finds actors)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from jobs import recommend_all
 from jobs import train as train_job
@@ -34,13 +33,6 @@ def store(tmp_path_factory):
     yield os.environ["MLFLOW_TRACKING_URI"]
     os.environ.pop("MLFLOW_TRACKING_URI")
     os.environ.update({name: value for name, value in saved.items() if value is not None})
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

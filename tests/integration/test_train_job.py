@@ -47,13 +47,6 @@ def store(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def trained(store, local_ray, data_dir, tmp_path_factory):
     config = load_config([*SMALL_MODEL, "train.max_epochs=3", f"data.dir={data_dir}",
                           f"train.checkpoint_dir={tmp_path_factory.mktemp('ckpt')}"])
