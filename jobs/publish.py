@@ -19,10 +19,11 @@ import mlflow
 import numpy as np
 
 from ncf import plots
-from ncf.config import Config
+from ncf.config import Config, EvaluationConfig
 from ncf.data import MovieLens
 from ncf.evaluation import (
     DECK_REPORTED,
+    Ranker,
     evaluate,
     evaluate_per_user,
     fitted_baselines,
@@ -88,7 +89,7 @@ def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> 
     retriever = fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
     if retriever is not None and config.retrieval.choose_on_validation:
         chosen, metrics, grid = choose_reranking(search_model, retriever, seen, validation, data.n_movies,
-                                                 config.retrieval)
+                                                 config.retrieval, sample=config.evaluation)
         mlflow.log_text(json.dumps(grid, indent=1), "validation/reranking_grid.json")
         config = config.model_copy(deep=True)
         config.retrieval.n_candidates = chosen.n_candidates
@@ -100,7 +101,7 @@ def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> 
         reranking = Reranking.from_config(config.retrieval)
         metrics, _ = full_ranking_against(
             lambda users, s, k: top_k(search_model, retriever, reranking, users, s, k)[0], seen, validation,
-            data.n_movies)
+            data.n_movies, sample=config.evaluation)
     return config, {f"val_{name}": value for name, value in metrics.items()}
 
 
@@ -110,21 +111,34 @@ def _best_epoch_figures(history: list[dict], best_epoch: int) -> dict[str, float
     return {} if at_best is None else {"best_val_rmse": at_best["val_rmse"], "best_val_mae": at_best["val_mae"]}
 
 
+def served_ranker(recommender: Recommender, evaluation: EvaluationConfig) -> Ranker:
+    """The served recommender's test ranking: in this process, or by a pool of Ray Data actors
+    (`evaluation.runner: ray_data`) with the same figures."""
+    if evaluation.runner == "ray_data":
+        from ncf.integrations.ray_data import actor_pool_ranker  # Ray Data only when asked for
+
+        return actor_pool_ranker(recommender, evaluation)
+    return recommender.rank
+
+
 def evaluate_all(recommender: Recommender, model: NCF, config: Config, data: MovieLens) -> tuple[
         dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Test metrics of the served recommender, the model alone and the baselines (sampled protocol
-    included), and the served recommender's per-user test figures (for paired comparisons)."""
-    served, per_user = evaluate_per_user(recommender, data)
+    included), and the served recommender's per-user test figures (for paired comparisons). Full ranking
+    ranks `evaluation`'s users; the served recommender's ranking runs where `evaluation.runner` says."""
+    sample = config.evaluation
+    served, per_user = evaluate_per_user(recommender, data, sample=sample, rank=served_ranker(recommender, sample))
     if "rating" not in model.heads:  # its "predicted rating" is its strength rescaled: no rating error to report
         served = {name: value for name, value in served.items() if name not in ("rmse", "mae")}
     served |= sampled_metrics(recommender.score_pairs, data)
     results = {SERVED: served}
     if recommender.candidates is not None:  # without a retriever the served ranking is the model alone
         alone = NCFScorer(model)
-        results[MODEL_ALONE] = {k: v for k, v in evaluate(alone, data).items() if k.startswith("full_")}
+        results[MODEL_ALONE] = {k: v for k, v in evaluate(alone, data, sample=sample).items()
+                                if k.startswith("full_")}
         results[MODEL_ALONE] |= sampled_metrics(alone.score_pairs, data)
     for baseline in fitted_baselines(data, config.retrieval):
-        results[baseline.name] = evaluate(baseline, data)
+        results[baseline.name] = evaluate(baseline, data, sample=sample)
         if baseline.score is not None:
             results[baseline.name] |= sampled_metrics(gathered(baseline.score), data)
     return results, per_user
@@ -159,7 +173,9 @@ def compare_with_champion(config: Config, data: MovieLens, per_user: dict[str, n
         return {"champion.test_comparison": f"version {champion.version} was trained on other data: not compared"}
     with tempfile.TemporaryDirectory(prefix="ncf-champion-") as tmp:
         incumbent = mlflow_tracking.load_recommender(f"models:/{name}/{champion.version}", tmp)
-    _, theirs = full_ranking_against(incumbent.rank, seen_in_training(data), data.splits.test, data.n_movies)
+    # The same users as the candidate's figures (same split, evaluation.users and seed): a paired comparison.
+    _, theirs = full_ranking_against(incumbent.rank, seen_in_training(data), data.splits.test, data.n_movies,
+                                     sample=config.evaluation)
     interval = paired_bootstrap(per_user["full_ndcg_at_10"], theirs["full_ndcg_at_10"],
                                 n_resamples=config.registry.bootstrap_resamples)
     mlflow.log_metrics({"test_full_ndcg_at_10_minus_champion": interval.difference,

@@ -121,6 +121,7 @@ class TrainConfig(Section):
     learning_rate: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     max_epochs: int = Field(gt=0)
+    max_steps_per_epoch: int | None = Field(gt=0)
     refit: bool
     patience: int = Field(gt=0)
     lr_plateau_factor: float = Field(gt=0, lt=1)
@@ -173,6 +174,18 @@ class RegistryConfig(Section):
     model_name: str | None = Field(min_length=1)
     champion_metric: str = Field(min_length=1)
     bootstrap_resamples: int = Field(ge=0)
+
+
+class EvaluationConfig(Section):
+    """Which users full ranking ranks (all with a relevant held-out movie, or a seeded sample of them) and
+    where the test split's full ranking of the served recommender runs."""
+
+    users: int | None = Field(gt=0)  # None: every user with a relevant held-out movie
+    seed: int
+    runner: Literal["local", "ray_data"]
+    actors: int = Field(gt=0)
+    users_per_block: int = Field(gt=0)
+    cpus_per_actor: float = Field(gt=0)
 
 
 # A registered model: models:/<name>@<alias> follows the alias, models:/<name>/<version> pins one.
@@ -255,6 +268,7 @@ class Config(Section):
     train: TrainConfig
     retrieval: RetrievalConfig
     registry: RegistryConfig
+    evaluation: EvaluationConfig
     serve: ServeConfig
     tune: TuneConfig
 
@@ -377,7 +391,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
 
 
 # Keys added to the config since models were first registered, each with the value that reproduces the
-# behaviour before it: a saved config without the key loads with that value (`saved_section`).
+# behaviour before it: a saved config without the key loads with that value (`saved_section`). Sections added
+# since (`evaluation`) shape how a run is evaluated, not the model: a loaded model never reads them.
 ADDED_KEYS: dict[str, dict[str, Any]] = {
     "model": {"sparse_embeddings": False},
     "retrieval": {"profile_rating_offset": None},

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ncf.baselines import BASELINES
-from ncf.config import RetrievalConfig
+from ncf.config import EvaluationConfig, RetrievalConfig
 from ncf.data import MovieLens, Ratings
 from ncf.metrics import (
     K,
@@ -44,15 +44,26 @@ def seen_in_training(data: MovieLens) -> SeenItems:
     return SeenItems(seen.user, seen.movie, data.n_users)
 
 
-def relevant_targets(target: Ratings, threshold: float = FULL_RANKING_THRESHOLD) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray]:
-    """Users with a relevant (>= `threshold`) held-out movie, sorted, and the relevant pairs as
-    (row in those users, movie)."""
+def sampled_users(eligible: np.ndarray, sample: EvaluationConfig | None) -> np.ndarray:
+    """`sample.users` of the sorted `eligible` users, drawn with `sample.seed`, sorted: the same users for the
+    same slice and seed whatever the model, so figures of different models stay paired. All of them
+    without a sample or when it asks for as many or more."""
+    if sample is None or sample.users is None or sample.users >= len(eligible):
+        return eligible
+    return np.sort(np.random.default_rng(sample.seed).choice(eligible, size=sample.users, replace=False))
+
+
+def relevant_targets(target: Ratings, sample: EvaluationConfig | None = None,
+                     threshold: float = FULL_RANKING_THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Users with a relevant (>= `threshold`) held-out movie (all, or `sample`'s seeded sample of them), sorted,
+    and their relevant pairs as (row in those users, movie)."""
     relevant = target.rating >= threshold
-    users = np.unique(target.user[relevant])
+    users = sampled_users(np.unique(target.user[relevant]), sample)
     row_of_user = np.full(int(target.user.max(initial=0)) + 1, -1)
     row_of_user[users] = np.arange(len(users))
-    return users, row_of_user[target.user[relevant]], target.movie[relevant]
+    rows = row_of_user[target.user[relevant]]
+    kept = rows >= 0  # pairs of users left out of the sample
+    return users, rows[kept], target.movie[relevant][kept]
 
 
 def score_ranker(score: ScoreFn, chunk: int = 16) -> Ranker:
@@ -60,12 +71,12 @@ def score_ranker(score: ScoreFn, chunk: int = 16) -> Ranker:
     return lambda users, seen, k: top_k_unseen(score, users, seen, k, chunk=chunk)[0]
 
 
-def full_ranking_against(rank: Ranker, seen: SeenItems, target: Ratings, n_movies: int, k: int = K) -> tuple[
-        dict[str, float], dict[str, np.ndarray]]:
+def full_ranking_against(rank: Ranker, seen: SeenItems, target: Ratings, n_movies: int, k: int = K,
+                         sample: EvaluationConfig | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Full-ranking metrics of `rank` against a held-out slice (the test split, or validation when choosing
-    settings), and the per-user arrays behind them: users with a relevant target item, every movie not
-    in `seen` ranked. Per-user rows follow the sorted user ids."""
-    users, rows, movies = relevant_targets(target)
+    settings), and the per-user arrays behind them: users with a relevant target item (all, or `sample`'s),
+    every movie not in `seen` ranked. Per-user rows follow the sorted user ids."""
+    users, rows, movies = relevant_targets(target, sample)
     top = rank(users, seen, k)
     per_user = full_ranking_per_user(top, rows, movies, n_movies)
     return full_ranking_summary(per_user, top, n_movies), per_user
@@ -76,14 +87,16 @@ def ranker_of(model: Scorable) -> Ranker | None:
     return rank or (score_ranker(model.score) if model.score is not None else None)
 
 
-def evaluate(model: Scorable, data: MovieLens, k: int = K) -> dict[str, float]:
-    return evaluate_per_user(model, data, k)[0]
+def evaluate(model: Scorable, data: MovieLens, k: int = K, sample: EvaluationConfig | None = None) -> dict[str, float]:
+    return evaluate_per_user(model, data, k, sample)[0]
 
 
-def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K) -> tuple[dict[str, float],
-                                                                            dict[str, np.ndarray]]:
+def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K, sample: EvaluationConfig | None = None,
+                      rank: Ranker | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """`evaluate`'s metrics and the per-user full-ranking figures behind them (empty without a ranking),
-    for paired comparisons without ranking the test users a second time."""
+    for paired comparisons without ranking the test users a second time. Full ranking ranks `sample`'s
+    users (all without one) with `rank` (default: the model's own ranking; another runner of it, e.g.
+    `ncf.integrations.ray_data.actor_pool_ranker`, must rank exactly alike)."""
     test = data.splits.test
     metrics: dict[str, float] = {}
     per_user: dict[str, np.ndarray] = {}
@@ -92,9 +105,9 @@ def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K) -> tuple[dic
         metrics["rmse"] = rmse(test.rating, pred)
         metrics["mae"] = mae(test.rating, pred)
         metrics.update(seed_ranking_metrics(test.user, test.rating, pred, k=k))
-    rank = ranker_of(model)
+    rank = rank or ranker_of(model)
     if rank is not None:
-        summary, per_user = full_ranking_against(rank, seen_in_training(data), test, data.n_movies, k)
+        summary, per_user = full_ranking_against(rank, seen_in_training(data), test, data.n_movies, k, sample)
         metrics.update(summary)
     return metrics, per_user
 
@@ -167,8 +180,9 @@ DECK_REPORTED = {"rmse": 0.8968, "mae": 0.6870, "precision_at_10": 0.8497, "reca
                  "f_at_10": 0.7276, "ndcg_at_10": 0.8851}
 # Full ranking first: what users of a recommender feel. The deck's per-user test-movie ranking after.
 TABLE_COLUMNS = ("full_ndcg_at_10", "full_hit_rate_at_10", "full_recall_at_10", "full_precision_at_10",
-                 "full_map_at_10", "full_coverage", "sampled_hr_at_10", "sampled_ndcg_at_10", "rmse", "mae",
-                 "precision_at_10", "recall_at_10", "f_at_10", "ndcg_at_10")
+                 "full_map_at_10", "full_coverage", "full_users", "sampled_hr_at_10", "sampled_ndcg_at_10", "rmse",
+                 "mae", "precision_at_10", "recall_at_10", "f_at_10", "ndcg_at_10")
+COUNTS = {"full_users"}  # columns printed as whole numbers
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -176,10 +190,12 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     short = {"rmse": "RMSE", "mae": "MAE", "precision_at_10": "P@10", "recall_at_10": "R@10", "f_at_10": "F@10",
              "ndcg_at_10": "NDCG@10", "full_precision_at_10": "full P@10", "full_recall_at_10": "full R@10",
              "full_ndcg_at_10": "full NDCG@10", "full_hit_rate_at_10": "full HR@10", "full_map_at_10": "full MAP@10",
-             "full_coverage": "coverage", "sampled_hr_at_10": "sampled HR", "sampled_ndcg_at_10": "sampled NDCG"}
+             "full_coverage": "coverage", "full_users": "users ranked", "sampled_hr_at_10": "sampled HR",
+             "sampled_ndcg_at_10": "sampled NDCG"}
     name_width = max(len(n) for n in rows) + 2
     lines = ["model".ljust(name_width) + "".join(f"{short[c]:>14}" for c in TABLE_COLUMNS)]
     for name, metrics in rows.items():
-        cells = "".join(f"{metrics[c]:>14.4f}" if c in metrics else f"{'-':>14}" for c in TABLE_COLUMNS)
+        cells = "".join(f"{metrics[c]:>14{'.0f' if c in COUNTS else '.4f'}}" if c in metrics else f"{'-':>14}"
+                        for c in TABLE_COLUMNS)
         lines.append(name.ljust(name_width) + cells)
     return "\n".join(lines)

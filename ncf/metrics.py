@@ -100,9 +100,10 @@ def full_ranking_per_user(top_items: np.ndarray, relevant_users: np.ndarray, rel
 
 
 def full_ranking_summary(per_user: dict[str, np.ndarray], top_items: np.ndarray, n_items: int) -> dict[str, float]:
-    """Averages of `full_ranking_per_user` over users, plus catalogue coverage of the lists."""
+    """Averages of `full_ranking_per_user` over users, plus catalogue coverage of the lists and the number of
+    users ranked (`full_users`: a sampled evaluation says how many)."""
     return {name: float(values.mean()) for name, values in per_user.items()} | {
-        "full_coverage": float(len(np.unique(top_items)) / n_items)}
+        "full_coverage": float(len(np.unique(top_items)) / n_items), "full_users": float(len(top_items))}
 
 
 def full_ranking_metrics(top_items: np.ndarray, relevant_users: np.ndarray, relevant_items: np.ndarray,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ncf.config import RetrievalConfig
+from ncf.config import EvaluationConfig, RetrievalConfig
 from ncf.data import Ratings
 from ncf.evaluation import relevant_targets
 from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
@@ -161,14 +161,16 @@ def top_k(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking
 
 
 def choose_reranking(model: NCF, retriever: CandidateRetriever, seen: SeenItems, target: Ratings, n_movies: int,
-                     cfg: RetrievalConfig, k: int = K) -> tuple[Reranking, dict[str, float], list[dict]]:
+                     cfg: RetrievalConfig, k: int = K, sample: EvaluationConfig | None = None) -> tuple[
+                         Reranking, dict[str, float], list[dict]]:
     """The grid point of `cfg`'s grids with the best full-ranking NDCG@k against `target` (the validation
-    slice; `model` and `retriever` must not have seen it), its metrics, and every grid point's figures.
+    slice; `model` and `retriever` must not have seen it) over `sample`'s users (all without one), its
+    metrics, and every grid point's figures.
 
     Candidates and head signals are computed once for the largest N; each grid point only re-blends.
     Weights of heads the model lacks are not searched. Ties keep the earlier grid point.
     """
-    users, rows, movies = relevant_targets(target)
+    users, rows, movies = relevant_targets(target, sample)
     width = max(cfg.n_candidates_grid)
     candidates, retrieved = top_k_unseen(retriever.score, users, seen, width)
     signals = model_signals(model)(users, candidates)

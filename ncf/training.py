@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -291,6 +293,24 @@ def model_from_checkpoint(folder: Path, config: Config, data: MovieLens) -> NCF:
     return model.eval()
 
 
+def figures_of_every_rank(prefix: str, mine: dict[str, float], reporter: Reporter) -> dict[str, float]:
+    """This rank's `mine` and every other rank's, as `<prefix>/<rank>/<name>`: an all-gather under DDP, so
+    every rank calls it at the same point. Exact for integers below 2**53."""
+    tensor = torch.tensor(list(mine.values()), dtype=torch.float64, device=reporter.device)  # NCCL: on the GPU
+    if dist.is_available() and dist.is_initialized():
+        gathered = [torch.zeros_like(tensor) for _ in range(reporter.world_size)]
+        dist.all_gather(gathered, tensor)
+    else:
+        gathered = [tensor]
+    return {f"{prefix}/{rank}/{name}": value for rank, values in enumerate(gathered)
+            for name, value in zip(mine, values.tolist(), strict=True)}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (pages of Ray's object store it has read included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def _same_on_all_ranks(values: list[float]) -> list[float]:
     """Rank 0's values everywhere, so every rank takes the same early-stopping decision."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -394,8 +414,9 @@ def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, users: torc
 
 
 def _train_epoch(wrapped: nn.Module, optimizer, batches: Iterable[Batch], keys: np.ndarray | None, n_movies: int,
-                 config: Config, epoch: int, reporter: Reporter) -> tuple[float, float]:
-    """One pass over this rank's batches; returns the mean training loss and the rating head's mean MSE.
+                 config: Config, epoch: int, reporter: Reporter) -> tuple[float, float, int]:
+    """One pass over this rank's batches (at most `train.max_steps_per_epoch`); returns the mean training loss,
+    the rating head's mean MSE and the samples trained on.
     `keys`: the rated pairs (`rated_keys`) unrated movies are drawn against (implicit and joint objectives).
 
     The sums stay on the device and are read once, after the last step: no step waits for the one before."""
@@ -407,7 +428,7 @@ def _train_epoch(wrapped: nn.Module, optimizer, batches: Iterable[Batch], keys: 
     wrapped.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss and MSE, weighted by batch length
     n_seen = 0
-    for users, movies, target in batches:
+    for users, movies, target in itertools.islice(batches, cfg.max_steps_per_epoch):  # None: every batch
         negatives = (torch.from_numpy(sample_unrated(users.numpy(), keys, n_movies, cfg.negatives_per_positive, rng))
                      .to(device) if implicit else None)
         users, movies, target = users.to(device), movies.to(device), target.to(device)
@@ -415,13 +436,21 @@ def _train_epoch(wrapped: nn.Module, optimizer, batches: Iterable[Batch], keys: 
             * len(users)
         n_seen += len(users)
     loss_mean, mse_mean = (sums / max(n_seen, 1)).tolist()
-    return loss_mean, mse_mean
+    return loss_mean, mse_mean, n_seen
+
+
+def _worker_figures(reporter: Reporter, n_samples: int) -> dict[str, float]:
+    """Every rank's samples trained this epoch and peak memory so far (`worker/<rank>/...`), and the total
+    `train_samples`: throughput and memory per worker, whatever the launcher and loader."""
+    figures = figures_of_every_rank("worker", {"samples": n_samples, "peak_rss_gb": peak_rss_gib()}, reporter)
+    return figures | {"train_samples": sum(v for k, v in figures.items() if k.endswith("/samples"))}
 
 
 class Validation:
     """The validation figures of every epoch: rating error (models with a rating head) and the
     full-catalogue ranking of the validation slice by what would be served (`ncf.reranking.top_k`,
-    with a retriever fitted on train alone). Computed on rank 0 and shared with every rank."""
+    with a retriever fitted on train alone) over `evaluation`'s users, `val_full_users` of them. Computed on
+    rank 0 and shared with every rank."""
 
     def __init__(self, config: Config, data: MovieLens, rank: int):
         self.config, self.data, self.rank = config, data, rank
@@ -433,7 +462,7 @@ class Validation:
         self.reranking = Reranking.from_config(config.retrieval)
 
     def __call__(self, model: NCF) -> dict[str, float]:
-        names = ["val_full_ndcg_at_10", "val_full_hit_rate_at_10"]
+        names = ["val_full_ndcg_at_10", "val_full_hit_rate_at_10", "val_full_users"]
         if "rating" in model.heads:
             names = ["val_loss", "val_mae"] + names
         values = [0.0] * len(names)
@@ -446,8 +475,9 @@ class Validation:
             model.eval()
             ranking, _ = full_ranking_against(
                 lambda users, seen, k: top_k(model, self.retriever, self.reranking, users, seen, k)[0],
-                self.seen, self.data.splits.validation, self.data.n_movies)
-            figures |= {f"val_{name}": ranking[name] for name in ("full_ndcg_at_10", "full_hit_rate_at_10")}
+                self.seen, self.data.splits.validation, self.data.n_movies, sample=self.config.evaluation)
+            figures |= {f"val_{name}": ranking[name] for name in ("full_ndcg_at_10", "full_hit_rate_at_10",
+                                                                  "full_users")}
             values = [figures[name] for name in names]
         metrics = dict(zip(names, _same_on_all_ranks(values), strict=True))
         if "val_loss" in metrics:
@@ -501,8 +531,8 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: Bat
     while state.phase == Phase.SEARCH and state.epoch < cfg.max_epochs and state.stale_epochs < cfg.patience:
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_mse = _train_epoch(wrapped, optimizer, batches.epoch(Phase.SEARCH, state.epoch), keys,
-                                             data.n_movies, config, state.epoch, reporter)
+        train_loss, train_mse, n_samples = _train_epoch(wrapped, optimizer, batches.epoch(Phase.SEARCH, state.epoch),
+                                                        keys, data.n_movies, config, state.epoch, reporter)
         train_seconds = time.perf_counter() - started  # the training pass alone, without validation
         validation = validate(model)
         value = validation[monitor]
@@ -517,7 +547,8 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: Bat
             state.stale_epochs += 1
         state.epoch += 1
         _report(reporter, _epoch_metrics(state, Phase.SEARCH, train_loss, train_mse, lr, started, monitor) | validation
-                | batches.figures() | {"improved": float(improved), "train_seconds": train_seconds},
+                | batches.figures() | _worker_figures(reporter, n_samples)
+                | {"improved": float(improved), "train_seconds": train_seconds},
                 model, optimizer, scheduler, state)
 
     if cfg.refit and state.phase == Phase.SEARCH and state.best_epoch > 0:
@@ -534,12 +565,13 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: Bat
             lr = search_lrs[state.refit_epochs]
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            train_loss, train_mse = _train_epoch(wrapped, optimizer, batches.epoch(Phase.REFIT, state.refit_epochs),
-                                                 keys, data.n_movies, config, state.refit_epochs, reporter)
+            train_loss, train_mse, n_samples = _train_epoch(
+                wrapped, optimizer, batches.epoch(Phase.REFIT, state.refit_epochs), keys, data.n_movies, config,
+                state.refit_epochs, reporter)
             state.refit_epochs += 1
             state.epoch += 1
             _report(reporter, _epoch_metrics(state, Phase.REFIT, train_loss, train_mse, lr, started, monitor)
-                    | batches.figures(), model, optimizer, scheduler, state)
+                    | batches.figures() | _worker_figures(reporter, n_samples), model, optimizer, scheduler, state)
 
     final = copy.deepcopy(model).cpu()
     final.load_state_dict(final_weights({"model": final.state_dict(), "state": state.__dict__}))

@@ -14,18 +14,21 @@ the split when the rows add up to its size and the checksums to its checksum (mo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ncf import prepared
-from ncf.config import Config, ConfigError
+from ncf.config import Config, ConfigError, EvaluationConfig
 from ncf.data import MovieLens, resolve_data_dir
-from ncf.training import Batch, Phase, Reporter
+from ncf.evaluation import Ranker
+from ncf.ranking import SeenItems
+from ncf.recommender import Recommender
+from ncf.training import Batch, Phase, Reporter, figures_of_every_rank
 
 DATASETS = {Phase.SEARCH: "train", Phase.REFIT: "train_and_validation"}  # Ray Train dataset names
 COLUMNS = {"user": torch.int64, "movie": torch.int64, "rating": torch.float32}  # what batches carry, as typed
@@ -104,7 +107,7 @@ class ShardBatches:
     def __init__(self, config: Config, reporter: Reporter):
         import ray.train
 
-        self.batch_size, self.world_size, self.device = config.train.batch_size, reporter.world_size, reporter.device
+        self.batch_size, self.reporter = config.train.batch_size, reporter
         phases = [Phase.SEARCH, Phase.REFIT] if config.train.refit else [Phase.SEARCH]
         self.shards = {phase: ray.train.get_dataset_shard(DATASETS[phase]) for phase in phases}
         self._figures: dict[str, float] = {}
@@ -116,18 +119,73 @@ class ShardBatches:
             rows += len(users)
             checksum = (checksum + pair_checksum(users.numpy(), movies.numpy())) % CHECKSUM_MODULUS
             yield users, movies, batch["rating"]
-        self._figures = self._every_rank(rows, checksum)
-
-    def _every_rank(self, rows: int, checksum: int) -> dict[str, float]:
-        mine = torch.tensor([rows, checksum], dtype=torch.int64, device=self.device)  # NCCL gathers GPU tensors
-        if dist.is_available() and dist.is_initialized():
-            gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(gathered, mine)
-        else:
-            gathered = [mine]
-        return {f"shard/{rank}/{name}": float(value)
-                for rank, figures in enumerate(gathered) for name, value in zip(("rows", "checksum"), figures.tolist(),
-                                                                                strict=True)}
+        self._figures = figures_of_every_rank("shard", {"rows": rows, "checksum": checksum}, self.reporter)
 
     def figures(self) -> dict[str, float]:
         return self._figures
+
+
+# ----------------------------------------------------------------------------- full ranking by an actor pool
+
+
+class RankBlocks:
+    """A Ray Data actor of `actor_pool_ranker`: takes the recommender, the users and their seen movies from the
+    object store once, then ranks whole blocks of `users_per_block` consecutive users."""
+
+    def __init__(self, shared: list, users_per_block: int, k: int):
+        import ray
+
+        # A list of references: Ray resolves only top-level arguments, these are fetched here, once.
+        self.recommender, (self.users, self.seen) = ray.get(shared)
+        self.users_per_block, self.k = users_per_block, k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each row of `batch` is a block index; returns one row per user: its block, position and top-k."""
+        blocks, positions, tops = [], [], []
+        for block in batch["block"]:
+            start = int(block) * self.users_per_block
+            position = np.arange(start, min(start + self.users_per_block, len(self.users)))
+            blocks.append(np.full(len(position), block))
+            positions.append(position)
+            tops.append(self.recommender.rank(self.users[position], self.seen, self.k))
+        return {"block": np.concatenate(blocks), "position": np.concatenate(positions), "top": np.concatenate(tops)}
+
+
+def actor_pool_ranker(recommender: Recommender, cfg: EvaluationConfig) -> Ranker:
+    """A `Ranker` with `recommender.rank`'s results, computed by a pool of `cfg.actors` Ray Data actors
+    (`cfg.cpus_per_actor` CPUs each) over blocks of `cfg.users_per_block` users and gathered back in user
+    order: full ranking of a large test split spread over a cluster. The recommender goes into the object
+    store once; each call prints a progress line per block done."""
+    import ray
+
+    from ncf.integrations.ray_train import init_ray  # imported here: ray_train imports this module
+
+    init_ray()
+    shipped = ray.put(recommender)
+
+    def rank(users: np.ndarray, seen: SeenItems, k: int) -> np.ndarray:
+        users = np.asarray(users, dtype=np.int64)
+        n_blocks = -(-len(users) // cfg.users_per_block)
+        if n_blocks == 0:
+            return np.empty((0, k), dtype=np.int64)
+        blocks = ray.data.from_items([{"block": b} for b in range(n_blocks)], override_num_blocks=n_blocks)
+        blocks.context.enable_progress_bars = False  # the progress lines below say it in one line per block
+        ranked = blocks.map_batches(
+            RankBlocks, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, n_blocks)),  # `concurrency=` is deprecated
+            fn_constructor_kwargs={"shared": [shipped, ray.put((users, seen))], "users_per_block": cfg.users_per_block,
+                                   "k": k})
+        top, done, ranked_users, started = None, set(), 0, time.perf_counter()
+        for batch in ranked.iter_batches(batch_size=None, batch_format="numpy"):
+            if top is None:
+                top = np.empty((len(users), *batch["top"].shape[1:]), dtype=batch["top"].dtype)
+            top[batch["position"]] = batch["top"]
+            done |= set(batch["block"].tolist())  # a block's users come back together, in one batch
+            ranked_users += len(batch["position"])
+            print(f"full ranking: {len(done)}/{n_blocks} blocks, {ranked_users}/{len(users)} users, "
+                  f"{ranked_users / (time.perf_counter() - started):,.0f} users/s", flush=True)
+        if len(done) != n_blocks:
+            raise RuntimeError(f"full ranking by Ray Data returned {len(done)} of {n_blocks} blocks")
+        return top
+
+    return rank

@@ -188,3 +188,22 @@ def test_implicit_models_cannot_monitor_rmse():
     with pytest.raises(ConfigError, match="val_rmse needs a rating head"):
         load_config(["model.objective=implicit"])
     assert load_config(["model.objective=implicit", "train.monitor=val_full_ndcg_at_10"]).model.objective == "implicit"
+
+
+def test_evaluation_defaults_rank_every_user_locally():
+    evaluation = load_config().evaluation
+    assert evaluation.users is None and evaluation.runner == "local"
+    assert (evaluation.actors, evaluation.users_per_block, evaluation.cpus_per_actor) == (2, 2048, 1)
+    flat = flatten(load_config(["evaluation.users=5000"]))  # what MLflow logs as params
+    assert flat["evaluation.users"] == 5000 and flat["evaluation.runner"] == "local"
+
+
+@pytest.mark.parametrize("override, key", [("evaluation.users=0", "evaluation.users"),
+                                           ("evaluation.users=-3", "evaluation.users"),
+                                           ("evaluation.actors=0", "evaluation.actors"),
+                                           ("evaluation.users_per_block=0", "evaluation.users_per_block"),
+                                           ("evaluation.cpus_per_actor=0", "evaluation.cpus_per_actor"),
+                                           ("evaluation.runner=spark", "evaluation.runner")])
+def test_invalid_evaluation_values_name_the_key(override: str, key: str):
+    with pytest.raises(ConfigError, match=rf"{key}: "):
+        load_config([override])

@@ -195,7 +195,8 @@ def test_full_ranking_per_user_averages_to_full_ranking_metrics():
     per_user = full_ranking_per_user(top, users, items, 8)
     np.testing.assert_allclose(per_user["full_ndcg_at_3"], [(1 / log2(3)) / (1 + 1 / log2(3)), 0.5])
     summary = full_ranking_metrics(top, users, items, 8)
-    assert summary == pytest.approx({n: v.mean() for n, v in per_user.items()} | {"full_coverage": 6 / 8})
+    assert summary == pytest.approx({n: v.mean() for n, v in per_user.items()} | {"full_coverage": 6 / 8,
+                                                                                  "full_users": 2})
 
 
 def test_full_ranking_against_any_held_out_slice():

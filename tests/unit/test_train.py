@@ -151,6 +151,27 @@ def test_resume_continues_from_the_checkpoint(tiny_movielens, tmp_path, sparse):
     assert resumed.best_value == pytest.approx(straight.best_value, rel=1e-5)
 
 
+def test_every_epoch_counts_its_samples_and_the_workers_memory(refit_run, tiny_movielens):
+    sizes = {Phase.SEARCH: len(tiny_movielens.splits.train),
+             Phase.REFIT: len(tiny_movielens.splits.train_and_validation())}
+    for entry in refit_run[0].history:
+        assert entry["train_samples"] == entry["worker/0/samples"] == sizes[entry["phase"]]
+        assert 0.05 < entry["worker/0/peak_rss_gb"] < 64
+
+
+def test_max_steps_per_epoch_caps_each_epoch(tiny_movielens):
+    config = small_config("train.max_epochs=2", "train.patience=2", "train.refit=false",
+                          "train.max_steps_per_epoch=3", "train.batch_size=16")
+    assert len(tiny_movielens.splits.train) > 3 * 16
+    history = train_loop(config, tiny_movielens, LocalReporter(verbose=False)).history
+    assert [entry["train_samples"] for entry in history] == [3 * 16, 3 * 16]
+
+
+def test_max_steps_per_epoch_is_positive_or_null():
+    with pytest.raises(ConfigError, match="max_steps_per_epoch"):
+        small_config("train.max_steps_per_epoch=0")
+
+
 def test_sparse_embeddings_train(tiny_movielens):
     config = small_config("model.sparse_embeddings=true", "train.max_epochs=4", "train.patience=4",
                           "train.refit=false", "train.weight_decay=1e-4")
@@ -244,8 +265,10 @@ def test_evaluate_a_trained_model(refit_run, tiny_movielens):
     assert set(metrics) == set(TABLE_COLUMNS) - SAMPLED
     assert 0.5 < metrics["rmse"] < 1.5
     assert 0 < metrics["mae"] < metrics["rmse"]
-    for key in set(metrics) - {"rmse", "mae"}:
+    for key in set(metrics) - {"rmse", "mae", "full_users"}:
         assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["full_users"] == len(np.unique(tiny_movielens.splits.test.user[
+        tiny_movielens.splits.test.rating >= 4]))  # every user with a relevant test movie
     assert metrics["precision_at_10"] > 0.5  # most test ratings are >= 3
     explained = scorer.explain(np.array([0, 1, 2]), np.array([5, 6, 7]))
     assert set(explained) == {"rating", "strength", "user_weight", "movie_weight", "logit"}

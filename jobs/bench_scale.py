@@ -1,0 +1,132 @@
+"""Training at scale: throughput and worker memory on a 25M-rating dataset against ml-latest-small.
+
+    python -m jobs.bench_scale [--large-dir data/synth/ml-25m] [--large-name ml-25m] [--steps 500]
+                               [--full-epoch]
+
+Every measurement trains the same model (the preset's, at its batch size) through the real path:
+the prepared Parquet, the training loop, and for Ray Train the configured workers, once on
+ml-latest-small and once on the large dataset, side by side in one run:
+
+- in-process (the `local` launcher, batches from memory);
+- Ray Train with `data.loader: ray_data`, 1 worker (2 CPUs) and 2 workers (1 CPU each);
+- Ray Train with `data.loader: in_memory`, 1 worker: the memory a worker needs when it holds the splits.
+
+Each run trains 2 epochs without refit, each epoch capped at `--steps` optimizer steps on the large
+dataset (`train.max_steps_per_epoch`; ml-latest-small's epochs are shorter than the cap), with the
+validation figures on a sample of 500 users (`evaluation.users`). Throughput is the second epoch's
+samples over its training pass (`train_samples / train_seconds`: the first epoch warms up allocators
+and the optimizer's state); the ratio is large over small. Worker memory is each worker's peak RSS
+(`worker/<rank>/peak_rss_gb`). `--full-epoch` adds one uncapped epoch of Ray Data with 2 workers on the
+large dataset: the peak RSS of a worker over a whole epoch. Results go to docs/benchmarks/scale.{md,json}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from jobs.bench_train import table
+from ncf.config import Config, load_config, override_parser, with_values
+from ncf.data import load_movielens, resolve_data_dir
+from ncf.files import write_atomically
+from ncf.integrations.ray_train import fit_with_ray, init_ray
+from ncf.training import LocalReporter, load_checkpoint, train_loop
+
+OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root
+SAMPLED_USERS = 500  # validation users ranked each epoch: the figures are not what is measured here
+# name -> (launcher, loader, workers, CPUs per worker)
+SETUPS = {"in-process": ("local", "in_memory", 1, 2), "ray_data, 1 worker": ("ray", "ray_data", 1, 2),
+          "ray_data, 2 workers": ("ray", "ray_data", 2, 1), "in_memory, 1 worker": ("ray", "in_memory", 1, 2)}
+
+
+def epoch_history(config: Config, launcher: str) -> list[dict]:
+    if launcher == "local":
+        return train_loop(config, load_movielens(config.data), LocalReporter(verbose=False)).history
+    return load_checkpoint(fit_with_ray(config, run_id=None))["state"]["history"]
+
+
+def measure(config: Config, setup: str) -> dict:
+    launcher, loader, workers, cpus = SETUPS[setup]
+    trial = with_values(config, {"data.loader": loader, "train.num_workers": workers, "train.cpus_per_worker": cpus})
+    started = time.perf_counter()
+    history = epoch_history(trial, launcher)
+    last = history[-1]
+    rss = [last[f"worker/{rank}/peak_rss_gb"] for rank in range(workers)]  # rank 0 also validates
+    print(f"  {setup} on {config.data.name}: {last['train_samples'] / last['train_seconds']:,.0f} samples/s, "
+          f"worker peak RSS {' / '.join(f'{r:.2f}' for r in rss)} GiB ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+    return {"samples_per_s": last["train_samples"] / last["train_seconds"], "samples": int(last["train_samples"]),
+            "train_seconds": last["train_seconds"], "worker_peak_rss_gb": rss,
+            "epoch_train_seconds": [h["train_seconds"] for h in history]}
+
+
+def gib(values: list[float]) -> str:
+    return " / ".join(f"{value:.2f}" for value in values)
+
+
+def bench(small: Config, large: Config, full_epoch: bool) -> dict:
+    rows = []
+    for setup in SETUPS:
+        figures = {config.data.name: measure(config, setup) for config in (small, large)}
+        s, b = figures[small.data.name], figures[large.data.name]
+        rows.append({"setup": setup, f"{small.data.name} samples/s": round(s["samples_per_s"]),
+                     f"{large.data.name} samples/s": round(b["samples_per_s"]),
+                     "ratio": round(b["samples_per_s"] / s["samples_per_s"], 3),
+                     f"{large.data.name} samples timed": b["samples"],
+                     f"{large.data.name} peak RSS per rank (GiB)": gib(b["worker_peak_rss_gb"]),
+                     f"{small.data.name} peak RSS per rank (GiB)": gib(s["worker_peak_rss_gb"])})
+    result = {"model": f"{small.model.architecture}, embedding {small.model.embedding_dim}, "
+                       f"{'sparse' if small.model.sparse_embeddings else 'dense'} embeddings",
+              "batch_size": small.train.batch_size, "steps_per_epoch_cap": large.train.max_steps_per_epoch,
+              "throughput": rows}
+    if full_epoch:
+        whole = with_values(large, {"train.max_epochs": 1, "train.max_steps_per_epoch": None})
+        result["full_epoch"] = [{"setup": "ray_data, 2 workers", **measure(whole, "ray_data, 2 workers")}]
+    return result
+
+
+def to_markdown(result: dict, command: str) -> str:
+    lines = ["# Training at scale", "", f"Command: `{command}`", "",
+             f"Model: {result['model']}; batch {result['batch_size']}; epochs capped at "
+             f"{result['steps_per_epoch_cap']} steps on the large dataset (`train.max_steps_per_epoch`).",
+             "", "Throughput of the second epoch's training pass (samples / s), and each worker's peak RSS "
+             "(rank 0 first: it also holds what validation needs):",
+             "", table(result["throughput"])]
+    if "full_epoch" in result:
+        full = result["full_epoch"][0]
+        lines += ["", f"One whole epoch, {full['setup']}: {full['samples']:,} samples in "
+                      f"{full['train_seconds']:.0f} s ({full['samples_per_s']:,.0f} samples/s); peak RSS per rank "
+                      f"{gib(full['worker_peak_rss_gb'])} GiB."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = override_parser(__doc__.splitlines()[0])
+    p.add_argument("--large-dir", type=Path, default=Path("data/synth/ml-25m"),
+                   help="the large dataset's folder (`make synth SHAPE=ml-25m` writes the default)")
+    p.add_argument("--large-name", default="ml-25m", help="its data.name (default %(default)s)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps per epoch on the large dataset")
+    p.add_argument("--full-epoch", action="store_true", help="also one uncapped Ray Data epoch (2 workers)")
+    args = p.parse_args(argv)
+    config = load_config(args.overrides, preset=args.preset)
+    common = {"train.max_epochs": 2, "train.patience": 2, "train.refit": False, "evaluation.users": SAMPLED_USERS}
+    small = with_values(config, common | {"data.dir": str(resolve_data_dir(config.data))})
+    large = with_values(config, common | {"data.name": args.large_name, "data.dir": str(args.large_dir.resolve()),
+                                          "train.max_steps_per_epoch": args.steps})
+    os.environ.pop("NCF_DATA_DIR", None)  # each config names its folder; Ray workers inherit this environment
+    for data in (small.data, large.data):
+        load_movielens(data)  # prepared (or checked) once, before anything is timed
+    init_ray()
+    result = bench(small, large, args.full_epoch)
+    command = "python -m jobs.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_atomically(OUT_DIR / "scale.json", json.dumps(result, indent=2), "report")
+    write_atomically(OUT_DIR / "scale.md", to_markdown(result, command.strip()), "report")
+    print(to_markdown(result, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
