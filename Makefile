@@ -54,6 +54,10 @@ bench-train: venv  ## epoch time in-process vs Ray Train (1 and 2 workers) -> do
 gpu-train: venv  ## short training on every visible GPU, reports throughput
 	$(PY) -m jobs.bench_train --gpu $(ARGS)
 
+.PHONY: bench-scale
+bench-scale: venv  ## training throughput and worker memory on ml-25m's shape vs ml-latest-small (after make synth SHAPE=ml-25m) -> docs/benchmarks/
+	$(PY) -m jobs.bench_scale $(ARGS)
+
 clean:  ## remove checkpoints and metric reports (keeps the MLflow store)
 	rm -rf checkpoints reports/*.json reports/*.md
 

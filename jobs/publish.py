@@ -130,17 +130,17 @@ def evaluate_all(recommender: Recommender, model: NCF, config: Config, data: Mov
     served, per_user = evaluate_per_user(recommender, data, sample=sample, rank=served_ranker(recommender, sample))
     if "rating" not in model.heads:  # its "predicted rating" is its strength rescaled: no rating error to report
         served = {name: value for name, value in served.items() if name not in ("rmse", "mae")}
-    served |= sampled_metrics(recommender.score_pairs, data)
+    served |= sampled_metrics(recommender.score_pairs, data, sample=sample)
     results = {SERVED: served}
     if recommender.candidates is not None:  # without a retriever the served ranking is the model alone
         alone = NCFScorer(model)
         results[MODEL_ALONE] = {k: v for k, v in evaluate(alone, data, sample=sample).items()
                                 if k.startswith("full_")}
-        results[MODEL_ALONE] |= sampled_metrics(alone.score_pairs, data)
+        results[MODEL_ALONE] |= sampled_metrics(alone.score_pairs, data, sample=sample)
     for baseline in fitted_baselines(data, config.retrieval):
         results[baseline.name] = evaluate(baseline, data, sample=sample)
         if baseline.score is not None:
-            results[baseline.name] |= sampled_metrics(gathered(baseline.score), data)
+            results[baseline.name] |= sampled_metrics(gathered(baseline.score), data, sample=sample)
     return results, per_user
 
 

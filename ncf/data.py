@@ -236,6 +236,10 @@ class Ratings:
     def __len__(self) -> int:
         return len(self.user)
 
+    @classmethod
+    def none(cls) -> Ratings:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64))
+
     def take(self, index: np.ndarray) -> Ratings:
         return Ratings(self.user[index], self.movie[index], self.rating[index], self.timestamp[index])
 

@@ -154,11 +154,15 @@ def next_interactions(data: MovieLens) -> tuple[np.ndarray, np.ndarray]:
     return users[starts], test.movie[first][starts]
 
 
-def sampled_metrics(score_pairs: PairScoreFn, data: MovieLens, k: int = K, seed: int = 0) -> dict[str, float]:
+def sampled_metrics(score_pairs: PairScoreFn, data: MovieLens, k: int = K, seed: int = 0,
+                    sample: EvaluationConfig | None = None) -> dict[str, float]:
     """The NCF paper's sampled protocol (He et al. 2017) on this split: each user's next interaction after
-    training ranked among 99 movies the user never rated (in any split); HR@k and NDCG@k. Labelled
-    `sampled_*`: far easier than full ranking, kept to compare with the paper, never to choose models."""
+    training ranked among 99 movies the user never rated (in any split); HR@k and NDCG@k, over every test
+    user or `sample`'s seeded sample of them. Labelled `sampled_*`: far easier than full ranking, kept to
+    compare with the paper, never to choose models."""
     users, movies = next_interactions(data)
+    kept = np.isin(users, sampled_users(users, sample))  # next_interactions' users are sorted and distinct
+    users, movies = users[kept], movies[kept]
     everything = data.splits.train_and_validation()
     test = data.splits.test
     return sampled_ranking_metrics(score_pairs, users, movies, np.r_[everything.user, test.user],

@@ -71,6 +71,7 @@ STATS = "stats.json"
 SPLITS = ("train", "validation", "test")
 RATINGS_SCHEMA = pa.schema([("user", pa.int32()), ("movie", pa.int32()), ("rating", pa.float32()),
                             ("timestamp", pa.int64())])
+RATINGS_DTYPES = {"user": np.int64, "movie": np.int64, "rating": np.float64, "timestamp": np.int64}  # in memory
 
 
 def location(cfg: DataConfig) -> Path:
@@ -333,15 +334,15 @@ def statistics(name: str, ids: IdMaps, movies: pd.DataFrame, ratings: Ratings, r
 
 
 def _ratings(path: Path) -> Ratings:
-    """A split as the in-memory `Ratings` the training loop takes (int64 indices, float64 ratings)."""
-    return _ratings_of(pq.read_table(path))
+    """A split as the in-memory `Ratings` the training loop takes (int64 indices, float64 ratings), read one
+    column at a time: the peak memory is the result plus one column, not plus the whole Parquet table."""
+    parquet = pq.ParquetFile(path)
+    columns = {name: _column(parquet, name, dtype) for name, dtype in RATINGS_DTYPES.items()}
+    return Ratings(**columns)
 
 
-def _ratings_of(table: pa.Table) -> Ratings:
-    return Ratings(table.column("user").to_numpy().astype(np.int64),
-                   table.column("movie").to_numpy().astype(np.int64),
-                   table.column("rating").to_numpy().astype(np.float64),
-                   table.column("timestamp").to_numpy().astype(np.int64))
+def _column(parquet: pq.ParquetFile, name: str, dtype: type) -> np.ndarray:
+    return parquet.read(columns=[name]).column(name).to_numpy().astype(dtype)  # a writable copy
 
 
 class _Replaced(Exception):
@@ -362,8 +363,7 @@ def read(folder: Path, manifest: dict | None = None, splits: Collection[str] = S
                            "genres": table.column("genres").to_pylist()})
     ids = IdMaps(users, movies["movieId"].to_numpy())
     genres, genre_names = genre_matrix(movies)
-    empty = _ratings_of(RATINGS_SCHEMA.empty_table())
-    wanted = Splits(*(_ratings(folder / f"{part}.parquet") if part in splits else empty for part in SPLITS))
+    wanted = Splits(*(_ratings(folder / f"{part}.parquet") if part in splits else Ratings.none() for part in SPLITS))
     if (_read_manifest(folder) or {}).get("build") != manifest.get("build"):
         raise _Replaced(folder)  # another process rebuilt it meanwhile: the files may be of two builds
     checksums = {name: f["sha256"] for name, f in manifest["source"]["files"].items()}

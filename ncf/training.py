@@ -453,12 +453,16 @@ class Validation:
     rank 0 and shared with every rank."""
 
     def __init__(self, config: Config, data: MovieLens, rank: int):
-        self.config, self.data, self.rank = config, data, rank
-        self.users, self.movies, self.ratings = data.splits.validation.tensors()
+        """Rank 0 keeps the validation slice, the movies each user has seen in train and the retriever fitted
+        on train, never `data` itself: a caller may let the train split go once this is built."""
+        self.config, self.rank = config, rank
+        if rank != 0:
+            return
+        self.target, self.n_movies = data.splits.validation, data.n_movies
+        self.users, self.movies, self.ratings = self.target.tensors()
         train = data.splits.train
         self.seen = SeenItems(train.user, train.movie, data.n_users)
-        self.retriever = (fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
-                          if rank == 0 else None)
+        self.retriever = fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
         self.reranking = Reranking.from_config(config.retrieval)
 
     def __call__(self, model: NCF) -> dict[str, float]:
@@ -475,7 +479,7 @@ class Validation:
             model.eval()
             ranking, _ = full_ranking_against(
                 lambda users, seen, k: top_k(model, self.retriever, self.reranking, users, seen, k)[0],
-                self.seen, self.data.splits.validation, self.data.n_movies, sample=self.config.evaluation)
+                self.seen, self.target, self.n_movies, sample=self.config.evaluation)
             figures |= {f"val_{name}": ranking[name] for name in ("full_ndcg_at_10", "full_hit_rate_at_10",
                                                                   "full_users")}
             values = [figures[name] for name in names]
@@ -495,9 +499,11 @@ def _report(reporter: Reporter, metrics: dict[str, float], model, optimizer, sch
         reporter.report(metrics, checkpoint)
 
 
-def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: BatchSource | None = None) -> TrainResult:
+def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: BatchSource | None = None,
+               validation: Validation | None = None) -> TrainResult:
     """Early-stop on `train.monitor` over the validation slice, then (train.refit) retrain on train + validation.
-    The batches come from `batches`, by default sliced from `data`'s splits (`InMemoryBatches`).
+    The batches come from `batches`, by default sliced from `data`'s splits (`InMemoryBatches`); the validation
+    figures from `validation`, by default built from `data`'s train and validation splits.
 
     The refit phase repeats the best epoch count with the learning rates the search
     phase used, so the final model also learns from each user's most recent ratings,
@@ -523,7 +529,7 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: Bat
         print(f"resuming at epoch {state.epoch + 1} ({state.phase.name.lower()} phase, "
               f"best {monitor} {state.best_value:.4f})", flush=True)
     wrapped = reporter.prepare(model)
-    validate = Validation(config, data, reporter.rank) if state.phase == Phase.SEARCH else None
+    validate = (validation or Validation(config, data, reporter.rank)) if state.phase == Phase.SEARCH else None
     batches = batches or InMemoryBatches(config, data, reporter)
     implicit = config.model.objective != "rating"
     keys = rated_keys(data.splits.train, data.n_movies) if implicit and state.phase == Phase.SEARCH else None

@@ -4,8 +4,9 @@ The driver reads the prepared train split (and, for the refit phase, train + val
 store once (`training_datasets`); Ray Train splits each dataset into one disjoint shard per worker with
 equal row counts (`streaming_split(equal=True)`: DDP needs every rank to take the same number of steps),
 reshuffled every epoch (a seeded `random_shuffle`, reseeded at each execution). A worker reads only the
-small parts of the prepared folder (ids, movies, genres) and rank 0 what validation needs
-(`worker_data`); no worker parses CSV or holds the training split for its batches.
+small parts of the prepared folder (ids, movies, genres), and rank 0 builds its validation figures' inputs
+from the train and validation splits, then lets the train split go (`worker_data`); no worker parses CSV
+or holds the training split.
 
 Each epoch's metrics carry every rank's shard figures, `shard/<rank>/rows` and `shard/<rank>/checksum`
 (`pair_checksum` of the (user, movie) pairs it trained on): the shards of an epoch are disjoint and cover
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,11 @@ import torch
 
 from ncf import prepared
 from ncf.config import Config, ConfigError, EvaluationConfig
-from ncf.data import MovieLens, resolve_data_dir
+from ncf.data import MovieLens, Ratings, Splits, resolve_data_dir
 from ncf.evaluation import Ranker
 from ncf.ranking import SeenItems
 from ncf.recommender import Recommender
-from ncf.training import Batch, Phase, Reporter, figures_of_every_rank
+from ncf.training import Batch, Phase, Reporter, Validation, figures_of_every_rank
 
 DATASETS = {Phase.SEARCH: "train", Phase.REFIT: "train_and_validation"}  # Ray Train dataset names
 COLUMNS = {"user": torch.int64, "movie": torch.int64, "rating": torch.float32}  # what batches carry, as typed
@@ -82,11 +83,13 @@ def training_datasets(config: Config) -> TrainingInput:
     return TrainingInput(folder, datasets)
 
 
-def worker_data(folder: Path, rank: int) -> MovieLens:
-    """What a worker's training loop needs besides its batches: ids, movies and genres for every rank;
-    rank 0, which computes the validation figures, also the validation slice and the train split (the
-    retriever and the movies each user has seen are fitted on it)."""
-    return prepared.read(folder, splits=("train", "validation") if rank == 0 else ())
+def worker_data(config: Config, folder: Path, rank: int) -> tuple[MovieLens, Validation]:
+    """What a worker's training loop needs besides its batches: ids, movies and genres (no split), and its
+    `Validation`. Rank 0, which computes the validation figures, reads the train split only to build them
+    (the retriever and the movies each user has seen are fitted on it) and lets it go before training."""
+    with_train = prepared.read(folder, splits=("train", "validation") if rank == 0 else ())
+    validation = Validation(config, with_train, rank)
+    return replace(with_train, splits=Splits(Ratings.none(), Ratings.none(), Ratings.none())), validation
 
 
 def pair_checksum(users: np.ndarray, movies: np.ndarray) -> int:

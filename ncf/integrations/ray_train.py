@@ -129,11 +129,11 @@ def train_worker(params: dict) -> None:
         tagging.start()
     reporter = RayTrainReporter(on_epoch)
     if config.data.loader == "ray_data":
-        data = ray_data.worker_data(Path(params["prepared"]), reporter.rank)
+        data, validation = ray_data.worker_data(config, Path(params["prepared"]), reporter.rank)
         batches = ray_data.ShardBatches(config, reporter)
     else:
-        data, batches = load_movielens(config.data), None
-    train_loop(config, data, reporter, batches)
+        data, batches, validation = load_movielens(config.data), None, None
+    train_loop(config, data, reporter, batches, validation)
     if on_epoch:
         on_epoch.flush()  # the epochs' metrics buffered while the store was unreachable
         tagging.join()

@@ -98,12 +98,15 @@ def test_two_workers_train_on_disjoint_reshuffled_shards_and_the_run_is_register
 def test_workers_read_only_what_their_rank_needs(tiny_config, tiny_dir):
     folder = prepared.prepare(tiny_config.data, tiny_dir).folder
     every = prepared.read(folder)
-    first, other = worker_data(folder, rank=0), worker_data(folder, rank=1)
+    (first, validation), (other, elsewhere) = (worker_data(tiny_config, folder, rank) for rank in (0, 1))
     for data in (first, other):
         assert (data.n_users, data.n_movies) == (every.n_users, every.n_movies)
         np.testing.assert_array_equal(data.genres, every.genres)
-    assert other.splits.sizes() == {"train": 0, "validation": 0, "test": 0}
-    assert first.splits.sizes() == every.splits.sizes() | {"test": 0}  # validation's retriever fits on train
+        assert data.splits.sizes() == {"train": 0, "validation": 0, "test": 0}  # no worker keeps a split
+    # Rank 0's validation was built from the train split (its seen movies, its retriever) before it went.
+    assert len(validation.seen.indices) == len(every.splits.train)
+    assert validation.retriever is not None and len(validation.target) == len(every.splits.validation)
+    assert not hasattr(elsewhere, "seen")  # other ranks only receive rank 0's figures
 
     users, movies = every.splits.train.user, every.splits.train.movie
     whole = pair_checksum(users, movies)

@@ -2,7 +2,8 @@
 (platform/mlflow-server.sh, the `server` fixture), a two-node Ray cluster from platform/ray-cluster.sh
 (NODES=2: a head that takes no training work and one worker node that joins it), and the train job submitted
 as `make submit-train` does (`python -m jobs.submit jobs.train`) with a tiny config on the tiny dataset and
-`train.storage_uri=s3://...`. Nothing relies on the head's filesystem: runs go to the server, artifacts to
+`train.storage_uri=s3://...`, and a job that fails, whose exit code `jobs.submit` hands back. Nothing relies
+on the head's filesystem: runs go to the server, artifacts to
 the bucket behind it, checkpoints to S3, and a training worker killed mid-run is replaced and resumes from
 S3. Then Serve loads the champion through the server. Every process is stopped afterwards, also when a test
 fails (the Ray nodes by their own temp dir)."""
@@ -158,6 +159,7 @@ class Job:
     output: str
     nodes: list[dict]  # `ray list nodes` while the cluster ran
     killed: list  # the training worker killed mid-run
+    failed: subprocess.CompletedProcess  # a job that fails (a tune job told to resume a sweep that never ran)
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +191,13 @@ def job(server: Server, tiny_config: Config, tiny_training_args: list[str]) -> J
         output = done.stdout + done.stderr
         assert done.returncode == 0, f"{output[-6000:]}\nserver log:\n{tail(server.log)}"
         nodes = cluster.nodes()
+        with tempfile.TemporaryDirectory(prefix="ncf-no-sweep-") as empty:
+            failed = subprocess.run([sys.executable, "-m", "jobs.submit", "jobs.tune", "--resume", "--set",
+                                     f"train.checkpoint_dir={empty}"], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, timeout=300)
     found = re.search(r"MLflow run ([0-9a-f]{32}): model ncf-movielens version (\d+)", output)
     assert found, output[-3000:]
-    return Job(found.group(1), output, nodes, killed)
+    return Job(found.group(1), output, nodes, killed, failed)
 
 
 def client(server: Server) -> MlflowClient:
@@ -221,6 +227,12 @@ def test_run_artifacts_and_champion_are_on_the_server(server: Server, job: Job):
     assert f"{run_prefix}config.yaml" in stored, sorted(stored)[:20]
     assert any(k.startswith(f"{run_prefix}plots/") for k in stored)
     assert any(k.endswith("/MLmodel") and not k.startswith(run_prefix) for k in stored), "the model's files"
+
+
+def test_a_failed_job_hands_its_exit_code_back(job: Job):
+    # Nothing to resume under an empty checkpoint folder: the tune job exits 2, and so does `make submit-tune`.
+    assert job.failed.returncode == 2, job.failed.stdout[-4000:] + job.failed.stderr[-4000:]
+    assert "no sweep to resume" in job.failed.stdout + job.failed.stderr
 
 
 def test_checkpoints_are_in_s3_and_the_killed_worker_resumed_from_them(server: Server, job: Job, tmp_path: Path):
