@@ -49,6 +49,10 @@ def epoch_history(config: Config, launcher: str) -> list[dict]:
     return load_checkpoint(fit_with_ray(config, run_id=None))["state"]["history"]
 
 
+def gib(values: list[float]) -> str:
+    return " / ".join(f"{value:.2f}" for value in values)
+
+
 def measure(config: Config, setup: str) -> dict:
     launcher, loader, workers, cpus = SETUPS[setup]
     trial = with_values(config, {"data.loader": loader, "train.num_workers": workers, "train.cpus_per_worker": cpus})
@@ -57,15 +61,10 @@ def measure(config: Config, setup: str) -> dict:
     last = history[-1]
     rss = [last[f"worker/{rank}/peak_rss_gb"] for rank in range(workers)]  # rank 0 also validates
     print(f"  {setup} on {config.data.name}: {last['train_samples'] / last['train_seconds']:,.0f} samples/s, "
-          f"worker peak RSS {' / '.join(f'{r:.2f}' for r in rss)} GiB ({time.perf_counter() - started:.0f} s)",
-          flush=True)
+          f"worker peak RSS {gib(rss)} GiB ({time.perf_counter() - started:.0f} s)", flush=True)
     return {"samples_per_s": last["train_samples"] / last["train_seconds"], "samples": int(last["train_samples"]),
             "train_seconds": last["train_seconds"], "worker_peak_rss_gb": rss,
             "epoch_train_seconds": [h["train_seconds"] for h in history]}
-
-
-def gib(values: list[float]) -> str:
-    return " / ".join(f"{value:.2f}" for value in values)
 
 
 def bench(small: Config, large: Config) -> dict:
