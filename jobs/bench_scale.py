@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.bench_train import table
+from jobs.bench_train import ray_history, table
 from ncf.config import Config, load_config, override_parser, with_values
 from ncf.data import load_movielens, resolve_data_dir
 from ncf.files import write_atomically
-from ncf.integrations.ray_train import fit_with_ray, init_ray
-from ncf.training import LocalReporter, load_checkpoint, train_loop
+from ncf.integrations.ray_train import init_ray
+from ncf.training import LocalReporter, train_loop
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root
 SAMPLED_USERS = 500  # validation users ranked each epoch: the figures are not what is measured here
@@ -43,21 +43,16 @@ SETUPS = {"in-process": ("local", "in_memory", 1, 2), "ray_data, 1 worker": ("ra
           "ray_data, 2 workers": ("ray", "ray_data", 2, 1), "in_memory, 1 worker": ("ray", "in_memory", 1, 2)}
 
 
-def epoch_history(config: Config, launcher: str) -> list[dict]:
-    if launcher == "local":
-        return train_loop(config, load_movielens(config.data), LocalReporter(verbose=False)).history
-    return load_checkpoint(fit_with_ray(config, run_id=None))["state"]["history"]
-
-
 def gib(values: list[float]) -> str:
     return " / ".join(f"{value:.2f}" for value in values)
 
 
 def measure(config: Config, setup: str) -> dict:
     launcher, loader, workers, cpus = SETUPS[setup]
-    trial = with_values(config, {"data.loader": loader, "train.num_workers": workers, "train.cpus_per_worker": cpus})
+    trial = with_values(config, {"data.loader": loader})
     started = time.perf_counter()
-    history = epoch_history(trial, launcher)
+    history = (train_loop(trial, load_movielens(trial.data), LocalReporter(verbose=False)).history
+               if launcher == "local" else ray_history(trial, workers, cpus))
     last = history[-1]
     rss = [last[f"worker/{rank}/peak_rss_gb"] for rank in range(workers)]  # rank 0 also validates
     print(f"  {setup} on {config.data.name}: {last['train_samples'] / last['train_seconds']:,.0f} samples/s, "

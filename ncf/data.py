@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -226,8 +227,10 @@ def _index(table: np.ndarray, raw: np.ndarray, what: str, file: str) -> np.ndarr
 
 @dataclass(frozen=True)
 class Ratings:
-    """Encoded ratings as aligned arrays."""
+    """Encoded ratings as aligned arrays, typed as `DTYPES`."""
 
+    DTYPES: ClassVar[dict[str, type]] = {"user": np.int64, "movie": np.int64, "rating": np.float64,
+                                         "timestamp": np.int64}
     user: np.ndarray
     movie: np.ndarray
     rating: np.ndarray
@@ -238,7 +241,7 @@ class Ratings:
 
     @classmethod
     def none(cls) -> Ratings:
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64))
+        return cls(**{name: np.zeros(0, dtype) for name, dtype in cls.DTYPES.items()})
 
     def take(self, index: np.ndarray) -> Ratings:
         return Ratings(self.user[index], self.movie[index], self.rating[index], self.timestamp[index])

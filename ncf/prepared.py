@@ -71,7 +71,6 @@ STATS = "stats.json"
 SPLITS = ("train", "validation", "test")
 RATINGS_SCHEMA = pa.schema([("user", pa.int32()), ("movie", pa.int32()), ("rating", pa.float32()),
                             ("timestamp", pa.int64())])
-RATINGS_DTYPES = {"user": np.int64, "movie": np.int64, "rating": np.float64, "timestamp": np.int64}  # in memory
 
 
 def location(cfg: DataConfig) -> Path:
@@ -337,7 +336,7 @@ def _ratings(path: Path) -> Ratings:
     """A split as the in-memory `Ratings` the training loop takes (int64 indices, float64 ratings), read one
     column at a time: the peak memory is the result plus one column, not plus the whole Parquet table."""
     parquet = pq.ParquetFile(path)
-    columns = {name: _column(parquet, name, dtype) for name, dtype in RATINGS_DTYPES.items()}
+    columns = {name: _column(parquet, name, dtype) for name, dtype in Ratings.DTYPES.items()}
     return Ratings(**columns)
 
 

@@ -540,10 +540,10 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: Bat
         train_loss, train_mse, n_samples = _train_epoch(wrapped, optimizer, batches.epoch(Phase.SEARCH, state.epoch),
                                                         keys, data.n_movies, config, state.epoch, reporter)
         train_seconds = time.perf_counter() - started  # the training pass alone, without validation
-        validation = validate(model)
-        value = validation[monitor]
+        val_figures = validate(model)
+        value = val_figures[monitor]
         # The plateau scheduler follows validation MSE when the monitor is RMSE (the deck's setting).
-        scheduler.step(validation["val_loss"] if monitor == "val_rmse" else value)
+        scheduler.step(val_figures["val_loss"] if monitor == "val_rmse" else value)
         improved = state.best_epoch == 0 or (value < state.best_value - 1e-5 if minimise
                                              else value > state.best_value + 1e-5)
         if improved:
@@ -552,7 +552,7 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: Bat
         else:
             state.stale_epochs += 1
         state.epoch += 1
-        _report(reporter, _epoch_metrics(state, Phase.SEARCH, train_loss, train_mse, lr, started, monitor) | validation
+        _report(reporter, _epoch_metrics(state, Phase.SEARCH, train_loss, train_mse, lr, started, monitor) | val_figures
                 | batches.figures() | _worker_figures(reporter, n_samples)
                 | {"improved": float(improved), "train_seconds": train_seconds},
                 model, optimizer, scheduler, state)

@@ -103,14 +103,14 @@ def test_the_metric_table_shows_how_many_users_were_ranked():
 def test_the_sampled_protocol_ranks_the_sample_of_its_users(tiny_movielens):
     """The paper's protocol over a sample: the figures of exactly the sampled users' next interactions."""
     users, _ = next_interactions(tiny_movielens)
-    sample = load_config(["evaluation.users=12", "evaluation.seed=3"]).evaluation
-    chosen = set(sampled_users(users, sample).tolist())
+    twelve = sample(12, seed=3)
+    chosen = set(sampled_users(users, twelve).tolist())
     asked: list[np.ndarray] = []
 
     def score_pairs(batch_users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         asked.append(batch_users)
         return np.random.default_rng(0).random(candidates.shape)
 
-    figures = sampled_metrics(score_pairs, tiny_movielens, sample=sample)
+    figures = sampled_metrics(score_pairs, tiny_movielens, sample=twelve)
     assert set(np.concatenate(asked).tolist()) == chosen and len(chosen) == 12
     assert 0 <= figures["sampled_ndcg_at_10"] <= figures["sampled_hr_at_10"] <= 1
