@@ -241,15 +241,20 @@ class NCF(nn.Module):
 @torch.no_grad()
 def forward_batched(model: NCF, users: torch.Tensor, movies: torch.Tensor, batch_size: int = 16384) -> ModelOutput:
     """The eval-mode forward pass over any number of pairs, a batch at a time, gathered on the CPU (a batch's
-    activations, not the pairs', bound the memory: 16k pairs keep them near 0.1 GB)."""
+    activations, not the pairs', bound the memory: 16k pairs keep them near 0.1 GB).
+
+    Each batch's output is copied into tensors allocated once for all pairs: small per-batch outputs kept
+    alive between the batches' large, freed activations fragment the C heap, which then grows by about
+    0.7 KB per pair (1.4 GB for ML-25M's 2M validation pairs) and does not shrink back."""
     model.eval()
     device = next(model.parameters()).device
     users, movies = torch.as_tensor(users), torch.as_tensor(movies)
-    parts = [model(users[i: i + batch_size].to(device), movies[i: i + batch_size].to(device))
-             for i in range(0, len(users), batch_size)]
-    if not parts:
-        return ModelOutput(*(torch.empty(0) for _ in ModelOutput._fields))
-    return ModelOutput(*(torch.cat([getattr(p, f).float().cpu() for p in parts]) for f in ModelOutput._fields))
+    out = ModelOutput(*(torch.empty(len(users)) for _ in ModelOutput._fields))
+    for start in range(0, len(users), batch_size):
+        part = model(users[start: start + batch_size].to(device), movies[start: start + batch_size].to(device))
+        for whole, piece in zip(out, part, strict=True):
+            whole[start: start + batch_size] = piece.float().cpu()
+    return out
 
 
 def count_flops_per_sample(cfg: ModelConfig) -> int:
