@@ -413,6 +413,9 @@ def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, users: torc
     return loss.detach(), mse
 
 
+PROGRESS_SECONDS = 30.0  # rank 0 says how far an epoch has got at most this often (a 25M-row epoch takes minutes)
+
+
 def _train_epoch(wrapped: nn.Module, optimizer, batches: Iterable[Batch], keys: np.ndarray | None, n_movies: int,
                  config: Config, epoch: int, reporter: Reporter) -> tuple[float, float, int]:
     """One pass over this rank's batches (at most `train.max_steps_per_epoch`); returns the mean training loss,
@@ -428,13 +431,18 @@ def _train_epoch(wrapped: nn.Module, optimizer, batches: Iterable[Batch], keys: 
     wrapped.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss and MSE, weighted by batch length
     n_seen = 0
-    for users, movies, target in itertools.islice(batches, cfg.max_steps_per_epoch):  # None: every batch
+    started = noted = time.perf_counter()
+    for step, (users, movies, target) in enumerate(itertools.islice(batches, cfg.max_steps_per_epoch), start=1):
         negatives = (torch.from_numpy(sample_unrated(users.numpy(), keys, n_movies, cfg.negatives_per_positive, rng))
                      .to(device) if implicit else None)
         users, movies, target = users.to(device), movies.to(device), target.to(device)
         sums += torch.stack(train_step(wrapped, optimizer, users, movies, target, negatives, config, use_bf16)) \
             * len(users)
         n_seen += len(users)
+        if reporter.rank == 0 and time.perf_counter() - noted >= PROGRESS_SECONDS:
+            noted = time.perf_counter()
+            print(f"  epoch in progress: {step} steps, {n_seen:,} samples on rank 0, "
+                  f"{n_seen / (noted - started):,.0f} samples/s", flush=True)
     loss_mean, mse_mean = (sums / max(n_seen, 1)).tolist()
     return loss_mean, mse_mean, n_seen
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ncf import training
 from ncf.baselines import GlobalMean, MostPopular, UserItemBias
 from ncf.config import Config, ConfigError, load_config
 from ncf.data import MovieLens
@@ -165,6 +166,16 @@ def test_max_steps_per_epoch_caps_each_epoch(tiny_movielens):
     assert len(tiny_movielens.splits.train) > 3 * 16
     history = train_loop(config, tiny_movielens, LocalReporter(verbose=False)).history
     assert [entry["train_samples"] for entry in history] == [3 * 16, 3 * 16]
+
+
+def test_a_long_epoch_says_how_far_it_has_got(tiny_movielens, monkeypatch, capsys):
+    monkeypatch.setattr(training, "PROGRESS_SECONDS", 0.0)  # a line after every step
+    config = small_config("train.max_epochs=1", "train.refit=false", "train.max_steps_per_epoch=3",
+                          "train.batch_size=16")
+    train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "epoch in progress" in line]
+    assert [line.split(":")[1].split(",")[:2] for line in lines] == [
+        [f" {step} steps", f" {16 * step} samples on rank 0"] for step in (1, 2, 3)]
 
 
 def test_max_steps_per_epoch_is_positive_or_null():
