@@ -37,13 +37,12 @@ class UnknownIdError(ValueError):
 class NCFScorer:
     """Batched, gradient-free access to a trained model in the `Scorable` shape."""
 
-    def __init__(self, model: NCF, batch_size: int = 65536):
+    def __init__(self, model: NCF):
         self.model = model.eval()
-        self.batch_size = batch_size
 
     def explain(self, users: np.ndarray, movies: np.ndarray) -> dict[str, np.ndarray]:
         """Predicted rating, strength and the two attention weights of each pair."""
-        out = forward_batched(self.model, np.asarray(users), np.asarray(movies), self.batch_size)
+        out = forward_batched(self.model, np.asarray(users), np.asarray(movies))
         return {name: value.numpy() for name, value in out._asdict().items()}
 
     def predict(self, users: np.ndarray, movies: np.ndarray) -> np.ndarray:

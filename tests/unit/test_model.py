@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ncf.config import ModelConfig, load_config
-from ncf.model import NCF, UniformDropout, count_flops_per_sample
+from ncf.model import NCF, UniformDropout, count_flops_per_sample, forward_batched
 
 N_USERS, N_MOVIES, N_GENRES = 9, 23, 5
 
@@ -108,6 +108,29 @@ def test_score_users_equals_forward_on_the_grid(options):
     side = model.movie_side(some_movies)
     assert torch.equal(model.score_users(some_users, movie_side=side), model.score_users(some_users, some_movies))
     assert torch.allclose(model.score_users(users, movie_side=model.movie_side()), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [(), ("model.use_bias=true", "model.use_genres=true"),
+                                     ("model.batch_norm=false",), *ARCHITECTURES])
+def test_infer_equals_forward_on_pairs(options):
+    """The fast pair scorer gives every output of the eval-mode forward, pairs in any order and repeated."""
+    torch.manual_seed(0)
+    cfg = small_config(*options)
+    model = NCF(N_USERS, N_MOVIES, cfg, genres() if cfg.use_genres else None)
+    scramble_batch_norm_and_biases(model)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    users, movies = all_pairs()
+    order = torch.randint(0, len(users), (3 * len(users),), generator=g)
+    for pairs in (all_pairs(), (users[order], movies[order]), (torch.tensor([5]), torch.tensor([17]))):
+        with torch.no_grad():
+            expected = model(*pairs)
+        # The movie side computed per call, once for the whole catalogue, and by the batched pass (batches of 7).
+        for got in (model.infer(*pairs), model.infer(*pairs, model.movie_side()),
+                    forward_batched(model, *pairs, batch_size=7)):
+            for name, value in got._asdict().items():
+                assert value.shape == pairs[0].shape, name
+                assert torch.allclose(value, getattr(expected, name), atol=1e-5), (name, options)
 
 
 def test_xavier_init_and_zero_biases():
@@ -211,6 +234,12 @@ def test_uniform_dropout_is_dropout():
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())
     assert torch.equal(dropout.eval()(x), x)
+    # torch.manual_seed fixes the masks; another seed draws others.
+    masks = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        masks.append(UniformDropout(0.3)(torch.ones(1000)) != 0)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
 
 
 def test_use_genres_requires_the_genre_matrix():
