@@ -1,13 +1,14 @@
 """Epoch time of the training loop: in-process vs Ray Train, against the hardware limit.
 
-    python -m jobs.bench_train [--epochs 4] [--gpu | --table-sizes]
+    python -m jobs.bench_train [--epochs 6] [--gpu | --table-sizes]
 
 CPU mode measures, side by side in one run: the loop in-process (with the configured
 embeddings, then with the other kind, dense vs sparse), under Ray Train with 1 worker
 (2 CPUs) and with 2 workers (1 CPU each); the steady-state epoch is the median of the
 epochs after the first. It sets the in-process epoch (training pass + validation) and
 its training pass alone against the model's FLOP count and this machine's measured fp32
-matmul throughput. `--table-sizes` times the training step on random ids with the
+matmul throughput, and profiles one more training pass: how much of it the matrix products take and at
+what speed they run, and the largest other operators. `--table-sizes` times the training step on random ids with the
 embedding tables of ml-latest-small and of ML-25M, dense and sparse, at batch 256 and at
 the configured batch: the step should cost what the batch touches, not the table size.
 GPU mode trains briefly with one worker per visible GPU and reports samples/s.
@@ -26,11 +27,11 @@ from pathlib import Path
 import torch
 
 from ncf.config import Config, load_config, override_parser
-from ncf.data import load_movielens, resolve_data_dir
+from ncf.data import epoch_batches, load_movielens, resolve_data_dir
 from ncf.files import write_atomically
 from ncf.integrations.ray_train import fit_with_ray, init_ray
 from ncf.model import NCF, count_flops_per_sample
-from ncf.training import LocalReporter, load_checkpoint, make_optimizer, train_loop, train_step
+from ncf.training import LocalReporter, build_model, load_checkpoint, make_optimizer, train_loop, train_step
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
 # (users, movies) of the embedding tables the table-size mode compares.
@@ -59,15 +60,53 @@ def ray_history(config: Config, workers: int, cpus: float, use_gpu: bool = False
     return load_checkpoint(fit_with_ray(trial, run_id=None))["state"]["history"]
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")  # where the model's FLOPs are spent
+
+
+def train_pass_breakdown(config: Config, data, flops_per_sample: int) -> dict:
+    """One profiled training pass (after a warm-up one) of a fresh model: the seconds spent in matrix
+    products, their achieved GFLOP/s, and the operators taking the rest, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, data).train()
+    optimizer = make_optimizer(model, config.train)
+    tensors = data.splits.train.tensors()
+    negatives_per_positive = config.train.negatives_per_positive if config.model.objective != "rating" else 0
+
+    def one_pass(epoch: int) -> None:
+        for users, movies, ratings in epoch_batches(tensors, config.train.batch_size, epoch=epoch,
+                                                    seed=config.train.seed):
+            negatives = (torch.randint(0, data.n_movies, (len(users) * negatives_per_positive,))
+                         if negatives_per_positive else None)
+            train_step(model, optimizer, users, movies, ratings, negatives, config)
+
+    one_pass(0)
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        started = time.perf_counter()
+        one_pass(1)
+        seconds = time.perf_counter() - started
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in profiled.key_averages()}
+    matmul = sum(ops.get(name, 0.0) for name in MATMUL_OPS)
+    rest = sorted(((k, v) for k, v in ops.items() if k not in MATMUL_OPS), key=lambda kv: -kv[1])[:8]
+    return {"seconds": seconds, "matmul_seconds": matmul,
+            "matmul_gflops": flops_per_sample * len(tensors[0]) / matmul / 1e9,
+            "largest_other_operators_seconds": {k: round(v, 4) for k, v in rest}}
+
+
 def bench_cpu(config: Config) -> dict:
     data = load_movielens(config.data)
     n_train = len(data.splits.train)
-    gflops = matmul_gflops()
+    gflops_before = matmul_gflops()
     flops_epoch = 3 * count_flops_per_sample(config.model) * n_train  # forward + backward ~ 3x forward
     local = train_loop(config, data, LocalReporter(verbose=False)).history
     other = config.model_copy(deep=True)
     other.model.sparse_embeddings = not config.model.sparse_embeddings
     other_local = train_loop(other, data, LocalReporter(verbose=False)).history
+    breakdown = train_pass_breakdown(config, data, 3 * count_flops_per_sample(config.model))
+    # The limit is the faster of two measurements, before and after the in-process runs (a shared machine
+    # slows some): the fractions below are not flattered by a slow moment.
+    gflops = max(gflops_before, matmul_gflops())
     init_ray()
     one = ray_history(config, workers=1, cpus=2)
     two = ray_history(config, workers=2, cpus=1)
@@ -91,11 +130,16 @@ def bench_cpu(config: Config) -> dict:
         "ray_2_workers_ratio": steady_epoch_seconds(two) / in_process,
         "fraction_of_hardware_limit": flops_epoch / (gflops * 1e9) / in_process,
         "fraction_of_hardware_limit_train_pass": flops_epoch / (gflops * 1e9) / train_pass,
+        "profiled_train_pass_seconds": breakdown["seconds"],
+        "profiled_train_pass_matmul_seconds": breakdown["matmul_seconds"],
+        "profiled_train_pass_matmul_gflops": breakdown["matmul_gflops"],
+        "profiled_train_pass_matmul_fraction_of_limit": breakdown["matmul_gflops"] / gflops,
         "epoch_seconds": {"in_process": [h["epoch_seconds"] for h in local],
                           f"in_process_{kind[other.model.sparse_embeddings]}_embeddings":
                               [h["epoch_seconds"] for h in other_local],
                           "ray_1_worker": [h["epoch_seconds"] for h in one],
                           "ray_2_workers": [h["epoch_seconds"] for h in two]},
+        "profiled_train_pass_largest_other_operators_seconds": breakdown["largest_other_operators_seconds"],
     }
 
 
@@ -174,7 +218,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = override_parser(__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6, help="epochs per setup; the median after the first is kept")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--gpu", action="store_true", help="short training on every visible GPU")
     mode.add_argument("--table-sizes", action="store_true",

@@ -137,24 +137,43 @@ def rerank(candidates: np.ndarray, retrieved: np.ndarray, signals: dict[str, np.
     return items[:, :k], np.concatenate([scores, tail], axis=1)[:, :k]
 
 
+class Retrieved:
+    """The retriever's top `width` unseen movies of fixed users and their scores, retrieved once: validation
+    re-ranks the same users' candidates every epoch, and only the model changes between epochs."""
+
+    def __init__(self, retriever: CandidateRetriever, users: np.ndarray, seen: SeenItems, width: int):
+        self.users, self.width = np.asarray(users, dtype=np.int64), width
+        self.candidates, self.scores = top_k_unseen(retriever.score, self.users, seen, width)
+
+    def rows(self, users: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Candidates and scores if `users` and `width` are exactly those retrieved for (a narrower top-k
+        may order tied scores differently), else None."""
+        if width != self.width or not np.array_equal(users, self.users):
+            return None
+        return self.candidates, self.scores
+
+
 def top_k(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking, users: np.ndarray,
-          seen: SeenItems, k: int, movie_side: MovieSide | None = None, chunk: int = 256) -> tuple[np.ndarray,
-                                                                                              np.ndarray]:
+          seen: SeenItems, k: int, movie_side: MovieSide | None = None, chunk: int = 256,
+          retrieved: Retrieved | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each user's k best unseen movies (indices [U, k]) and their scores, best first: retrieval then
     re-ranking, or the model alone over the whole catalogue without a retriever. Scores are -inf
-    where a user has fewer than k unseen movies to offer."""
+    where a user has fewer than k unseen movies to offer. `retrieved`: the retrieval already done for these
+    users (used when it covers them)."""
     users = np.asarray(users, dtype=np.int64)
     if retriever is None:
         return top_k_unseen(lambda batch: model.score_users(torch.as_tensor(batch), movie_side=movie_side),
                             users, seen, k)
     signals = model_signals(model)
     width = max(reranking.n_candidates, k)
+    cached = retrieved.rows(users, width) if retrieved is not None else None
     items, scores = [], []
     for start in range(0, len(users), chunk):
         batch = users[start: start + chunk]
-        candidates, retrieved = top_k_unseen(retriever.score, batch, seen, width)
+        candidates, scored = ((cached[0][start: start + chunk], cached[1][start: start + chunk]) if cached
+                              else top_k_unseen(retriever.score, batch, seen, width))
         n = min(reranking.n_candidates, candidates.shape[1])
-        got = rerank(candidates, retrieved, signals(batch, candidates[:, :n]), reranking, k)
+        got = rerank(candidates, scored, signals(batch, candidates[:, :n]), reranking, k)
         items.append(got[0])
         scores.append(got[1])
     return np.concatenate(items), np.concatenate(scores)

@@ -31,11 +31,12 @@ from torch import nn
 
 from ncf.config import Config, TrainConfig
 from ncf.data import MovieLens, Ratings, epoch_batches
-from ncf.evaluation import full_ranking_against
+from ncf.evaluation import full_ranking_against, relevant_targets
 from ncf.files import atomic_path, check_writable, copy_atomically, make_folder, write_atomically
+from ncf.metrics import K
 from ncf.model import NCF, forward_batched
 from ncf.ranking import SeenItems
-from ncf.reranking import Reranking, fit_retriever, top_k
+from ncf.reranking import Reranking, Retrieved, fit_retriever, top_k
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "previous"  # LocalReporter's subfolder with the checkpoint before the latest
@@ -472,6 +473,9 @@ class Validation:
         self.seen = SeenItems(train.user, train.movie, data.n_users)
         self.retriever = fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
         self.reranking = Reranking.from_config(config.retrieval)
+        # The users every epoch ranks, retrieved for once (the retriever does not change between epochs).
+        self.retrieved = (Retrieved(self.retriever, relevant_targets(self.target, config.evaluation)[0], self.seen,
+                                    max(self.reranking.n_candidates, K)) if self.retriever else None)
 
     def __call__(self, model: NCF) -> dict[str, float]:
         names = ["val_full_ndcg_at_10", "val_full_hit_rate_at_10", "val_full_users"]
@@ -486,7 +490,8 @@ class Validation:
                 figures["val_mae"] = float(torch.mean(torch.abs(predicted - self.ratings)))
             model.eval()
             ranking, _ = full_ranking_against(
-                lambda users, seen, k: top_k(model, self.retriever, self.reranking, users, seen, k)[0],
+                lambda users, seen, k: top_k(model, self.retriever, self.reranking, users, seen, k,
+                                             retrieved=self.retrieved)[0],
                 self.seen, self.target, self.n_movies, sample=self.config.evaluation)
             figures |= {f"val_{name}": ranking[name] for name in ("full_ndcg_at_10", "full_hit_rate_at_10",
                                                                   "full_users")}

@@ -13,6 +13,7 @@ from ncf.ranking import SeenItems, top_k_unseen
 from ncf.reranking import (
     CandidateRetriever,
     Reranking,
+    Retrieved,
     blended_pairs,
     choose_reranking,
     fit_retriever,
@@ -72,6 +73,14 @@ def test_top_k_never_returns_a_seen_movie_and_follows_the_blend(model_and_retrie
     blended = blend(retrieved, model_signals(model)(users, candidates), reranking.weights)
     by_hand = np.take_along_axis(candidates, np.argsort(-blended, axis=1, kind="stable")[:, :10], axis=1)
     np.testing.assert_array_equal(items, by_hand)
+    # Retrieval done once beforehand (validation, every epoch) gives the same; for other users or another
+    # width it is not used.
+    retrieved = Retrieved(retriever, users, seen, 30)
+    np.testing.assert_array_equal(top_k(model, retriever, reranking, users, seen, 10, retrieved=retrieved)[0], items)
+    assert retrieved.rows(users[1:], 30) is None and retrieved.rows(users, 20) is None
+    narrow = Reranking(20, {"rating": 0.5})
+    np.testing.assert_array_equal(top_k(model, retriever, narrow, users, seen, 10, retrieved=retrieved)[0],
+                                  top_k(model, retriever, narrow, users, seen, 10)[0])
     # Scoring given pairs the same way gives the same order (the sampled protocol's scores).
     pairs = blended_pairs(model, retriever, reranking, users, candidates)
     np.testing.assert_allclose(pairs, blended, rtol=1e-5, atol=1e-6)
