@@ -21,6 +21,7 @@ import json
 import platform as host
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def ray_history(config: Config, workers: int, cpus: float, use_gpu: bool = False
     trial.train.num_workers, trial.train.cpus_per_worker, trial.train.use_gpu = workers, cpus, use_gpu
     if use_gpu and workers > 1:  # NCCL has no sparse all-reduce
         trial.model.sparse_embeddings = False
-    return load_checkpoint(fit_with_ray(trial, run_id=None))["state"]["history"]
+    with tempfile.TemporaryDirectory(prefix="ncf-bench-") as tmp:
+        return load_checkpoint(fit_with_ray(trial, run_id=None, into=Path(tmp)))["state"]["history"]
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")  # where the model's FLOPs are spent

@@ -46,7 +46,7 @@ def run(config: Config, launcher: str = "ray", report_path: Path | None = REPORT
         log_data_tags(data)
         with tempfile.TemporaryDirectory(prefix="ncf-run-") as tmp:
             if launcher == "ray":
-                checkpoint = fit_with_ray(config, active.info.run_id)
+                checkpoint = fit_with_ray(config, active.info.run_id, Path(tmp) / "checkpoint")
             else:
                 epochs = mlflow_tracking.EpochLogger(active.info.run_id)
                 checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)

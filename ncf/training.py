@@ -50,8 +50,8 @@ class Reporter(Protocol):
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap the model for this launcher (DDP under Ray Train)."""
 
-    def restore(self) -> Path | None:
-        """A checkpoint folder to resume from, if the run is being restarted."""
+    def restore(self) -> dict | None:
+        """The checkpoint to resume from, verified and loaded (`load_checkpoint`), if the run is being restarted."""
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         """Publish one epoch; every rank calls it, only rank 0 passes a checkpoint."""
@@ -75,7 +75,7 @@ class LocalReporter:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
-    def restore(self) -> Path | None:
+    def restore(self) -> dict | None:
         """The latest checkpoint if intact; else, with a warning, the previous one; else a CheckpointError."""
         if not (self.resume and self.checkpoint_dir):
             return None
@@ -83,10 +83,10 @@ class LocalReporter:
         if not (latest / CHECKPOINT_FILE).exists() and not (previous / CHECKPOINT_FILE).exists():
             return None
         try:
-            return verify_checkpoint(latest).parent
+            return load_checkpoint(latest)
         except CheckpointError as latest_error:
             try:
-                verify_checkpoint(previous)
+                saved = load_checkpoint(previous)
             except CheckpointError as previous_error:
                 raise CheckpointError(f"{latest_error}; no intact checkpoint to fall back to: {previous_error}") \
                     from latest_error
@@ -96,7 +96,7 @@ class LocalReporter:
                     os.replace(path, path.with_name(f"{path.name}.corrupt"))
             print(f"warning: {latest_error}; resuming from the previous checkpoint {previous / CHECKPOINT_FILE} "
                   f"(the corrupt one is kept as {CHECKPOINT_FILE}.corrupt)", file=sys.stderr, flush=True)
-            return previous
+            return saved
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         self.history.append(metrics)
@@ -531,9 +531,8 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, batches: Bat
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min" if minimise else "max", factor=cfg.lr_plateau_factor, patience=cfg.lr_plateau_patience)
     state = TrainState()
-    resume_from = reporter.restore()
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from)
+    saved = reporter.restore()
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

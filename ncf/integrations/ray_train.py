@@ -22,25 +22,25 @@ from ncf.config import Config, ConfigError, TrainConfig, config_from_dict
 from ncf.data import load_movielens
 from ncf.files import check_writable
 from ncf.integrations import mlflow_tracking, ray_data
-from ncf.training import CheckpointError, format_epoch, lower_is_better, train_loop, verify_checkpoint
+from ncf.training import CheckpointError, format_epoch, load_checkpoint, lower_is_better, train_loop
 
 EpochCallback = Callable[[dict[str, float]], None]
 logger = logging.getLogger(__name__)
 
 
-def verified_copy(checkpoint) -> Path | None:
-    """A local copy of the Ray checkpoint to resume from, verified (CheckpointError naming it if corrupt).
+def load_ray_checkpoint(checkpoint) -> dict | None:
+    """The Ray checkpoint to resume from, verified and loaded (CheckpointError naming it if corrupt). Read in
+    place when it is on this machine's disk, else from a download Ray deletes afterwards: nothing is left behind.
 
     Ray hands a restarted run only its latest checkpoint, so a corrupt one stops the run with a clear
     error rather than falling back: the failure, with the path, ends in the trainer's `result.error`."""
     if checkpoint is None:
         return None
-    folder = Path(checkpoint.to_directory())
-    try:
-        verify_checkpoint(folder)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from None
-    return folder
+    with checkpoint.as_directory() as folder:
+        try:
+            return load_checkpoint(Path(folder))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from None
 
 
 class RayTrainReporter:
@@ -60,10 +60,10 @@ class RayTrainReporter:
 
         return ray.train.torch.prepare_model(model)
 
-    def restore(self) -> Path | None:
+    def restore(self) -> dict | None:
         import ray.train
 
-        return verified_copy(ray.train.get_checkpoint())
+        return load_ray_checkpoint(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         import ray.train
@@ -86,10 +86,10 @@ class TuneReporter:
     def prepare(self, model):
         return model
 
-    def restore(self) -> Path | None:
+    def restore(self) -> dict | None:
         from ray import tune
 
-        return verified_copy(tune.get_checkpoint())
+        return load_ray_checkpoint(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         from ray import tune
@@ -262,9 +262,10 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
     )
 
 
-def fit_with_ray(config: Config, run_id: str | None) -> Path:
-    """Train under Ray Train; returns a local copy of the final checkpoint (downloaded when in S3).
-    A local checkpoint folder that cannot be written is a WriteError naming it, before Ray starts."""
+def fit_with_ray(config: Config, run_id: str | None, into: Path) -> Path:
+    """Train under Ray Train; returns `into`, a copy of the final checkpoint (downloaded when in S3) that the
+    caller owns and removes. A local checkpoint folder that cannot be written is a WriteError naming it,
+    before Ray starts."""
     storage = storage_location(config.train)
     if storage.filesystem.type_name == "local":
         check_writable(Path(storage.path), "checkpoint")
@@ -273,4 +274,4 @@ def fit_with_ray(config: Config, run_id: str | None) -> Path:
     result = make_trainer(config, run_id, name=f"ncf-train-{run_id or uuid.uuid4().hex[:12]}").fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    return Path(result.checkpoint.to_directory())
+    return Path(result.checkpoint.to_directory(str(into)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -115,15 +116,16 @@ def test_resume_without_an_intact_checkpoint_is_a_clear_error(tiny_movielens, tw
 
 
 def test_a_ray_resume_from_a_corrupt_checkpoint_names_it(two_epochs, tmp_path):
-    """Ray hands a restarted run only its latest checkpoint: the reporters verify it and stop clearly."""
+    """Ray hands a restarted run only its latest checkpoint: the reporters verify it and stop clearly. A
+    checkpoint on this machine's disk is read in place: no copy is left in the temporary folder."""
     import ray.train
 
-    from ncf.integrations.ray_train import verified_copy
+    from ncf.integrations.ray_train import load_ray_checkpoint
 
     folder = copy_of(two_epochs, tmp_path)
-    local = verified_copy(ray.train.Checkpoint.from_directory(str(folder)))  # Ray copies it to a local folder
-    assert load_checkpoint(local)["state"]["epoch"] == 2
-    shutil.rmtree(local)
+    copies_before = set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))
+    assert load_ray_checkpoint(ray.train.Checkpoint.from_directory(str(folder)))["state"]["epoch"] == 2
+    assert set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*")) <= copies_before
     flip_a_byte(folder / CHECKPOINT_FILE)
     with pytest.raises(CheckpointError, match=rf"is corrupt or truncated: .* \(Ray checkpoint {folder}\)"):
-        verified_copy(ray.train.Checkpoint.from_directory(str(folder)))
+        load_ray_checkpoint(ray.train.Checkpoint.from_directory(str(folder)))
