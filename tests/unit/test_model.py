@@ -46,6 +46,15 @@ def scramble_batch_norm_and_biases(model: NCF) -> None:
             model.movie_bias.weight.copy_(torch.randn(N_MOVIES, 1, generator=g))
 
 
+def trained_looking_model(*overrides: str) -> NCF:
+    """A small model in eval mode, with the scrambled statistics and biases of `scramble_batch_norm_and_biases`."""
+    torch.manual_seed(0)
+    cfg = small_config(*overrides)
+    model = NCF(N_USERS, N_MOVIES, cfg, genres() if cfg.use_genres else None)
+    scramble_batch_norm_and_biases(model)
+    return model.eval()
+
+
 def all_pairs() -> tuple[torch.Tensor, torch.Tensor]:
     users = torch.arange(N_USERS).repeat_interleave(N_MOVIES)
     movies = torch.arange(N_MOVIES).repeat(N_USERS)
@@ -89,11 +98,7 @@ ARCHITECTURES = [(f"model.architecture={arch}", f"model.objective={objective}", 
                                       "model.use_genres=true")])
 def test_score_users_equals_forward_on_the_grid(options):
     """The fast catalogue scorer gives the eval-mode forward's ranking logit for every architecture and head."""
-    torch.manual_seed(0)
-    cfg = small_config(*options)
-    model = NCF(N_USERS, N_MOVIES, cfg, genres() if cfg.use_genres else None)
-    scramble_batch_norm_and_biases(model)
-    model.eval()
+    model = trained_looking_model(*options)
     with torch.no_grad():
         expected = model(*all_pairs()).logit.view(N_USERS, N_MOVIES)
     users = torch.arange(N_USERS)
@@ -114,11 +119,7 @@ def test_score_users_equals_forward_on_the_grid(options):
                                      ("model.batch_norm=false",), *ARCHITECTURES])
 def test_infer_equals_forward_on_pairs(options):
     """The fast pair scorer gives every output of the eval-mode forward, pairs in any order and repeated."""
-    torch.manual_seed(0)
-    cfg = small_config(*options)
-    model = NCF(N_USERS, N_MOVIES, cfg, genres() if cfg.use_genres else None)
-    scramble_batch_norm_and_biases(model)
-    model.eval()
+    model = trained_looking_model(*options)
     g = torch.Generator().manual_seed(3)
     users, movies = all_pairs()
     order = torch.randint(0, len(users), (3 * len(users),), generator=g)
