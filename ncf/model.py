@@ -323,7 +323,10 @@ def forward_batched(model: NCF, users: torch.Tensor, movies: torch.Tensor, batch
     device = next(model.parameters()).device
     users, movies = torch.as_tensor(users), torch.as_tensor(movies)
     out = ModelOutput(*(torch.empty(len(users)) for _ in ModelOutput._fields))
-    side = model.movie_side(torch.unique(movies).to(device))  # once for every batch
+    # The movie side once for every batch when it is no larger than a batch's activations (distinct movies at most
+    # a batch), else per batch: memory stays bounded by the batch, whatever the number of pairs.
+    distinct = torch.unique(movies)
+    side = model.movie_side(distinct.to(device)) if len(distinct) <= batch_size else None
     for start in range(0, len(users), batch_size):
         part = model.infer(users[start: start + batch_size].to(device), movies[start: start + batch_size].to(device),
                            side)

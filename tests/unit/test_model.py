@@ -126,9 +126,10 @@ def test_infer_equals_forward_on_pairs(options):
     for pairs in (all_pairs(), (users[order], movies[order]), (torch.tensor([5]), torch.tensor([17]))):
         with torch.no_grad():
             expected = model(*pairs)
-        # The movie side computed per call, once for the whole catalogue, and by the batched pass (batches of 7).
+        # The movie side computed per call, once for the whole catalogue, and by the batched pass: per batch of 7
+        # (more distinct movies than that), once for batches of 40.
         for got in (model.infer(*pairs), model.infer(*pairs, model.movie_side()),
-                    forward_batched(model, *pairs, batch_size=7)):
+                    forward_batched(model, *pairs, batch_size=7), forward_batched(model, *pairs, batch_size=40)):
             for name, value in got._asdict().items():
                 assert value.shape == pairs[0].shape, name
                 assert torch.allclose(value, getattr(expected, name), atol=1e-5), (name, options)
