@@ -11,13 +11,12 @@ help:  ## list every target with what it does
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):[^#]*## (.*)/\1\t\2/' | \
 		awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-# torch is installed on its own first: a CPU build, so no multi-GB CUDA build is pulled in. --no-compile: pip
-# would byte-compile every module of every package (a minute here); Python compiles the ones imported, once.
+# torch is installed on its own first: a CPU build, so no multi-GB CUDA build is pulled in.
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile torch==2.13.0
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 venv: .venv/.installed  ## create .venv and install the project with its test tools
