@@ -127,6 +127,11 @@ class NCF(nn.Module):
         return {"rating": ("rating",), "implicit": ("interaction",), "joint": ("rating", "interaction")}[
             self.cfg.objective]
 
+    @property
+    def _ranking_head(self) -> str:
+        """The head whose logit ranks and gives the strength: rating for `rating` models, else interaction."""
+        return "rating" if self.cfg.objective == "rating" else "interaction"
+
     def reset_parameters(self) -> None:
         """Xavier for every weight matrix and embedding, zero biases (the deck's init).
 
@@ -156,7 +161,7 @@ class NCF(nn.Module):
 
     def _outputs(self, logits: dict[str, torch.Tensor], weights: tuple[torch.Tensor, torch.Tensor]) -> ModelOutput:
         """Heads' logits -> the pair's rating, strength and ranking logit."""
-        logit = logits["rating" if self.cfg.objective == "rating" else "interaction"]
+        logit = logits[self._ranking_head]
         strength = torch.sigmoid(logit)
         rating = self._scale(torch.sigmoid(logits["rating"]) if "rating" in logits else strength)
         return ModelOutput(rating, strength, weights[0], weights[1], logit)
@@ -233,10 +238,6 @@ class NCF(nn.Module):
                                          _Pairs(user_rows, torch.searchsorted(side.movies, movies)), unique_users,
                                          self.heads)
         return self._outputs(logits, (weights[:, 0] / 2, weights[:, 1] / 2))
-
-    @property
-    def _ranking_head(self) -> str:
-        return "rating" if self.cfg.objective == "rating" else "interaction"
 
     def _evaluate(self, u: torch.Tensor, side: MovieSide, layout: _Grid | _Pairs, users: torch.Tensor,
                   heads: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
