@@ -222,7 +222,7 @@ class NCF(nn.Module):
         """The ranking logit of every movie (or `movies`, or `movie_side`'s movies) for each user:
         [len(users), n], ordered as the eval-mode `forward` ranks them (`_evaluate` on the grid)."""
         side = movie_side or self.movie_side(movies)
-        logits, _ = self._evaluate(self.user_embedding(users), side, _Grid(), users, (self._ranking_head,))
+        logits, _ = self._evaluate(users, side, _Grid(), (self._ranking_head,))
         return logits[self._ranking_head]
 
     @torch.no_grad()
@@ -234,14 +234,13 @@ class NCF(nn.Module):
         once for sorted movies that include all of `movies`, when several calls share them."""
         unique_users, user_rows = torch.unique(users, return_inverse=True)
         side = movie_side or self.movie_side(torch.unique(movies))
-        logits, weights = self._evaluate(self.user_embedding(unique_users), side,
-                                         _Pairs(user_rows, torch.searchsorted(side.movies, movies)), unique_users,
+        logits, weights = self._evaluate(unique_users, side, _Pairs(user_rows, torch.searchsorted(side.movies, movies)),
                                          self.heads)
         return self._outputs(logits, (weights[:, 0] / 2, weights[:, 1] / 2))
 
-    def _evaluate(self, u: torch.Tensor, side: MovieSide, layout: _Grid | _Pairs, users: torch.Tensor,
+    def _evaluate(self, users: torch.Tensor, side: MovieSide, layout: _Grid | _Pairs,
                   heads: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The eval-mode forward from each user's embedding `u` and each movie's `side`, combined by `layout`
+        """The eval-mode forward from `users` (ids) and each movie's `side`, combined by `layout`
         (every user with every movie, or given pairs): `heads`' logits and the doubled gates (2 w_u, 2 w_m).
 
         The attention logits and the first layer are linear in [u; m], so their user and movie halves
@@ -249,6 +248,7 @@ class NCF(nn.Module):
         a head is 4 w_u w_m ((u * head weights) . m).
         """
         d = self.cfg.embedding_dim
+        u = self.user_embedding(users)
         if self.cfg.attention:
             weights = 2 * torch.softmax(torch.add(*layout.pair(u @ self.attention.weight[:, :d].T, side.attention)),
                                         dim=-1)
