@@ -62,6 +62,14 @@ def ray_history(config: Config, workers: int, cpus: float, use_gpu: bool = False
         return load_checkpoint(fit_with_ray(trial, run_id=None, into=Path(tmp)))["state"]["history"]
 
 
+def random_negatives(config: Config, n_movies: int, n_positives: int) -> torch.Tensor | None:
+    """Random movie ids standing in for the sampled unrated ones of the implicit and joint objectives (what they
+    cost to score, not which they are); None for the rating objective."""
+    if config.model.objective == "rating":
+        return None
+    return torch.randint(0, n_movies, (n_positives * config.train.negatives_per_positive,))
+
+
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")  # where the model's FLOPs are spent
 
 
@@ -74,14 +82,12 @@ def train_pass_breakdown(config: Config, data, flops_per_sample: int) -> dict:
     model = build_model(config, data).train()
     optimizer = make_optimizer(model, config.train)
     tensors = data.splits.train.tensors()
-    negatives_per_positive = config.train.negatives_per_positive if config.model.objective != "rating" else 0
 
     def one_pass(epoch: int) -> None:
         for users, movies, ratings in epoch_batches(tensors, config.train.batch_size, epoch=epoch,
                                                     seed=config.train.seed):
-            negatives = (torch.randint(0, data.n_movies, (len(users) * negatives_per_positive,))
-                         if negatives_per_positive else None)
-            train_step(model, optimizer, users, movies, ratings, negatives, config)
+            train_step(model, optimizer, users, movies, ratings, random_negatives(config, data.n_movies, len(users)),
+                       config)
 
     one_pass(0)
     with profile(activities=[ProfilerActivity.CPU]) as profiled:
@@ -153,7 +159,6 @@ def step_seconds(config: Config, tables: dict[str, tuple[int, int]], batch_size:
     torch.manual_seed(config.train.seed)
     trainers = {name: (model := NCF(n_users, n_movies, config.model).train(), make_optimizer(model, config.train))
                 for name, (n_users, n_movies) in tables.items()}
-    negatives_per_positive = config.train.negatives_per_positive if config.model.objective != "rating" else 0
     times: dict[str, list[float]] = {name: [] for name in tables}
     for _ in range(steps + 3):
         for name, (model, optimizer) in trainers.items():
@@ -161,8 +166,7 @@ def step_seconds(config: Config, tables: dict[str, tuple[int, int]], batch_size:
             users, movies = torch.randint(0, n_users, (batch_size,)), torch.randint(0, n_movies, (batch_size,))
             ratings = config.model.rating_min + (config.model.rating_max - config.model.rating_min) * torch.rand(
                 batch_size)
-            negatives = (torch.randint(0, n_movies, (batch_size * negatives_per_positive,))
-                         if negatives_per_positive else None)
+            negatives = random_negatives(config, n_movies, batch_size)
             started = time.perf_counter()
             train_step(model, optimizer, users, movies, ratings, negatives, config)
             times[name].append(time.perf_counter() - started)
