@@ -39,6 +39,10 @@ class Reranking:
     def from_config(cls, cfg: RetrievalConfig) -> Reranking:
         return cls(cfg.n_candidates, {"rating": cfg.rating_weight, "interaction": cfg.interaction_weight})
 
+    def width(self, k: int) -> int:
+        """How many candidates a top-k retrieves: the re-ranked ones, and at least k."""
+        return max(self.n_candidates, k)
+
 
 class CandidateRetriever:
     """A fitted retriever, with the most rated movies for users it cannot score (no rating >= its
@@ -165,7 +169,7 @@ def top_k(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking
         return top_k_unseen(lambda batch: model.score_users(torch.as_tensor(batch), movie_side=movie_side),
                             users, seen, k)
     signals = model_signals(model)
-    width = max(reranking.n_candidates, k)
+    width = reranking.width(k)
     cached = retrieved.rows(users, width) if retrieved is not None else None
     items, scores = [], []
     for start in range(0, len(users), chunk):

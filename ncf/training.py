@@ -475,7 +475,7 @@ class Validation:
         self.reranking = Reranking.from_config(config.retrieval)
         # The users every epoch ranks, retrieved for once (the retriever does not change between epochs).
         self.retrieved = (Retrieved(self.retriever, relevant_targets(self.target, config.evaluation)[0], self.seen,
-                                    max(self.reranking.n_candidates, K)) if self.retriever else None)
+                                    self.reranking.width(K)) if self.retriever else None)
 
     def __call__(self, model: NCF) -> dict[str, float]:
         names = ["val_full_ndcg_at_10", "val_full_hit_rate_at_10", "val_full_users"]
