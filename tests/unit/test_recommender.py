@@ -63,6 +63,10 @@ def test_predict_pairs_and_unknown_ids(recommender: Recommender, tiny_movielens:
     with pytest.raises(UnknownIdError):
         recommender.recommend([user_id, 99999])
     assert recommender.user_index(user_id) == 0 and recommender.user_index(99999) is None
+    # The one-id lookup /recommend uses agrees with the vectorised one on every known user.
+    ids = recommender.ids.user_ids
+    assert [recommender.user_index(u) for u in ids.tolist()] == recommender.user_indices(ids).tolist()
+    assert recommender.user_index(np.int64(ids[-1])) == len(ids) - 1
 
 
 def test_popular_is_ordered_by_known_ratings(recommender: Recommender, tiny_movielens: MovieLens):
