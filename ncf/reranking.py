@@ -52,8 +52,10 @@ class CandidateRetriever:
                  n_movies: int):
         self.retriever = retriever
         kept = ratings.rating >= min_rating if min_rating is not None else np.ones(len(ratings), bool)
-        self.profiles = ratings.take(np.flatnonzero(kept))  # what the user's scores are built from
-        self.no_profile = np.bincount(self.profiles.user, minlength=n_users) == 0
+        # Each user's profile movies (what the scores are built from), grouped by user: ALS's evidence reads one
+        # user's in place of scanning every rating, and no copy of the ratings is kept.
+        self.profile_movies = SeenItems(ratings.user[kept], ratings.movie[kept], n_users)
+        self.no_profile = np.diff(self.profile_movies.indptr) == 0
         self.fallback = np.log1p(np.bincount(ratings.movie, minlength=n_movies).astype(np.float32))
 
     @property
@@ -83,7 +85,7 @@ class CandidateRetriever:
             movies = row.indices[kept[:-1]]
             shares = row.data[kept[:-1]] * r.weights[position[:-1][kept[:-1]], position[-1]]
         else:
-            movies = np.unique(self.profiles.movie[self.profiles.user == user])
+            movies = np.unique(self.profile_movies.of(user))
             vectors = r.item_factors[np.r_[movies, movie]]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             shares = vectors[:-1] @ vectors[-1]

@@ -21,7 +21,7 @@ from ncf.reranking import (
     rerank,
     top_k,
 )
-from ncf.retrieval import EASE, blend, interaction_matrix
+from ncf.retrieval import ALS, EASE, blend, interaction_matrix
 from ncf.training import LocalReporter, build_model, rated_keys, sample_unrated, train_loop
 
 pytestmark = pytest.mark.unit
@@ -117,6 +117,20 @@ def test_ease_evidence_is_the_terms_of_its_score():
     assert set(movies) <= {0, 3} and shares.sum() == pytest.approx(positive)
     assert score == pytest.approx(retriever.retriever.weights[0, 1] + retriever.retriever.weights[3, 1])
     assert (np.diff(shares) <= 0).all()
+
+
+def test_als_evidence_is_the_users_liked_movies_closest_to_the_movie():
+    # User 0 liked movies 0, 1 and 2 and disliked 3 (rated 2); the others make the factors.
+    ratings = Ratings(np.array([0, 0, 0, 0, 1, 1, 1, 2, 2]), np.array([0, 1, 2, 3, 0, 1, 4, 2, 4]),
+                      np.array([5.0, 4.0, 4.5, 2.0, 5.0, 5.0, 5.0, 4.0, 4.0]), np.zeros(9, dtype=np.int64))
+    als = ALS(factors=3, regularization=0.1, iterations=10, seed=0).fit(interaction_matrix(ratings, 3, 5, 4.0))
+    retriever = CandidateRetriever(als, ratings, 4.0, 3, 5)
+    movies, shares = retriever.evidence(user=0, movie=4)
+    assert set(movies) <= {0, 1, 2}  # only what the profile holds: never the disliked movie, nor movie 4 itself
+    unit = als.item_factors / np.linalg.norm(als.item_factors, axis=1, keepdims=True)
+    np.testing.assert_allclose(shares, unit[movies] @ unit[4], rtol=1e-5)
+    assert len(movies) and (shares > 0).all() and (np.diff(shares) <= 0).all()
+    assert 0 not in retriever.evidence(user=0, movie=0)[0]  # a movie is not its own evidence
 
 
 def test_choose_reranking_picks_the_best_grid_point_on_validation(model_and_retriever, tiny_movielens):
