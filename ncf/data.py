@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -161,6 +162,15 @@ class IdMaps:
     def movie_index(self, raw: np.ndarray) -> np.ndarray:
         """Indices for raw movie ids; -1 where the id is unknown."""
         return self._lookup(self.movie_ids, raw)
+
+    def user_position(self, raw: int) -> int | None:
+        """The index of one raw user id, None if unknown: a dict lookup (0.1 us) where `user_index` costs about
+        7 us of numpy calls for a single id (every /recommend looks one up)."""
+        return self._user_positions.get(int(raw))
+
+    @cached_property
+    def _user_positions(self) -> dict[int, int]:  # built at the first single-id lookup, not by training
+        return dict(zip(self.user_ids.tolist(), range(self.n_users), strict=True))
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"user_ids": self.user_ids.tolist(), "movie_ids": self.movie_ids.tolist()}))

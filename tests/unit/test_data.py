@@ -232,6 +232,9 @@ def test_id_maps_round_trip(tmp_path: Path):
     # Unknown ids: below, between and above the known ones.
     np.testing.assert_array_equal(loaded.user_index(np.array([1, 5, 43, 1000])), [-1, -1, -1, -1])
     np.testing.assert_array_equal(loaded.movie_index(np.array([0, 3, 200000])), [-1, -1, -1])
+    # The single-id lookup agrees: known ids (numpy integers too) and the same unknown ones.
+    assert [loaded.user_position(u) for u in (42, 3, np.int64(7))] == [2, 0, 1]
+    assert [loaded.user_position(u) for u in (1, 5, 43, 1000)] == [None] * 4
 
 
 def test_movies_span_the_whole_catalogue(tiny_movielens: MovieLens):
