@@ -106,12 +106,13 @@ def bench_cpu(config: Config) -> dict:
     data = load_movielens(config.data)
     n_train = len(data.splits.train)
     gflops_before = matmul_gflops()
-    flops_epoch = 3 * count_flops_per_sample(config.model) * n_train  # forward + backward ~ 3x forward
+    flops_per_sample = 3 * count_flops_per_sample(config.model)  # a training step: forward + backward ~ 3x forward
+    flops_epoch = flops_per_sample * n_train
     local = train_loop(config, data, LocalReporter(verbose=False)).history
     other = config.model_copy(deep=True)
     other.model.sparse_embeddings = not config.model.sparse_embeddings
     other_local = train_loop(other, data, LocalReporter(verbose=False)).history
-    breakdown = train_pass_breakdown(config, data, 3 * count_flops_per_sample(config.model))
+    breakdown = train_pass_breakdown(config, data, flops_per_sample)
     # The limit is the faster of two measurements, before and after the in-process runs (a shared machine
     # slows some): the fractions below are not flattered by a slow moment.
     gflops = max(gflops_before, matmul_gflops())
@@ -125,7 +126,7 @@ def bench_cpu(config: Config) -> dict:
         "train_samples": n_train, "batch_size": config.train.batch_size,
         "learning_rate": config.train.learning_rate, "embeddings": kind[config.model.sparse_embeddings],
         "epochs": config.train.max_epochs,
-        "matmul_fp32_gflops": gflops, "model_flops_per_sample_train": 3 * count_flops_per_sample(config.model),
+        "matmul_fp32_gflops": gflops, "model_flops_per_sample_train": flops_per_sample,
         "epoch_floor_seconds": flops_epoch / (gflops * 1e9),
         "in_process_epoch_seconds": in_process,
         "in_process_train_pass_seconds": train_pass,
