@@ -28,7 +28,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from mlflow import MlflowClient
 from ray import serve
 from ray.serve import Application
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -62,10 +61,13 @@ MovieId = Annotated[int, Query(ge=0, le=MAX_ID, description="MovieLens movieId")
 ERRORS = {404: {"model": ErrorOut, "description": "unknown id"}}
 
 # Every error the app answers is a JSON `{"error": ...}` (ErrorOut), and these two can come from any operation.
+# FastAPI's native OpenTelemetry is off: Ray Serve already measures every request, and FastAPI would otherwise
+# check on every request whether OpenTelemetry has been configured.
 api = FastAPI(title="NCF movie recommender",
               description="Recommendations and explanations from the champion NCF model (MovieLens ids).",
               responses={413: {"model": ErrorOut, "description": "request body over serve.max_body_bytes"},
-                         422: {"model": ErrorOut, "description": "invalid request: parameters or body"}})
+                         422: {"model": ErrorOut, "description": "invalid request: parameters or body"}},
+              telemetry={"tracing": False, "metrics": False, "logs": False})
 
 
 @api.exception_handler(RequestValidationError)
@@ -112,11 +114,12 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        headers = dict(scope["headers"]) if scope["type"] == "http" else {}
+        declared = headers.get(b"content-length", b"")
+        if not declared and b"transfer-encoding" not in headers:  # neither: no body (HTTP/1.1), nothing to bound
             await self.app(scope, receive, send)
             return
         limit = self.limit()
-        declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await _http_error_response(BodyTooLarge(limit), scope, receive, send)
             return
@@ -149,12 +152,105 @@ async def _http_error_response(exc: HTTPException, scope: Scope, receive: Receiv
     await response(scope, receive, send)
 
 
+def _replica() -> "Recommendations":
+    """The replica answering this request. Handlers are module functions that look it up, not methods: Serve's
+    class-based routes would inject it through a per-request dependency and a second router layer, which cost a
+    warm /recommend more CPU than the handler itself."""
+    return serve.get_replica_context().servable_object
+
+
 def _replica_body_limit() -> int:
     """serve.max_body_bytes of the replica answering (its config arrives after the app is built)."""
-    return serve.get_replica_context().servable_object.config.max_body_bytes
+    return _replica().config.max_body_bytes
 
 
 api.add_middleware(BodyLimit, limit=_replica_body_limit)
+
+
+# ----------------------------------------------------------------------------- the handlers
+# Handlers that compute (explain, predict, history, search) are plain `def`, which FastAPI runs in its thread
+# pool, so the event loop stays free for cached answers.
+
+
+@api.get("/recommend", response_model=RecommendationsOut, responses=ERRORS)
+async def recommend(user_id: UserId, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> Response:
+    """The k best movies the user has not rated; an unknown user gets the most rated movies (cold start)."""
+    # The body is written from pieces serialised once per version (`recommendations_json`), not validated
+    # through RecommendationsOut per request: a cached answer is a lookup plus a join.
+    replica = _replica()
+    served = replica.served
+    user = served.recommender.user_index(user_id)
+    cached = served.cold if user is None else served.cached(user)
+    ranking = cached or await replica.rank_miss(served, user)
+    return Response(served.recommendations_json(user_id, ranking, k, cold_start=user is None),
+                    media_type="application/json")
+
+
+@api.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text())
+
+
+@api.get("/explain", response_model=ExplanationOut, responses=ERRORS)
+def explain(user_id: UserId, movie_id: MovieId) -> dict:
+    """Why the model rates this movie so for this user: attention weights and the closest liked movies."""
+    return _replica().served.explain(user_id, movie_id)
+
+
+@api.post("/predict", response_model=PredictionsOut, responses=ERRORS)
+def predict(body: PredictIn) -> dict:
+    """Predicted rating, strength and attention weights of each (user, movie) pair; unknown ids are a 404."""
+    served = _replica().served
+    frame = served.recommender.predict_pairs([p.user_id for p in body.pairs], [p.movie_id for p in body.pairs])
+    return {"model_version": served.version, "predictions": frame.to_dict(orient="records")}
+
+
+@api.get("/users", response_model=UsersOut)
+async def users(limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> dict:
+    """Known users by id, with their number of ratings (the page's user picker)."""
+    served = _replica().served
+    counts = served.recommender.ratings_per_user()
+    return {"count": len(counts), "users": [
+        {"user_id": int(u), "n_ratings": int(n)}
+        for u, n in zip(served.recommender.ids.user_ids[:limit], counts[:limit], strict=True)]}
+
+
+@api.get("/users/{user_id}/history", response_model=HistoryOut, responses=ERRORS)
+def history(user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)]) -> dict:
+    """Every rating the model knows of this user, most recent first."""
+    served = _replica().served
+    rated = served.recommender.ratings_of(int(served.recommender.user_indices([user_id])[0]))
+    recent = np.argsort(-rated.timestamp, kind="stable")
+    return {"user_id": user_id, "ratings": [
+        served.movie(rated.movie[i]) | {"rating": float(rated.rating[i]), "timestamp": int(rated.timestamp[i])}
+        for i in recent]}
+
+
+@api.get("/movies/search", response_model=SearchOut)
+def search(q: Annotated[str, Query(min_length=1, max_length=200, pattern=r"\S",
+                                   description="part of a title (not blank)")],
+           limit: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> dict:
+    """Movies whose title contains `q` (any case, surrounding spaces ignored), most rated first."""
+    served = _replica().served
+    # The pattern guarantees a non-space character; Python's strip() also drops a few control characters
+    # (U+001C..U+001F) that the pattern does not count as spaces, hence the fallback.
+    query = q.strip().lower() or q.lower()
+    found = served.recommender.search_titles(query, limit)
+    return {"query": q, "movies": [served.movie(m) for m in found]}
+
+
+@api.get("/version", response_model=VersionOut)
+async def version() -> dict:
+    """The model version answering now."""
+    served = _replica().served
+    return {"model_name": served.name, "model_version": served.version, "run_id": served.run_id,
+            "model_uri": f"models:/{served.name}/{served.version}", "loaded_at": served.loaded_at}
+
+
+@api.get("/healthz", response_model=HealthOut)
+async def healthz() -> dict:
+    served = _replica().served
+    return {"status": "ok", "model_version": served.version, "cached_users": len(served.rankings)}
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -163,8 +259,7 @@ api.add_middleware(BodyLimit, limit=_replica_body_limit)
 @serve.deployment
 @serve.ingress(api)
 class Recommendations:
-    """The ingress. Handlers that compute (explain, predict, history, search) are plain `def`, which
-    FastAPI runs in its thread pool, so the event loop stays free for cached answers."""
+    """The ingress: the FastAPI app above (`api`), answering from this replica's model version (`served`)."""
 
     async def __init__(self, settings: dict, tracking_uri: str):
         self.config = ServeConfig.model_validate(settings)
@@ -212,7 +307,7 @@ class Recommendations:
         ranked = {served: await asyncio.to_thread(served.rank, todo) for served, todo in users.items()}
         return [ranked[served][user] for served, user in requests]
 
-    async def _rank_miss(self, served: ServedVersion, user: int) -> Ranking:
+    async def rank_miss(self, served: ServedVersion, user: int) -> Ranking:
         """The ranking of a user not cached yet: at once when no other is being ranked (batching would only add
         its wait), else batched with the others (`_ranked`)."""
         self._misses += 1
@@ -222,76 +317,6 @@ class Recommendations:
             return await self._ranked((served, user))
         finally:
             self._misses -= 1
-
-    @api.get("/", include_in_schema=False)
-    async def page(self) -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text())
-
-    @api.get("/recommend", response_model=RecommendationsOut, responses=ERRORS)
-    async def recommend(self, user_id: UserId, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> Response:
-        """The k best movies the user has not rated; an unknown user gets the most rated movies (cold start)."""
-        # The body is written from pieces serialised once per version (`recommendations_json`), not validated
-        # through RecommendationsOut per request: a cached answer is a lookup plus a join.
-        served = self.served
-        user = served.recommender.user_index(user_id)
-        cached = served.cold if user is None else served.cached(user)
-        ranking = cached or await self._rank_miss(served, user)
-        return Response(served.recommendations_json(user_id, ranking, k, cold_start=user is None),
-                        media_type="application/json")
-
-    @api.get("/explain", response_model=ExplanationOut, responses=ERRORS)
-    def explain(self, user_id: UserId, movie_id: MovieId) -> dict:
-        """Why the model rates this movie so for this user: attention weights and the closest liked movies."""
-        return self.served.explain(user_id, movie_id)
-
-    @api.post("/predict", response_model=PredictionsOut, responses=ERRORS)
-    def predict(self, body: PredictIn) -> dict:
-        """Predicted rating, strength and attention weights of each (user, movie) pair; unknown ids are a 404."""
-        served = self.served
-        frame = served.recommender.predict_pairs([p.user_id for p in body.pairs], [p.movie_id for p in body.pairs])
-        return {"model_version": served.version, "predictions": frame.to_dict(orient="records")}
-
-    @api.get("/users", response_model=UsersOut)
-    async def users(self, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> dict:
-        """Known users by id, with their number of ratings (the page's user picker)."""
-        served = self.served
-        counts = served.recommender.ratings_per_user()
-        return {"count": len(counts), "users": [
-            {"user_id": int(u), "n_ratings": int(n)}
-            for u, n in zip(served.recommender.ids.user_ids[:limit], counts[:limit], strict=True)]}
-
-    @api.get("/users/{user_id}/history", response_model=HistoryOut, responses=ERRORS)
-    def history(self, user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)]) -> dict:
-        """Every rating the model knows of this user, most recent first."""
-        served = self.served
-        rated = served.recommender.ratings_of(int(served.recommender.user_indices([user_id])[0]))
-        recent = np.argsort(-rated.timestamp, kind="stable")
-        return {"user_id": user_id, "ratings": [
-            served.movie(rated.movie[i]) | {"rating": float(rated.rating[i]), "timestamp": int(rated.timestamp[i])}
-            for i in recent]}
-
-    @api.get("/movies/search", response_model=SearchOut)
-    def search(self, q: Annotated[str, Query(min_length=1, max_length=200, pattern=r"\S",
-                                             description="part of a title (not blank)")],
-               limit: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> dict:
-        """Movies whose title contains `q` (any case, surrounding spaces ignored), most rated first."""
-        served = self.served
-        # The pattern guarantees a non-space character; Python's strip() also drops a few control characters
-        # (U+001C..U+001F) that the pattern does not count as spaces, hence the fallback.
-        query = q.strip().lower() or q.lower()
-        found = served.recommender.search_titles(query, limit)
-        return {"query": q, "movies": [served.movie(m) for m in found]}
-
-    @api.get("/version", response_model=VersionOut)
-    async def version(self) -> dict:
-        """The model version answering now."""
-        served = self.served
-        return {"model_name": served.name, "model_version": served.version, "run_id": served.run_id,
-                "model_uri": f"models:/{served.name}/{served.version}", "loaded_at": served.loaded_at}
-
-    @api.get("/healthz", response_model=HealthOut)
-    async def healthz(self) -> dict:
-        return {"status": "ok", "model_version": self.served.version, "cached_users": len(self.served.rankings)}
 
 
 # ----------------------------------------------------------------------------- building and running
