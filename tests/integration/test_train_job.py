@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -141,23 +142,34 @@ def test_registered_model_loads_in_fresh_process(trained, store, data_dir, tmp_p
     assert "999999" in out["unknown"]
 
 
-def _kill_worker_after_checkpoints(storage: Path, address: str, outcome: list, stop: threading.Event) -> None:
-    """Once the run has two checkpoints (so the first is surely registered), kills the worker's process.
+def _checkpoint_registered(storage: Path) -> bool:
+    """Whether Ray Train registered a checkpoint of the run: its controller's snapshot names a latest one. A
+    checkpoint only written is not resumed from (the controller may register it epochs later on a busy machine):
+    a worker killed before then makes the run start over."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(OSError, ValueError):  # being rewritten
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+    return False
 
-    The worker is looked up at the first checkpoint: the state API can take seconds on a busy machine,
-    and looked up only at the second, the kill could land after the last epoch, with nothing to resume.
+
+def _kill_worker_once_a_checkpoint_is_registered(storage: Path, address: str, outcome: list,
+                                                 stop: threading.Event) -> None:
+    """Once Ray Train registered a checkpoint of the run, kills the worker's process.
+
+    The worker is looked up as soon as a checkpoint is written: the state API can take seconds on a busy
+    machine, and looked up later, the kill could land after the last epoch, with nothing to resume.
     """
     from ray.util.state import list_actors
 
     pid = None
     try:
         while not stop.is_set():
-            checkpoints = len(list(storage.glob("*/checkpoint_*")))
-            if checkpoints >= 1 and pid is None:
+            if pid is None and any(storage.glob("*/checkpoint_*/")):
                 workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
                                                                 ("state", "=", "ALIVE")])
                 pid = workers[0].pid if workers else None
-            if checkpoints >= 2 and pid is not None:
+            if pid is not None and _checkpoint_registered(storage):
                 os.kill(pid, 9)
                 outcome.append(pid)
                 return
@@ -184,7 +196,7 @@ def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_d
     killed: list = []
     stop = threading.Event()
     address = ray.get_runtime_context().gcs_address
-    killer = threading.Thread(target=_kill_worker_after_checkpoints,
+    killer = threading.Thread(target=_kill_worker_once_a_checkpoint_is_registered,
                               args=(tmp_path / "disturbed", address, killed, stop))
     killer.start()
     try:
