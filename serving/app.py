@@ -7,8 +7,8 @@ from a per-version cache of each user's top-100 unseen movies; a user not cached
 once when alone, else together with the others, one catalogue pass per batch (`@serve.batch`).
 """
 
-# No `from __future__ import annotations` here: FastAPI must resolve the handlers' parameter types
-# (e.g. `UserId`) at runtime, and Serve's class-based ingress cannot see this module's names to do it.
+from __future__ import annotations
+
 import asyncio
 import logging
 import os
@@ -152,7 +152,7 @@ async def _http_error_response(exc: HTTPException, scope: Scope, receive: Receiv
     await response(scope, receive, send)
 
 
-def _replica() -> "Recommendations":
+def _replica() -> Recommendations:
     """The replica answering this request. Handlers are module functions that look it up, not methods: Serve's
     class-based routes would inject it through a per-request dependency and a second router layer, which cost a
     warm /recommend more CPU than the handler itself."""
