@@ -22,6 +22,10 @@ class SeenItems:
     def of(self, user: int) -> np.ndarray:
         return self.indices[self.indptr[user]: self.indptr[user + 1]]
 
+    def counts(self) -> np.ndarray:
+        """How many movies each user has."""
+        return np.diff(self.indptr)
+
     def mask_rows(self, scores: torch.Tensor, users: np.ndarray) -> None:
         """Set the seen entries of each row of `scores` to -inf, in place."""
         starts, ends = self.indptr[users], self.indptr[users + 1]

@@ -147,7 +147,7 @@ class Recommender:
         return self.rated.take(np.arange(self.seen.indptr[user], self.seen.indptr[user + 1]))
 
     def ratings_per_user(self) -> np.ndarray:
-        return np.diff(self.seen.indptr)
+        return self.seen.counts()
 
     # ------------------------------------------------------------------ answers
 

@@ -55,7 +55,7 @@ class CandidateRetriever:
         # Each user's profile movies (what the scores are built from), grouped by user: ALS's evidence reads one
         # user's in place of scanning every rating, and no copy of the ratings is kept.
         self.profile_movies = SeenItems(ratings.user[kept], ratings.movie[kept], n_users)
-        self.no_profile = np.diff(self.profile_movies.indptr) == 0
+        self.no_profile = self.profile_movies.counts() == 0
         self.fallback = np.log1p(np.bincount(ratings.movie, minlength=n_movies).astype(np.float32))
 
     @property
