@@ -178,8 +178,8 @@ def ease_variants(val: Slice, setting: dict) -> list[str]:
     def scored(model: EASE) -> float:
         return val.evaluate(model.score)[0][NDCG]
 
-    rows, base_diag = [], None
-    for name, matrix in fit_matrices.items():
+    rows, base_diag, chosen = [], None, None
+    for name, matrix in fit_matrices.items():  # the chosen input first: its diagonal is the lambda scale
         model = EASE(max_items=setting["max_items"], num_threads=1)
         gram = model.gram(matrix)
         diag = float(np.diag(gram[1]).mean())
@@ -188,15 +188,15 @@ def ease_variants(val: Slice, setting: dict) -> list[str]:
         for factor in (1.0,) if matrix is x else (0.5, 1.0, 2.0):
             model.lam = setting["lam"] * diag / base_diag * factor
             results[model.lam] = scored(model.fit_gram(gram, profiles))
+        chosen = chosen or model  # the chosen setting, fitted: the B variants below start from its B
         lam = max(results, key=results.get)
         rows.append(f"| fit matrix: {name} | {lam:.3g} | {results[lam]:.4f} |")
         say(f"  EASE variant {name}: NDCG {results[lam]:.4f} at lambda {lam:.3g}")
-    model = EASE(setting["lam"], setting["max_items"], num_threads=1).fit(x, profiles)
-    chosen = model.weights
-    for name, weights in (("B's negative weights set to 0", np.maximum(chosen, 0)),
-                          ("B kept to the 200 largest absolute weights of each column", top_per_column(chosen, 200))):
-        model.weights = weights
-        ndcg = scored(model)
+    weights = chosen.weights
+    for name, variant in (("B's negative weights set to 0", np.maximum(weights, 0)),
+                          ("B kept to the 200 largest absolute weights of each column", top_per_column(weights, 200))):
+        chosen.weights = variant
+        ndcg = scored(chosen)
         rows.append(f"| {name} | {setting['lam']:g} | {ndcg:.4f} |")
         say(f"  EASE variant {name}: NDCG {ndcg:.4f}")
     return rows
