@@ -3,17 +3,21 @@ in one run.
 
     python -m jobs.bench_serve [--model-uri URI] [--clients 8] [--rate 150] [--requests 3000]
                                [--uncached-requests 300] [--rounds 3] [--naive-requests 200] [--max-seconds 60]
-                               [--out docs/benchmarks/serve_load.md]
+                               [--out docs/benchmarks/serve_load.md] [--set serve.key=value ...]
+
+`make bench-serve` measures conf/serve.yaml as it is (serve.ingress: proxy); the HAProxy record:
+`make bench-serve ARGS="--set serve.ingress=haproxy --out docs/benchmarks/serve_load_haproxy.md"`.
 
 Starts a local Ray Serve on a free 127.0.0.1 port and serves, side by side:
 - the app as `make serve` runs it (conf/serve.yaml), except warm_users=0, so its cache starts empty;
 - `trivial` (/trivial): a constant small JSON from one replica with the app's CPUs and request limit, behind the
-  same proxy and transport: the floor of a request through Ray Serve on this machine;
+  same ingress and transport: the floor of a request through Ray Serve on this machine; `trivial-fastapi`
+  (/trivial-fastapi/constant): the same answer from a FastAPI route, as the app's handlers are;
 - `naive` (/naive?user_id=&k=): per request, the whole catalogue through the model's forward (or, second
   baseline, through `score_users`), then the unseen top-k: no batching, no reuse.
 Phases, each stopped by its request count or --max-seconds, whichever comes first: the app uncached, one client
 (users never asked for: every request a cache miss, alone); the cold pass (every other user once, all cache
-misses, scored in batches); the app warm and the trivial handler, closed loop, alternating in --rounds rounds so
+misses, scored in batches); the app warm and the trivial handlers, closed loop, alternating in --rounds rounds so
 that both see the same machine (throughput ratio and p99s); both at a fixed offered rate (p99 at a realistic
 rate); the naive paths closed loop.
 Closed-loop clients send back to back; paced clients send on a fixed schedule and latency counts from the
@@ -26,6 +30,7 @@ in-process; the deck's model unless --set overrides the config) and becomes the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import random
@@ -42,6 +47,7 @@ import mlflow
 import numpy as np
 import psutil
 import torch
+from fastapi import FastAPI
 from mlflow import MlflowClient
 from ray import serve
 from starlette.requests import Request
@@ -59,6 +65,8 @@ OUT = Path("docs") / "benchmarks" / "serve_load.md"  # run from the repository r
 # The product's serving goals: an uncached user alone; warm requests from 8 clients against the trivial handler.
 TARGETS = {"uncached_p99_ms": 50.0, "warm_p99_ms": 20.0, "throughput_vs_trivial": 0.9, "rate": 150.0}
 TRIVIAL_BODY = {"status": "ok"}
+INGRESS = {"proxy": "Ray Serve's HTTP proxy forwarding to the replica", "haproxy": "HAProxy in front of replicas "
+           "answering HTTP themselves"}  # serve.ingress
 
 
 @serve.deployment
@@ -67,6 +75,20 @@ class Trivial:
 
     async def __call__(self, request: Request) -> dict:
         return TRIVIAL_BODY
+
+
+trivial_api = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})  # as the app's
+
+
+@trivial_api.get("/constant")
+async def constant() -> Response:
+    return Response(json.dumps(TRIVIAL_BODY), media_type="application/json")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})  # the app and `trivial` hold the 2 CPUs a local Ray has here
+@serve.ingress(trivial_api)
+class TrivialFastAPI:
+    """`Trivial` behind a FastAPI ingress, as the app is: what the framework alone adds to a request."""
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -106,7 +128,7 @@ class Phase:
     latencies_ms: list[float]
     errors: int
     seconds: float
-    cpu_seconds: dict[str, float] = field(default_factory=dict)  # Serve processes' CPU: "proxy", "replicas"
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # Serve processes' CPU: "ingress", "replicas"
 
     def cpu_ms_per_request(self, role: str) -> float:
         return 1000 * self.cpu_seconds.get(role, float("nan")) / max(len(self.latencies_ms), 1)
@@ -142,18 +164,22 @@ class Connection:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             self.writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
             status = int((await self.reader.readline()).split()[1])
-            length, chunked = 0, False
+            length, chunked, close = 0, False, False
             while (line := await self.reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode("latin-1").partition(":")
-                if name.lower() == "content-length":
+                name, value = name.lower(), value.strip().lower()
+                if name == "content-length":
                     length = int(value)
-                chunked |= name.lower() == "transfer-encoding" and "chunked" in value
+                chunked |= name == "transfer-encoding" and "chunked" in value
+                close |= name == "connection" and value == "close"  # e.g. HAProxy reloading its config
             if chunked:
                 while size := int((await self.reader.readline()).strip(), 16):
                     await self.reader.readexactly(size + 2)
                 await self.reader.readline()
             else:
                 await self.reader.readexactly(length)
+            if close:
+                self.close()
             return status
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
             self.close()
@@ -203,14 +229,16 @@ def run_phase(name: str, base: str, path: str, users: list[int], clients: int, m
 
 
 def serve_cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of this run's Ray Serve HTTP proxy and replicas (the Ray instance is this process's
-    child). Unlike latency, CPU per request hardly moves with what else the machine runs."""
-    totals = {"proxy": 0.0, "replicas": 0.0}
+    """CPU seconds so far of this run's Ray Serve ingress (its HTTP proxy, or HAProxy and its manager) and replicas
+    (the Ray instance is this process's child). Unlike latency, CPU per request hardly moves with what else the
+    machine runs."""
+    totals = {"ingress": 0.0, "replicas": 0.0}
     for process in psutil.Process().children(recursive=True):
         with suppress(psutil.Error):
             title = " ".join(process.cmdline())
-            role = "proxy" if "ProxyActor" in title else "replicas" if "ServeReplica" in title else None
-            if title.startswith("ray::") and role:
+            role = ("ingress" if process.name() == "haproxy" or title.startswith(("ray::ProxyActor", "ray::HAProxy"))
+                    else "replicas" if title.startswith("ray::ServeReplica") else None)
+            if role:
                 times = process.cpu_times()
                 totals[role] += times.user + times.system
     return totals
@@ -259,9 +287,13 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
         by_name["served: warm, paced"]
     uncached, trivial, trivial_paced = by_name["served: uncached, one client"], \
         by_name["trivial: constant JSON, closed loop"], by_name["trivial: constant JSON, paced"]
+    trivial_fastapi = by_name["trivial behind FastAPI, closed loop"]
     ratio = fast.throughput / trivial.throughput
     sustained = paced.throughput >= 0.97 * args.rate and paced.errors == 0
     model = served.recommender.model.cfg
+    ingress = INGRESS[serve_conf.ingress]
+    if serve_conf.ingress == "proxy":
+        ingress += " over gRPC" if serve_conf.proxy_grpc else " by Ray actor calls"
     verdict = {
         f"uncached user, one client: p99 <= {TARGETS['uncached_p99_ms']:.0f} ms "
         f"(measured {uncached.percentile(99):.1f} ms, {uncached.errors} errors)":
@@ -284,20 +316,20 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
         f"- Machine: {os.cpu_count()} CPU cores ({platform.machine()}), shared with other developers: load average "
-        f"{load_before[0]:.1f} when the run started, {os.getloadavg()[0]:.1f} when it ended. Client, HTTP proxy and "
+        f"{load_before[0]:.1f} when the run started, {os.getloadavg()[0]:.1f} when it ended. Client, ingress and "
         "replicas all run on it, over loopback.",
         f"- Model: `{serve_conf.model_uri}` = version {version}: embedding {model.embedding_dim}, "
         f"MLP {model.hidden_dims}, {served.recommender.ids.n_users} users x {served.recommender.ids.n_movies} movies.",
         f"- Served app: conf/serve.yaml (replicas {serve_conf.min_replicas}-{serve_conf.max_replicas}, "
         f"{serve_conf.cpus_per_replica:g} CPU each, batches of up to {serve_conf.max_batch_size} users, "
-        f"wait {1000 * serve_conf.batch_wait_timeout_s:g} ms, proxy to replica over "
-        f"{'gRPC' if serve_conf.proxy_grpc else 'Ray actor calls'}) with warm_users=0: the uncached phase starts "
+        f"wait {1000 * serve_conf.batch_wait_timeout_s:g} ms, {ingress}) with warm_users=0: the uncached phase starts "
         f"from an empty cache and asks for each of its users once, the cold pass for every other user once; {cached} "
         "users were cached after them.",
         "- Trivial handler: a Ray Serve deployment answering a constant small JSON (no FastAPI, no model) beside the "
-        "app: one replica with the app's CPUs and request limit, behind the same HTTP proxy and proxy-to-replica "
-        f"transport. The side-by-side phases alternate it with the app in {args.rounds} rounds, so both see the same "
-        "machine.",
+        "app: one replica with the app's CPUs and request limit, behind the same ingress; and the same answer from "
+        "a FastAPI route (`/trivial-fastapi/constant`, 0 CPUs reserved: the 2 of this Ray instance are taken), as "
+        f"the app's handlers are. The side-by-side phases alternate them with the app in {args.rounds} rounds, so "
+        "all see the same machine.",
         "- Naive paths: one replica, no batching, no cache; `forward` runs the model's training-time forward over "
         "all (user, movie) pairs, `score_users` the catalogue scorer that computes movie-side work once per call.",
         "- Latency is measured by the client (a minimal keep-alive HTTP/1.1 client, 0.2 ms of CPU per request "
@@ -315,12 +347,13 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
         "",
         "## CPU per request of Serve's processes (side-by-side phases)",
         "",
-        "What each answer costs the HTTP proxy and the replicas (both replicas' processes, so the idle one's "
-        "background is in both rows), from their CPU times: steadier than latency on a busy machine.",
+        "What each answer costs the ingress (Ray Serve's HTTP proxy, or HAProxy and the actor managing it) and the "
+        "replicas (every replica's process, so the idle ones' background is in every row), from their CPU times: "
+        "steadier than latency on a busy machine.",
         "",
-        "| phase | HTTP proxy CPU ms | replicas CPU ms |",
+        "| phase | ingress CPU ms | replicas CPU ms |",
         "|---|---|---|",
-        *(f"| {p.name} | {p.cpu_ms_per_request('proxy'):.2f} | {p.cpu_ms_per_request('replicas'):.2f} |"
+        *(f"| {p.name} | {p.cpu_ms_per_request('ingress'):.2f} | {p.cpu_ms_per_request('replicas'):.2f} |"
           for p in phases if p.cpu_seconds),
         "",
         "## Speed-up over the naive path (same run, same model, 8 clients, closed loop)",
@@ -343,6 +376,11 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
         f"{trivial.throughput:.0f}), so the closed-loop phases measure capacity (the ratio to the trivial handler) "
         "and the paced phases the latency at a realistic rate. Latency at a fixed rate also depends on what else "
         "the cores run (the load averages above): compare runs made on an idle machine.",
+        "",
+        f"The app answered at {fast.throughput / trivial_fastapi.throughput:.0%} of the throughput of a constant "
+        f"answer from a FastAPI route ({trivial_fastapi.throughput:.1f} req/s): what separates that route from the "
+        "trivial handler is FastAPI on Ray Serve, which the app keeps for its validated parameters, JSON errors and "
+        "OpenAPI schema.",
         "",
     ]
     return "\n".join(lines)
@@ -391,13 +429,17 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(Trivial.options(max_ongoing_requests=config.max_ongoing_requests,
                                   ray_actor_options={"num_cpus": config.cpus_per_replica}).bind(),
                   name="trivial", route_prefix="/trivial")
+        serve.run(TrivialFastAPI.options(max_ongoing_requests=config.max_ongoing_requests).bind(),
+                  name="trivial-fastapi", route_prefix="/trivial-fastapi")
         phases += side_by_side({"/trivial": "trivial: constant JSON, closed loop",
+                                "/trivial-fastapi/constant": "trivial behind FastAPI, closed loop",
                                 "/recommend": "served: warm, closed loop"},
                                base, rng.choices(users, k=args.requests), args.clients, args.rounds, args.max_seconds)
         phases += side_by_side({"/trivial": "trivial: constant JSON, paced", "/recommend": "served: warm, paced"},
                                base, rng.choices(users, k=args.requests), args.clients, args.rounds,
                                args.max_seconds, args.rate)
         serve.delete("trivial")  # its CPU goes to the naive replica
+        serve.delete("trivial-fastapi")
         for scorer in ("forward", "score_users"):
             serve.run(NaiveRecommender.bind(model_uri, tracking_uri, scorer), name="naive", route_prefix="/naive")
             phases.append(run_phase(f"naive: {scorer} per request", base, "/naive",

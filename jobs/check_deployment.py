@@ -580,7 +580,7 @@ def check_rayjob(doc: dict, ctx: Context) -> str:
 
 def check_rayservice(doc: dict, ctx: Context) -> str:
     """A RayService: its Serve config, and a cluster with room for conf/serve.yaml's replicas."""
-    from serving.app import PROXY_GRPC  # here, not at the top: serving.app pulls in Ray Serve
+    from serving.app import ray_serve_env  # here, not at the top: serving.app pulls in Ray Serve
 
     name, spec = doc["metadata"]["name"], doc.get("spec") or {}
     where = f"RayService {name}"
@@ -606,11 +606,12 @@ def check_rayservice(doc: dict, ctx: Context) -> str:
                                   f"{serve.cpus_per_replica:g} CPUs do not fit the worker groups' {cpus:g} CPUs")
         if not any(g.cpus >= serve.cpus_per_replica for g in groups):
             raise DeploymentError(f"{where}: no worker pod has serve.cpus_per_replica={serve.cpus_per_replica:g} CPUs")
-        wanted = "1" if serve.proxy_grpc else "0"
         for container in containers(cluster):
-            if _env(container).get(PROXY_GRPC) != wanted:
-                raise DeploymentError(f"{where}: container {container.get('name')} must set {PROXY_GRPC}={wanted} "
-                                      f"(serve.proxy_grpc is {str(serve.proxy_grpc).lower()}; Ray reads it at start)")
+            for name, wanted in ray_serve_env(serve).items():
+                if _env(container).get(name) != wanted:
+                    raise DeploymentError(f"{where}: container {container.get('name')} must set {name}={wanted} "
+                                          f"(serve.ingress is {serve.ingress}, serve.proxy_grpc "
+                                          f"{str(serve.proxy_grpc).lower()}; Ray reads it at start)")
     serve = configs[0]
     return (f"{len(schema.applications)} app(s), proxy {schema.http_options.host}:{schema.http_options.port}, "
             f"replicas {serve.min_replicas}..{serve.max_replicas} from conf/serve.yaml")

@@ -206,6 +206,7 @@ class ServeConfig(Section):
     target_ongoing_requests: float = Field(gt=0)
     max_ongoing_requests: int = Field(gt=0)
     cpus_per_replica: float = Field(gt=0)
+    ingress: Literal["proxy", "haproxy"]
     proxy_grpc: bool
     max_body_bytes: int = Field(gt=0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,11 @@ from serving.schemas import (
 
 APP_NAME = "ncf"
 PAGE = Path(__file__).parent / "static" / "index.html"
-PROXY_GRPC = "RAY_SERVE_PROXY_USE_GRPC"  # see serve.proxy_grpc in conf/serve.yaml
+# serve.ingress: haproxy. Replicas answer HTTP themselves behind HAProxy; the handlers run on the replica's event
+# loop, not a thread of their own (every slow step already goes to a worker thread); a stopping replica stays
+# reachable 2 s (default 30) for HAProxy to drop it, so that stopping the app takes seconds.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+               "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 logger = logging.getLogger("ray.serve")
 
 
@@ -342,23 +347,43 @@ def build_app(args: dict) -> Application:
     return build(ServeConfig.model_validate(load_config().serve.model_dump() | args), tracking_uri)
 
 
+def ray_serve_env(config: ServeConfig) -> dict[str, str]:
+    """The environment a Ray cluster must start with to serve as `config` says: Ray Serve reads its proxy-to-replica
+    transport (serve.proxy_grpc) and its ingress (serve.ingress) from the environment of its processes."""
+    env = {"RAY_SERVE_PROXY_USE_GRPC": "1" if config.proxy_grpc else "0"}
+    return env | HAPROXY_ENV if config.ingress == "haproxy" else env
+
+
+def haproxy_files(folder: str) -> dict[str, str]:
+    """The environment that puts HAProxy's config, state and sockets (the admin one: mode 666, admin level) in
+    `folder`, this user's own, rather than Ray's default /tmp/haproxy-serve, which every user of the machine can
+    reach."""
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/state"}
+
+
 @contextmanager
 def running(config: ServeConfig, tracking_uri: str) -> Iterator[str]:
     """A local Ray instance serving the app on config.host:config.port; yields the base URL, then stops both."""
-    # Ray's processes take the transport flag from the environment they start in; this process keeps its own.
-    saved = os.environ.get(PROXY_GRPC)
-    os.environ[PROXY_GRPC] = "1" if config.proxy_grpc else "0"
-    try:
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
-    finally:
-        if saved is None:
-            os.environ.pop(PROXY_GRPC)
-        else:
-            os.environ[PROXY_GRPC] = saved
-    try:
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build(config, tracking_uri), name=APP_NAME, route_prefix="/")
-        yield f"http://{config.host}:{config.port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="ncf-serve-") as private:
+        env = ray_serve_env(config) | (haproxy_files(private) if config.ingress == "haproxy" else {})
+        # Ray's processes take these from the environment they start in; this process keeps its own.
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            ray.init(address="local", include_dashboard=False, configure_logging=False)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.run(build(config, tracking_uri), name=APP_NAME, route_prefix="/")
+            yield f"http://{config.host}:{config.port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()

@@ -61,11 +61,15 @@ def test_make_serve_without_a_model_says_how_to_make_one(tmp_path: Path):
     assert "Traceback" not in done.stderr
 
 
-def test_make_serve_answers_then_stops_cleanly_on_sigterm(model_store):
-    port = free_port()
-    env = os.environ | {"MLFLOW_TRACKING_URI": model_store.uri}
-    process = subprocess.Popen([sys.executable, "-m", "serving", "--set", f"serve.port={port}",
-                                "--set", "serve.warm_users=0"], env=env, cwd=ROOT,
+def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_store, champion: Recommender):
+    """`make serve` with serve.ingress: haproxy, HAProxy in front of replicas that answer HTTP themselves: the
+    model's answers and the same JSON errors as behind Ray Serve's proxy (the rest of this module), listening where
+    conf/serve.yaml says, and a clean stop on SIGTERM, HAProxy included."""
+    port, stats_port, metrics_port = free_port(), free_port(), free_port()
+    env = os.environ | {"MLFLOW_TRACKING_URI": model_store.uri, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+                        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port)}
+    process = subprocess.Popen([sys.executable, "-m", "serving", "--set", f"serve.port={port}", "--set",
+                                "serve.ingress=haproxy", "--set", "serve.warm_users=0"], env=env, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output = []
@@ -74,14 +78,35 @@ def test_make_serve_answers_then_stops_cleanly_on_sigterm(model_store):
             if line.startswith("serving "):
                 break
         assert output and f"http://127.0.0.1:{port}" in output[-1], "".join(output)
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()["status"] == "ok"
         started = psutil.Process(process.pid).children(recursive=True)
+        haproxy = [p for p in started if p.name() == "haproxy"]
+        assert len(haproxy) == 1, f"no HAProxy among {[p.name() for p in started]}"
+        # Its files (config, state, the admin socket) in a folder only this user reaches: <folder>/<node id>/...
+        config = Path(haproxy[0].cmdline()[haproxy[0].cmdline().index("-f") + 1])
+        assert config.parents[1].stat().st_mode & 0o077 == 0, config
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for user_id in (1, 2, 3):
+                items = http.get("/recommend", params={"user_id": user_id}).json()["items"]
+                assert [i["movie_id"] for i in items] == champion.recommend([user_id], 10)["movie_id"].tolist()
+            for method, path, params, status, names in BAD_REQUESTS:
+                assert_json_error(http.request(method, path, params=params), status, names)
+            too_big = http.post("/predict", content=b"x" * (1 << 21), headers={"content-type": "application/json"})
+            assert_json_error(too_big, 413, "max_body_bytes")
+
+        # The API on serve.host only; HAProxy's stats page and Prometheus metrics on every interface, as
+        # conf/serve.yaml warns, on the ports the environment gave them.
+        listening = {(c.laddr.ip, c.laddr.port) for c in haproxy[0].net_connections("tcp") if c.status == "LISTEN"}
+        assert ("127.0.0.1", port) in listening
+        assert {p for ip, p in listening if ip != "127.0.0.1"} == {stats_port, metrics_port}, listening
+
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(started, timeout=30)
         assert not alive, f"left running: {[p.name() for p in alive]}"
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert not config.parents[1].exists()
     finally:
         if process.poll() is None:
             process.kill()
