@@ -206,6 +206,7 @@ def test_loopback_serve_host_fails(tmp_path: Path, ctx: Context, host: str) -> N
     ("route_prefix: /", "route_prefx: /", "unknown key.* route_prefx"),
     ("port: 8000\n    applications", "port: 8080\n    applications", "conf/serve.yaml's port is 8000"),
     ("value: \"1\"", "value: \"0\"", "must set RAY_SERVE_PROXY_USE_GRPC=1"),
+    ("args: {}", "args: {ingress: haproxy}", "must set RAY_SERVE_ENABLE_HA_PROXY=1 .*serve.ingress is haproxy"),
 ])
 def test_serve_config_rules(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
     path = broken(tmp_path, KUBERAY / "rayservice.yaml", old, new)
