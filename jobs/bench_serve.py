@@ -58,7 +58,7 @@ from ncf.config import ServeConfig, load_config, override_parser
 from ncf.files import write_atomically
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import free_port
-from serving.app import running
+from serving.app import NO_TELEMETRY, running
 from serving.model_version import ModelNotFoundError, Ranking, ServedVersion, load_version, resolve_version
 
 OUT = Path("docs") / "benchmarks" / "serve_load.md"  # run from the repository root (`make bench-serve`)
@@ -77,7 +77,7 @@ class Trivial:
         return TRIVIAL_BODY
 
 
-trivial_api = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})  # as the app's
+trivial_api = FastAPI(telemetry=NO_TELEMETRY)  # as the app's
 
 
 @trivial_api.get("/constant")

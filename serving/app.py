@@ -65,14 +65,15 @@ UserId = Annotated[int, Query(ge=0, le=MAX_ID, description="MovieLens userId")]
 MovieId = Annotated[int, Query(ge=0, le=MAX_ID, description="MovieLens movieId")]
 ERRORS = {404: {"model": ErrorOut, "description": "unknown id"}}
 
-# Every error the app answers is a JSON `{"error": ...}` (ErrorOut), and these two can come from any operation.
-# FastAPI's native OpenTelemetry is off: Ray Serve already measures every request, and FastAPI would otherwise
+# FastAPI's native OpenTelemetry off: Ray Serve already measures every request, and FastAPI would otherwise
 # check on every request whether OpenTelemetry has been configured.
+NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
+# Every error the app answers is a JSON `{"error": ...}` (ErrorOut), and these two can come from any operation.
 api = FastAPI(title="NCF movie recommender",
               description="Recommendations and explanations from the champion NCF model (MovieLens ids).",
               responses={413: {"model": ErrorOut, "description": "request body over serve.max_body_bytes"},
                          422: {"model": ErrorOut, "description": "invalid request: parameters or body"}},
-              telemetry={"tracing": False, "metrics": False, "logs": False})
+              telemetry=NO_TELEMETRY)
 
 
 @api.exception_handler(RequestValidationError)
