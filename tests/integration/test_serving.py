@@ -3,6 +3,7 @@ update under traffic. One app per module (the `served_url` fixture); the update 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -61,6 +62,12 @@ def test_make_serve_without_a_model_says_how_to_make_one(tmp_path: Path):
     assert "Traceback" not in done.stderr
 
 
+def haproxy_processes(pid: int) -> list[psutil.Process]:
+    """The HAProxy processes under `pid`. HAProxy reloads its config when routes or replicas change: the new
+    process takes over the listeners and the old one lingers until its connections end, so there may be two."""
+    return [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "haproxy"]
+
+
 def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_store, champion: Recommender):
     """`make serve` with serve.ingress: haproxy, HAProxy in front of replicas that answer HTTP themselves: the
     model's answers and the same JSON errors as behind Ray Serve's proxy (the rest of this module), listening where
@@ -71,6 +78,7 @@ def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_s
     process = subprocess.Popen([sys.executable, "-m", "serving", "--set", f"serve.port={port}", "--set",
                                 "serve.ingress=haproxy", "--set", "serve.warm_users=0"], env=env, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started: list[psutil.Process] = []
     try:
         output = []
         for line in process.stdout:  # the banner comes once the app answers
@@ -79,10 +87,11 @@ def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_s
                 break
         assert output and f"http://127.0.0.1:{port}" in output[-1], "".join(output)
         started = psutil.Process(process.pid).children(recursive=True)
-        haproxy = [p for p in started if p.name() == "haproxy"]
-        assert len(haproxy) == 1, f"no HAProxy among {[p.name() for p in started]}"
+        haproxy = haproxy_processes(process.pid)
+        assert haproxy, f"no HAProxy among {[p.name() for p in started]}"
         # Its files (config, state, the admin socket) in a folder only this user reaches: <folder>/<node id>/...
-        config = Path(haproxy[0].cmdline()[haproxy[0].cmdline().index("-f") + 1])
+        command = haproxy[-1].cmdline()
+        config = Path(command[command.index("-f") + 1])
         assert config.parents[1].stat().st_mode & 0o077 == 0, config
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
@@ -96,10 +105,12 @@ def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_s
 
         # The API on serve.host only; HAProxy's stats page and Prometheus metrics on every interface, as
         # conf/serve.yaml warns, on the ports the environment gave them.
-        listening = {(c.laddr.ip, c.laddr.port) for c in haproxy[0].net_connections("tcp") if c.status == "LISTEN"}
+        listening = {(c.laddr.ip, c.laddr.port) for p in haproxy_processes(process.pid)
+                     for c in p.net_connections("tcp") if c.status == "LISTEN"}
         assert ("127.0.0.1", port) in listening
         assert {p for ip, p in listening if ip != "127.0.0.1"} == {stats_port, metrics_port}, listening
 
+        started = psutil.Process(process.pid).children(recursive=True)  # with any HAProxy a reload started
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(started, timeout=30)
@@ -107,9 +118,14 @@ def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_s
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert not config.parents[1].exists()
-    finally:
+    finally:  # after a failed check: `make serve` and everything it started, HAProxy included
         if process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                started = psutil.Process(process.pid).children(recursive=True)
             process.kill()
+        for child in started:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         process.stdout.close()
 
 
