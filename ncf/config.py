@@ -199,6 +199,7 @@ class ServeConfig(Section):
     poll_interval_s: float = Field(gt=0)
     warm_users: int = Field(ge=0)
     cache_users: int = Field(gt=0)
+    answer_cache_mb: float = Field(ge=0)
     max_batch_size: int = Field(gt=0)
     batch_wait_timeout_s: float = Field(ge=0)
     min_replicas: int = Field(ge=1)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,6 +174,79 @@ def _replica_body_limit() -> int:
 api.add_middleware(BodyLimit, limit=_replica_body_limit)
 
 
+class ReplayedAnswers:
+    """The replica's ASGI app: `api` behind a cache of its /recommend answers. A GET /recommend without a body whose
+    query string `api` has answered with 200 under the model version serving now gets the same status, headers and
+    body again, with no routing, validation or serialisation (FastAPI's share of a warm request costs more than the
+    app's own); anything else goes to `api`. Holds the most recently asked for answers up to serve.answer_cache_mb,
+    and starts empty with each new model version. Outside `api`, not one of its middlewares: Starlette's own layers
+    would cost a replayed answer a tenth of its throughput."""
+
+    PATH = "/recommend"
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.version = None  # the ServedVersion the answers come from
+        self.answers: OrderedDict[bytes, tuple[Message, Message]] = OrderedDict()  # query string -> start, body
+        self.size = 0  # bytes of the answers' bodies and query strings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._replayable(scope):
+            await self.app(scope, receive, send)
+            return
+        replica = _replica()
+        served, query = replica.served, scope["query_string"]
+        if served is not self.version:
+            self.version, self.size = served, 0
+            self.answers.clear()
+        answer = self.answers.get(query)
+        if answer is not None:
+            self.answers.move_to_end(query)
+            for message in answer:
+                await send(dict(message))
+            return
+        answer = []
+
+        async def recorded(message: Message) -> None:
+            answer.append(message)
+            await send(message)
+
+        await self.app(scope, receive, recorded)
+        # Kept when complete (one start, one final body) and still from the version serving now.
+        if (len(answer) == 2 and answer[0]["status"] == 200 and not answer[1].get("more_body")
+                and self.version is served is replica.served):
+            self._keep(query, answer[0], answer[1], int(replica.config.answer_cache_mb * 2**20))
+
+    def __getattr__(self, name: str):
+        """Everything else is `app`'s: Ray Serve names each request's route (its metrics, its access log) from the
+        ASGI app's `routes`, `router` and `root_path`."""
+        if name == "app":  # not set yet (while unpickling): no recursion through self.app
+            raise AttributeError(name)
+        return getattr(self.app, name)
+
+    def held(self, served: ServedVersion) -> int:
+        """How many answers of `served` are held."""
+        return len(self.answers) if served is self.version else 0
+
+    def _replayable(self, scope: Scope) -> bool:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return False
+        path, root = scope["path"], scope.get("root_path", "")
+        if (path[len(root):] if root and path.startswith(root) else path) != self.PATH:
+            return False
+        return not any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"])
+
+    def _keep(self, query: bytes, start: Message, body: Message, limit: int) -> None:
+        size = len(query) + len(body.get("body", b""))
+        if size > limit or query in self.answers:  # two first requests for one query: both answered, one kept
+            return
+        self.answers[query] = (start, body)
+        self.size += size
+        while self.size > limit:
+            dropped, (_, old) = self.answers.popitem(last=False)
+            self.size -= len(dropped) + len(old.get("body", b""))
+
+
 # ----------------------------------------------------------------------------- the handlers
 # Handlers that compute (explain, predict, history, search) are plain `def`, which FastAPI runs in its thread
 # pool, so the event loop stays free for cached answers.
@@ -256,16 +330,18 @@ async def version() -> dict:
 @api.get("/healthz", response_model=HealthOut)
 async def healthz() -> dict:
     served = _replica().served
-    return {"status": "ok", "model_version": served.version, "cached_users": len(served.rankings)}
+    return {"status": "ok", "model_version": served.version, "cached_users": len(served.rankings),
+            "cached_answers": _replica().app.held(served)}
 
 
 # ----------------------------------------------------------------------------- the deployment
 
 
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress(ReplayedAnswers(api))
 class Recommendations:
-    """The ingress: the FastAPI app above (`api`), answering from this replica's model version (`served`)."""
+    """The ingress: the FastAPI app above (`api`) behind its replayed answers (`app`), answering from this replica's
+    model version (`served`)."""
 
     async def __init__(self, settings: dict, tracking_uri: str):
         self.config = ServeConfig.model_validate(settings)

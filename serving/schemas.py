@@ -122,6 +122,7 @@ class HealthOut(BaseModel):
     status: str
     model_version: str
     cached_users: int
+    cached_answers: int
 
 
 class ErrorOut(BaseModel):

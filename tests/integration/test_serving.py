@@ -227,6 +227,24 @@ def test_recommend_body_is_byte_for_byte_what_its_schema_writes(http: httpx.Clie
     assert response.content == RecommendationsOut.model_validate_json(response.content).model_dump_json().encode()
 
 
+def test_a_repeated_recommend_is_replayed_byte_for_byte(http: httpx.Client):
+    """A /recommend query answered with 200 is answered again with the same bytes from the replica's answers
+    (`cached_answers` counts them); another query string is another answer, and errors are never kept.
+    (The model update test checks that a new version starts without its predecessor's answers.)"""
+    params = {"user_id": 11, "k": 6}
+    held = http.get("/healthz").json()["cached_answers"]
+    first = http.get("/recommend", params=params)
+    assert http.get("/healthz").json()["cached_answers"] == held + 1
+    again = http.get("/recommend", params=params)
+    assert again.status_code == first.status_code == 200 and again.content == first.content
+    assert {k: again.headers[k] for k in ("content-type", "content-length")} == {
+        k: first.headers[k] for k in ("content-type", "content-length")}
+    assert http.get("/recommend", params={"k": 6, "user_id": 11}).content == first.content  # computed, then kept
+    for _ in range(2):
+        assert_json_error(http.get("/recommend", params={"user_id": 11, "k": 0}), 422, "k")
+    assert http.get("/healthz").json()["cached_answers"] == held + 2
+
+
 def test_explain_gives_weights_and_the_users_closest_liked_movies(http: httpx.Client, champion: Recommender):
     top = http.get("/recommend", params={"user_id": 1, "k": 1}).json()["items"][0]
     body = http.get("/explain", params={"user_id": 1, "movie_id": top["movie_id"]}).json()
