@@ -1,4 +1,4 @@
-"""Retriever benchmark: EASE and ALS settings chosen on validation, measured once on test.
+"""Retriever benchmark: EASE, ALS and the sequence signal, settings chosen on validation, measured once on test.
 
     python -m jobs.bench_retrieval [--data-dir DIR] [--max-items 8000] [--out docs/benchmarks/retrieval.md]
 
@@ -12,6 +12,7 @@ protocol (leave-one-out, 99 negatives) is reported beside it for comparison with
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -31,7 +32,8 @@ from ncf.evaluation import full_ranking_against, score_ranker
 from ncf.files import write_atomically
 from ncf.metrics import leave_one_out, paired_bootstrap, sampled_ranking_metrics
 from ncf.ranking import SeenItems
-from ncf.retrieval import ALS, EASE, interaction_matrix
+from ncf.reranking import CandidateRetriever
+from ncf.retrieval import ALS, EASE, Sequence, interaction_matrix
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "benchmarks" / "retrieval.md"
@@ -46,6 +48,11 @@ ALS_FACTORS = (32, 64, 128)
 ALS_REGS = (1.0, 10.0, 50.0)
 MAX_ITEMS = 8000
 MAX_ITEMS_SWEEP = (1000, 2000, 4000)
+# The sequence signal blended into the chosen EASE (retrieval.sequence_*): window, most recent ratings, decay, weight.
+SEQUENCE_WINDOWS = (5, 10, 20)
+SEQUENCE_LAST = (5, 10, 20)
+SEQUENCE_DECAYS = (0.5, 0.7, 0.9)
+SEQUENCE_WEIGHTS = (0.4, 0.7, 1.0)
 NDCG = "full_ndcg_at_10"
 
 
@@ -228,6 +235,34 @@ def choose_als(val: Slice) -> tuple[dict, list[str]]:
     return best[1] | {"validation_ndcg": best[0]}, rows
 
 
+def choose_sequence(val: Slice, ease_setting: dict) -> tuple[dict, list[str]]:
+    """The sequence signal's settings, blended into the chosen EASE as the served retriever blends them
+    (`ncf.reranking.CandidateRetriever`), on validation: one row per window x most recent ratings, with its
+    best decay and weight."""
+    ease = build(ease_setting, val)()
+    rows, best = [], None
+    for window, last in itertools.product(SEQUENCE_WINDOWS, SEQUENCE_LAST):
+        scores = {}
+        for decay in SEQUENCE_DECAYS:
+            sequence = Sequence(window, last, decay).fit(val.fit_on, val.n_users, val.n_movies)
+            for weight in SEQUENCE_WEIGHTS:
+                retriever = CandidateRetriever(ease, val.fit_on, INPUTS[ease_setting["input"]], val.n_users,
+                                               val.n_movies, sequence, weight)
+                scores[decay, weight] = val.evaluate(retriever.score)[0][NDCG]
+        decay, weight = max(scores, key=scores.get)
+        rows.append(f"| {window} | {last} | {decay:g} | {weight:g} | {scores[decay, weight]:.4f} |")
+        say(f"  sequence window {window}, last {last}: NDCG {scores[decay, weight]:.4f} at decay {decay:g}, "
+            f"weight {weight:g}")
+        if best is None or scores[decay, weight] > best[0]:
+            best = (scores[decay, weight], {"window": window, "last": last, "decay": decay, "weight": weight})
+    return best[1] | {"validation_ndcg": best[0]}, rows
+
+
+def sequence_label(setting: dict) -> str:
+    return (f"sequence window {setting['window']}, last {setting['last']}, decay {setting['decay']:g}, "
+            f"weight {setting['weight']:g}")
+
+
 # ----------------------------------------------------------------------------- refit and test
 
 
@@ -297,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  chosen: {label(ease_setting)} (validation NDCG {ease_setting['validation_ndcg']:.4f})")
     cap_rows = ease_max_items_sweep(val, ease_setting)
     variant_rows = ease_variants(val, ease_setting)
+    say("Sequence signal on validation, blended into the chosen EASE")
+    sequence_setting, sequence_rows = choose_sequence(val, ease_setting)
+    say(f"  chosen: {sequence_label(sequence_setting)} (validation NDCG {sequence_setting['validation_ndcg']:.4f})")
     say("ALS grid on validation")
     als_setting, als_rows = choose_als(val)
     say(f"  chosen: {label(als_setting)} (validation NDCG {als_setting['validation_ndcg']:.4f})")
@@ -318,6 +356,17 @@ def main(argv: list[str] | None = None) -> int:
             ease_item_bytes, ease_kept = model.item_matrix_bytes(), len(model.items)
         say(f"  {name}: NDCG {metrics[NDCG]:.4f}, HR {metrics['full_hit_rate_at_10']:.4f}, fit {seconds:.2f} s, "
             f"peak {peak:.0f} MiB")
+        if name == "ease":
+            ease_model = model
+    sequence, seconds, peak = measure_fit(lambda: Sequence(*(sequence_setting[k] for k in ("window", "last", "decay")))
+                                          .fit(test.fit_on, data.n_users, data.n_movies))
+    blended = CandidateRetriever(ease_model, test.fit_on, INPUTS[ease_setting["input"]], data.n_users, data.n_movies,
+                                 sequence, sequence_setting["weight"])
+    metrics, ndcg = test.evaluate(blended.score)
+    results["ease + sequence"] = {"metrics": metrics, "ndcg": ndcg, "seconds": seconds, "peak_mib": peak,
+                                  "setting": sequence_label(sequence_setting)}
+    say(f"  ease + sequence: NDCG {metrics[NDCG]:.4f}, HR {metrics['full_hit_rate_at_10']:.4f}, sequence fit "
+        f"{seconds:.2f} s, peak {peak:.0f} MiB")
 
     say("Sampled protocol (leave-one-out, 99 negatives)")
     sampled = sampled_protocol(data, {"ease": ease_setting, "als": als_setting})
@@ -327,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m jobs.bench_retrieval --data-dir <ml-latest-small folder>" + (
         f" --max-items {args.max_items}" if args.max_items != MAX_ITEMS else "")
     lines = [
-        "# Retrieval: EASE and ALS on full ranking",
+        "# Retrieval: EASE, ALS and the sequence signal on full ranking",
         "",
         f"Produced by `{command}` (MovieLens latest-small, seed split) on {platform.machine()}, "
         f"Python {platform.python_version()}, in {elapsed:.0f} s.",
@@ -356,17 +405,21 @@ def main(argv: list[str] | None = None) -> int:
                      f"{m['full_precision_at_10']:.4f} | {m['full_map_at_10']:.4f} | {m['full_coverage']:.4f} | "
                      f"{fit_cells} |")
     duel = paired_bootstrap(results["ease"]["ndcg"], results["als"]["ndcg"])
+    gain = paired_bootstrap(results["ease + sequence"]["ndcg"], results["ease"]["ndcg"])
     lines += [
         "",
-        f"EASE - ALS, NDCG@10: {duel.difference:+.4f} [{duel.low:+.4f}, {duel.high:+.4f}].",
+        f"EASE - ALS, NDCG@10: {duel.difference:+.4f} [{duel.low:+.4f}, {duel.high:+.4f}]. "
+        f"EASE + sequence - EASE: {gain.difference:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}].",
         "",
         "Settings:",
         "",
         f"- ease: {results['ease']['setting']} (validation NDCG@10 {ease_setting['validation_ndcg']:.4f})",
         f"- als: {results['als']['setting']} (validation NDCG@10 {als_setting['validation_ndcg']:.4f})",
+        f"- ease + sequence: the ease row's EASE, its scores blended with the {results['ease + sequence']['setting']} "
+        f"(retrieval.sequence_*; validation NDCG@10 {sequence_setting['validation_ndcg']:.4f})",
         "",
         "Fit time: one untraced fit, BLAS and `implicit` on one thread (a shared 2-core machine: times are "
-        "indicative). Peak: the largest traced allocation "
+        "indicative); for ease + sequence, the sequence signal's alone. Peak: the largest traced allocation "
         "during a second fit (Python's tracemalloc, which sees numpy and scipy buffers, not `implicit`'s C++ "
         "scratch space).",
         "",
@@ -414,6 +467,20 @@ def main(argv: list[str] | None = None) -> int:
         "| variant | lambda | NDCG@10 |",
         "|---|---|---|",
         *variant_rows,
+        "",
+        "## Validation: the sequence signal",
+        "",
+        "What users rate next (`ncf.retrieval.Sequence`): for each movie, how often each other movie came within "
+        "`window` ratings after it in a user's history; a user's score sums those counts over the user's `last` "
+        "most recent ratings, each older one weighing `decay` times the next. Blended into the chosen EASE as "
+        "z(EASE) + weight x z(sequence), fit on train, ranked against validation; the best decay "
+        f"({', '.join(f'{d:g}' for d in SEQUENCE_DECAYS)}) and weight "
+        f"({', '.join(f'{w:g}' for w in SEQUENCE_WEIGHTS)}) of each row is shown. The chosen EASE alone: "
+        f"{ease_setting['validation_ndcg']:.4f}.",
+        "",
+        "| window | last | decay | weight | NDCG@10 |",
+        "|---|---|---|---|---|",
+        *sequence_rows,
         "",
         "## Validation: ALS grid",
         "",

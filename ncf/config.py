@@ -151,6 +151,10 @@ class RetrievalConfig(Section):
     als_factors: int = Field(gt=0)
     als_regularization: float = Field(ge=0)
     als_iterations: int = Field(gt=0)
+    sequence_weight: float = Field(ge=0)
+    sequence_window: int = Field(gt=0)
+    sequence_last: int = Field(gt=0)
+    sequence_decay: float = Field(gt=0, le=1)
     n_candidates: int = Field(gt=0)
     rating_weight: float
     interaction_weight: float
@@ -397,7 +401,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
 # since (`evaluation`) shape how a run is evaluated, not the model: a loaded model never reads them.
 ADDED_KEYS: dict[str, dict[str, Any]] = {
     "model": {"sparse_embeddings": False},
-    "retrieval": {"profile_rating_offset": None},
+    "retrieval": {"profile_rating_offset": None, "sequence_weight": 0.0, "sequence_window": 10, "sequence_last": 10,
+                  "sequence_decay": 0.7},
 }
 
 

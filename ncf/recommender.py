@@ -21,7 +21,7 @@ from ncf.config import Config, ModelConfig, RetrievalConfig, saved_section
 from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
 from ncf.ranking import SeenItems
-from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, top_k
+from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, top_k
 from ncf.retrieval import ALS, EASE, FILE_NAME, load_retriever
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
@@ -70,7 +70,7 @@ class Recommender:
         self.predict = self.scorer.predict
         retrieval = (RetrievalConfig.model_validate(saved_section("retrieval", config["retrieval"]))
                      if "retrieval" in config else None)
-        self.candidates = (CandidateRetriever(retriever, history, retrieval.min_rating, ids.n_users, ids.n_movies)
+        self.candidates = (candidate_retriever(retriever, retrieval, history, ids.n_users, ids.n_movies)
                            if retriever is not None else None)
         self.reranking = Reranking.from_config(retrieval) if retrieval else Reranking(0)
         # The catalogue's half of every scoring pass, for ranking the whole catalogue (no retriever).
@@ -202,6 +202,13 @@ class Recommender:
         if self.candidates is None:
             return np.empty(0, np.int64), np.empty(0)
         return self.candidates.evidence(user, movie)
+
+    def sequence_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's recent movies that `movie` often follows in others' histories (the sequence signal), strongest
+        first, with their terms of its score; none without a sequence signal."""
+        if self.candidates is None:
+            return np.empty(0, np.int64), np.empty(0)
+        return self.candidates.sequence_evidence(user, movie)
 
     @torch.no_grad()
     def movie_similarity(self, movie: int, others: np.ndarray) -> np.ndarray:

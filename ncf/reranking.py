@@ -23,7 +23,7 @@ from ncf.evaluation import relevant_targets
 from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
 from ncf.model import NCF, MovieSide, forward_batched
 from ncf.ranking import SeenItems, top_k_unseen
-from ncf.retrieval import ALS, EASE, blend, configured_retriever, fit_on_ratings
+from ncf.retrieval import ALS, EASE, Sequence, blend, configured_retriever, fit_on_ratings
 
 HEAD_SIGNALS = {"rating": "rating", "interaction": "logit"}  # head -> the ModelOutput field re-ranking reads
 
@@ -46,11 +46,14 @@ class Reranking:
 
 class CandidateRetriever:
     """A fitted retriever, with the most rated movies for users it cannot score (no rating >= its
-    `min_rating` to build a profile from): without them those users' candidates would be arbitrary."""
+    `min_rating` to build a profile from): without them those users' candidates would be arbitrary.
+    With a `sequence` (`ncf.retrieval.Sequence`, fitted on the same ratings), a user's scores are the blend
+    z(retriever) + sequence_weight * z(sequence) over the catalogue (`ncf.retrieval.blend`)."""
 
     def __init__(self, retriever: EASE | ALS, ratings: Ratings, min_rating: float | None, n_users: int,
-                 n_movies: int):
+                 n_movies: int, sequence: Sequence | None = None, sequence_weight: float = 0.0):
         self.retriever = retriever
+        self.sequence, self.sequence_weight = sequence, sequence_weight
         kept = ratings.rating >= min_rating if min_rating is not None else np.ones(len(ratings), bool)
         # Each user's profile movies (what the scores are built from), grouped by user: ALS's evidence reads one
         # user's in place of scanning every rating, and no copy of the ratings is kept.
@@ -68,7 +71,10 @@ class CandidateRetriever:
         empty = self.no_profile[users]
         if empty.any():
             scores[empty] = self.fallback
-        return scores
+        if self.sequence is None:
+            return scores
+        return blend(scores, {"sequence": self.sequence.score(users)}, {"sequence": self.sequence_weight}).astype(
+            np.float32)
 
     def evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's profile movies behind `movie`'s retrieval score, strongest first, and their shares:
@@ -93,6 +99,12 @@ class CandidateRetriever:
         order = np.argsort(-shares[keep], kind="stable")
         return movies[keep][order].astype(np.int64), shares[keep][order].astype(np.float64)
 
+    def sequence_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's recent movies behind `movie`'s sequence score (`Sequence.evidence`); none without one."""
+        if self.sequence is None:
+            return np.empty(0, np.int64), np.empty(0)
+        return self.sequence.evidence(user, movie)
+
 
 def fit_retriever(cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies: int,
                   seed: int = 0) -> CandidateRetriever | None:
@@ -100,7 +112,16 @@ def fit_retriever(cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies
     if cfg.retriever == "none":
         return None
     model = fit_on_ratings(configured_retriever(cfg.retriever, cfg, seed), ratings, n_users, n_movies, cfg)
-    return CandidateRetriever(model, ratings, cfg.min_rating, n_users, n_movies)
+    return candidate_retriever(model, cfg, ratings, n_users, n_movies)
+
+
+def candidate_retriever(retriever: EASE | ALS, cfg: RetrievalConfig, ratings: Ratings, n_users: int,
+                        n_movies: int) -> CandidateRetriever:
+    """A fitted retriever with what `cfg` adds to it from `ratings`, the ones it was fitted on: its fallback and,
+    when `sequence_weight` is set, the sequence signal."""
+    sequence = (Sequence(cfg.sequence_window, cfg.sequence_last, cfg.sequence_decay).fit(ratings, n_users, n_movies)
+                if cfg.sequence_weight else None)
+    return CandidateRetriever(retriever, ratings, cfg.min_rating, n_users, n_movies, sequence, cfg.sequence_weight)
 
 
 # Users [U], candidate movies [U, N] -> each head's signal on every candidate, [U, N] per head.

@@ -89,6 +89,61 @@ def interaction_matrix(ratings: Ratings, n_users: int, n_movies: int, min_rating
     return matrix
 
 
+# ----------------------------------------------------------------------------- what users rate next
+
+
+class Sequence:
+    """What users rate next, from the order of everyone's ratings: a signal the retriever's scores are blended
+    with (`retrieval.sequence_weight`), for users whose next ratings follow their latest ones (as every held-out
+    rating does on a per-user temporal split).
+
+    `transitions[i, j]` counts how often movie j comes within `window` ratings after movie i in a user's history
+    (ordered by time, then movie: a user's ratings in one second have no order of their own), its row divided by
+    the square root of the row's total, so that movies followed by everything do not drown the rest. A user's
+    score of movie j is log(1 + sum over the user's `last` most recent ratings i of w_i transitions[i, j]), with
+    w 1 for the newest and `decay` times the next newer one's for each older. Every rating counts, whatever its
+    value: what users watch next, not only what they liked. Built from the ratings (never saved): memory grows
+    with the distinct (movie, next movie) pairs, at most `window` per rating.
+    """
+
+    def __init__(self, window: int = 10, last: int = 10, decay: float = 0.7):
+        if window < 1 or last < 1 or not 0 < decay <= 1:
+            raise ValueError(f"sequence window ({window}) and last ({last}) must be >= 1 and decay ({decay}) in (0, 1]")
+        self.window, self.last, self.decay = window, last, decay
+
+    def fit(self, ratings: Ratings, n_users: int, n_movies: int) -> Sequence:
+        order = np.lexsort((ratings.movie, ratings.timestamp, ratings.user))  # by user, oldest first
+        users, movies = ratings.user[order], ratings.movie[order]
+        counts = sp.csr_matrix((n_movies, n_movies), dtype=np.float32)
+        for gap in range(1, self.window + 1):  # one gap at a time: the peak is one gap's pairs, not all of them
+            same_user = users[gap:] == users[:-gap]
+            counts = counts + sp.csr_matrix((np.ones(int(same_user.sum()), np.float32),
+                                             (movies[:-gap][same_user], movies[gap:][same_user])),
+                                            shape=(n_movies, n_movies), dtype=np.float32)
+        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        self.transitions = sp.csr_matrix(sp.diags(1 / np.sqrt(np.maximum(totals, 1))) @ counts, dtype=np.float32)
+        newest_first = np.lexsort((-ratings.movie, -ratings.timestamp, ratings.user))
+        users, movies = ratings.user[newest_first], ratings.movie[newest_first]
+        position = np.arange(len(users)) - np.searchsorted(users, users, side="left")  # 0: the user's newest
+        kept = position < self.last
+        self.recent = sp.csr_matrix((self.decay ** position[kept].astype(np.float32), (users[kept], movies[kept])),
+                                    shape=(n_users, n_movies), dtype=np.float32)
+        return self
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """[len(users), n_movies] float32."""
+        return np.log1p((self.recent[np.asarray(users)] @ self.transitions).toarray())
+
+    def evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's recent movies that `movie` follows in others' histories, strongest first, with their terms of
+        its score (before the log): recency weight x transitions[recent movie, movie]."""
+        row = self.recent[user]
+        shares = row.data * self.transitions[row.indices, movie].toarray().ravel()
+        keep = (shares > 0) & (row.indices != movie)
+        order = np.argsort(-shares[keep], kind="stable")
+        return row.indices[keep][order].astype(np.int64), shares[keep][order].astype(np.float64)
+
+
 # ----------------------------------------------------------------------------- retrievers
 
 

@@ -163,13 +163,13 @@ class ServedVersion:
                                                                 "similarity": float(similarity[i])} for i in closest],
             "shared_genres": shared,
             "retriever": rec.candidates.name if rec.candidates is not None else None,
-            "retrieved_because_you_rated": self.evidence(user, movie),
+            "retrieved_because_you_rated": self.evidence(user, *rec.retrieval_evidence(user, movie)),
+            "rated_next_after": self.evidence(user, *rec.sequence_evidence(user, movie)),
         }
 
-    def evidence(self, user: int, movie: int) -> list[dict]:
-        """The retriever's evidence for the pair: the user's ratings behind the movie's retrieval score."""
+    def evidence(self, user: int, movies: np.ndarray, shares: np.ndarray) -> list[dict]:
+        """The first BECAUSE_N of the user's rated `movies` behind a score, each with its rating and share."""
         rec = self.recommender
-        movies, shares = rec.retrieval_evidence(user, movie)
         movies, shares = movies[:BECAUSE_N], shares[:BECAUSE_N]
         rated = rec.ratings_of(user)
         rating_of = dict(zip(rated.movie.tolist(), rated.rating.tolist(), strict=True))

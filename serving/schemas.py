@@ -51,6 +51,12 @@ class RetrievedBecause(Movie):
                                       "ALS: the cosine of the two movies' factors)")
 
 
+class RatedNextAfter(Movie):
+    rating: float = Field(description="the user's own rating")
+    weight: float = Field(description="this rating's term of the movie's sequence score: its recency weight times "
+                                      "how often the movie came next after it in other users' histories")
+
+
 class ExplanationOut(Movie, Scored):
     user_id: int
     model_version: str
@@ -61,6 +67,9 @@ class ExplanationOut(Movie, Scored):
                                               "ranks the whole catalogue itself")
     retrieved_because_you_rated: list[RetrievedBecause] = Field(
         description="the user's ratings that made the retriever propose this movie, strongest first")
+    rated_next_after: list[RatedNextAfter] = Field(
+        description="the user's latest ratings that other users often followed with this movie (the sequence "
+                    "signal blended into the retriever's scores), strongest first; empty without it")
 
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]

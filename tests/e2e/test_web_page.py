@@ -61,11 +61,16 @@ def test_pick_user_1_then_see_recommendations_and_an_explanation(page, problems:
     expect(explanation.locator("h3.title")).to_have_text(expected[0]["title"])
     expect(page.locator("#because-you-rated li").first).to_be_visible()
     # The retriever's evidence: the user's own ratings behind the top recommendation's retrieval score.
-    evidence = httpx.get(f"{served_url}/explain", params={"user_id": 1, "movie_id": expected[0]["movie_id"]},
-                         timeout=30).json()["retrieved_because_you_rated"]
+    explained = httpx.get(f"{served_url}/explain", params={"user_id": 1, "movie_id": expected[0]["movie_id"]},
+                          timeout=30).json()
+    evidence, rated_next = explained["retrieved_because_you_rated"], explained["rated_next_after"]
     assert evidence, "the served model's retriever gives no evidence for its own top recommendation"
     expect(page.locator("#retrieved-because li")).to_have_count(len(evidence))
     expect(page.locator("#retrieved-because li").first).to_contain_text(evidence[0]["title"])
+    # The sequence signal's evidence: the user's latest ratings that others followed with this movie.
+    assert rated_next, "the served model's sequence signal gives no evidence for its own top recommendation"
+    expect(page.locator("#rated-next-after li")).to_have_count(len(rated_next))
+    expect(page.locator("#rated-next-after li").first).to_contain_text(rated_next[0]["title"])
     user_weight = float(page.locator("#user-weight").inner_text().split()[-1])
     movie_weight = float(page.locator("#movie-weight").inner_text().split()[-1])
     assert user_weight + movie_weight == pytest.approx(1, abs=0.011)

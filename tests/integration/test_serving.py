@@ -274,6 +274,13 @@ def test_explain_gives_weights_and_the_users_closest_liked_movies(http: httpx.Cl
     np.testing.assert_allclose([e["weight"] for e in evidence], shares[:5], rtol=1e-5)
     for e in evidence:
         assert own[e["movie_id"]] == e["rating"] >= 4.0  # retrieval learns from ratings >= 4
+    # The sequence signal's evidence: the user's latest ratings, whatever their value, that others followed with it.
+    rated_next = body["rated_next_after"]
+    assert 1 <= len(rated_next) <= 5
+    movies, shares = champion.sequence_evidence(user, movie)
+    assert [e["movie_id"] for e in rated_next] == champion.ids.movie_ids[movies[:5]].tolist()
+    np.testing.assert_allclose([e["weight"] for e in rated_next], shares[:5], rtol=1e-5)
+    assert all(own[e["movie_id"]] == e["rating"] for e in rated_next)
 
 
 def test_predict_pairs_match_the_model(http: httpx.Client, champion: Recommender):

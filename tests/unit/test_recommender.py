@@ -109,10 +109,14 @@ def test_indexes_built_once_for_serving(recommender: Recommender, tiny_movielens
     assert len(recommender.search_titles("no such title", limit=5)) == 0
 
 
-def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, tmp_path: Path):
-    """Saved and loaded with its retriever and chosen re-ranking, the recommender ranks the same lists."""
+@pytest.mark.parametrize("sequence_weight", [0.0, 0.7])
+def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, tmp_path: Path,
+                                                    sequence_weight: float):
+    """Saved and loaded with its retriever and chosen re-ranking, the recommender ranks the same lists (with the
+    sequence signal too: rebuilt from the ratings the recommender keeps, the ones the retriever was fitted on)."""
     config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
-                          "retrieval.n_candidates=20", "retrieval.rating_weight=0.5"])
+                          "retrieval.n_candidates=20", "retrieval.rating_weight=0.5",
+                          f"retrieval.sequence_weight={sequence_weight}"])
     torch.manual_seed(0)
     model = build_model(config, tiny_movielens)
     retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(),
@@ -120,6 +124,7 @@ def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, t
     recommender = Recommender.from_training(model, config, tiny_movielens, retriever)
     loaded = Recommender.load(recommender.save(tmp_path))
     assert loaded.candidates is not None and loaded.candidates.name == "ease"
+    assert (loaded.candidates.sequence is not None) == (sequence_weight > 0)
     assert loaded.reranking.n_candidates == 20 and loaded.reranking.weights["rating"] == 0.5
     users = np.arange(tiny_movielens.n_users)
     np.testing.assert_array_equal(loaded.top_k(users, 10)[0], recommender.top_k(users, 10)[0])

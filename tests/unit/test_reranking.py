@@ -21,7 +21,7 @@ from ncf.reranking import (
     rerank,
     top_k,
 )
-from ncf.retrieval import ALS, EASE, blend, interaction_matrix
+from ncf.retrieval import ALS, EASE, Sequence, blend, interaction_matrix
 from ncf.training import LocalReporter, build_model, rated_keys, sample_unrated, train_loop
 
 pytestmark = pytest.mark.unit
@@ -104,6 +104,20 @@ def test_users_without_a_profile_get_the_most_rated_movies():
     assert retriever.no_profile.tolist() == [False, False, True]  # user 2 rated nothing >= 4
     scores = retriever.score(np.array([2]))
     np.testing.assert_allclose(scores[0], np.log1p([1.0, 3.0, 1.0, 0.0]))  # movie 1 is rated most
+
+
+def test_the_sequence_signal_is_blended_into_the_retrievers_scores(tiny_config: Config, tiny_movielens: MovieLens):
+    train = tiny_movielens.splits.train
+    n_users, n_movies = tiny_movielens.n_users, tiny_movielens.n_movies
+    plain = fit_retriever(small(tiny_config).retrieval, train, n_users, n_movies)
+    config = small(tiny_config, "retrieval.sequence_weight=0.5", "retrieval.sequence_window=3",
+                   "retrieval.sequence_last=4", "retrieval.sequence_decay=0.8")
+    blended = fit_retriever(config.retrieval, train, n_users, n_movies)
+    users = np.arange(n_users)
+    sequence = Sequence(3, 4, 0.8).fit(train, n_users, n_movies)
+    np.testing.assert_allclose(blended.score(users), blend(plain.score(users), {"s": sequence.score(users)},
+                                                           {"s": 0.5}), rtol=1e-5, atol=1e-5)
+    assert plain.sequence is None
 
 
 def test_ease_evidence_is_the_terms_of_its_score():
