@@ -97,14 +97,18 @@ class Sequence:
     with (`retrieval.sequence_weight`), for users whose next ratings follow their latest ones (as every held-out
     rating does on a per-user temporal split).
 
-    `transitions[i, j]` counts how often movie j comes within `window` ratings after movie i in a user's history
-    (ordered by time, then movie: a user's ratings in one second have no order of their own), its row divided by
-    the square root of the row's total, so that movies followed by everything do not drown the rest. A user's
-    score of movie j is log(1 + sum over the user's `last` most recent ratings i of w_i transitions[i, j]), with
-    w 1 for the newest and `decay` times the next newer one's for each older. Every rating counts, whatever its
-    value: what users watch next, not only what they liked. Built from the ratings (never saved): memory grows
-    with the distinct (movie, next movie) pairs, at most `window` per rating.
+    `transitions[i, j]` counts how often movie j comes within `window` ratings after movie i in a user's history,
+    ordered by time; its row divided by the square root of the row's total, so that movies followed by everything
+    do not drown the rest. Ratings a user made in the same second have no order: such a pair counts both ways
+    (which of them fall within the window follows a fixed pseudo-random order of the movies, never their ids,
+    which a split's own tie order may follow). A user's score of movie j is log(1 + sum over i of
+    decay ** age_i x transitions[i, j]) over the user's ratings i with fewer than `last` newer ones (age_i: how
+    many are newer; `recency_age`). Every rating counts, whatever its value: what users watch next, not only what
+    they liked. Built from the ratings (never saved): memory grows with the distinct (movie, next movie) pairs, at
+    most 2 x `window` per rating.
     """
+
+    TIE_ORDER_SEED = 0
 
     def __init__(self, window: int = 10, last: int = 10, decay: float = 0.7):
         if window < 1 or last < 1 or not 0 < decay <= 1:
@@ -112,21 +116,22 @@ class Sequence:
         self.window, self.last, self.decay = window, last, decay
 
     def fit(self, ratings: Ratings, n_users: int, n_movies: int) -> Sequence:
-        order = np.lexsort((ratings.movie, ratings.timestamp, ratings.user))  # by user, oldest first
-        users, movies = ratings.user[order], ratings.movie[order]
+        tie_order = np.random.default_rng(self.TIE_ORDER_SEED).permutation(n_movies)
+        order = np.lexsort((tie_order[ratings.movie], ratings.timestamp, ratings.user))  # by user, oldest first
+        users, movies, times = ratings.user[order], ratings.movie[order], ratings.timestamp[order]
         counts = sp.csr_matrix((n_movies, n_movies), dtype=np.float32)
         for gap in range(1, self.window + 1):  # one gap at a time: the peak is one gap's pairs, not all of them
             same_user = users[gap:] == users[:-gap]
-            counts = counts + sp.csr_matrix((np.ones(int(same_user.sum()), np.float32),
-                                             (movies[:-gap][same_user], movies[gap:][same_user])),
+            before, after = movies[:-gap][same_user], movies[gap:][same_user]
+            tied = times[:-gap][same_user] == times[gap:][same_user]
+            counts = counts + sp.csr_matrix((np.ones(len(before) + int(tied.sum()), np.float32),
+                                             (np.r_[before, after[tied]], np.r_[after, before[tied]])),
                                             shape=(n_movies, n_movies), dtype=np.float32)
         totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
         self.transitions = sp.csr_matrix(sp.diags(1 / np.sqrt(np.maximum(totals, 1))) @ counts, dtype=np.float32)
-        newest_first = np.lexsort((-ratings.movie, -ratings.timestamp, ratings.user))
-        users, movies = ratings.user[newest_first], ratings.movie[newest_first]
-        position = np.arange(len(users)) - np.searchsorted(users, users, side="left")  # 0: the user's newest
-        kept = position < self.last
-        self.recent = sp.csr_matrix((self.decay ** position[kept].astype(np.float32), (users[kept], movies[kept])),
+        age = recency_age(ratings.user, ratings.timestamp, "rank")
+        kept = age < self.last
+        self.recent = sp.csr_matrix((self.decay ** age[kept], (ratings.user[kept], ratings.movie[kept])),
                                     shape=(n_users, n_movies), dtype=np.float32)
         return self
 

@@ -159,18 +159,21 @@ def test_profile_weights_by_rating_above_the_offset_times_recency():
 
 
 def test_sequence_counts_what_follows_each_movie_and_scores_the_users_latest():
-    # User 0 rates 0, 1, 2 (in that order; 1 and 2 in the same second: by movie); user 1 rates 2 then 1.
+    # User 0 rates 0, then 1 and 2 in the same second; user 1 rates 2, then 1.
     ratings = Ratings(np.array([0, 0, 0, 1, 1]), np.array([2, 0, 1, 1, 2]), np.array([5.0, 1.0, 3.0, 4.0, 2.0]),
                       np.array([20, 10, 20, 9, 5]))
     sequence = Sequence(window=2, last=2, decay=0.5).fit(ratings, n_users=2, n_movies=4)
     counts = np.zeros((4, 4))
-    counts[0, 1] = counts[0, 2] = counts[1, 2] = counts[2, 1] = 1  # every rating counts, whatever its value
+    counts[0, 1] = counts[0, 2] = 1  # every rating counts, whatever its value
+    counts[1, 2] = counts[2, 1] = 1  # the same second: both ways
+    counts[2, 1] += 1  # user 1
     expected = counts / np.sqrt(np.maximum(counts.sum(axis=1, keepdims=True), 1))
     np.testing.assert_allclose(sequence.transitions.toarray(), expected, rtol=1e-6)
-    # User 0's two latest: 2 (weight 1), then 1 (weight 0.5); user 1's: 1, then 2.
-    np.testing.assert_allclose(sequence.recent.toarray(), [[0, 0.5, 1, 0], [0, 1, 0.5, 0]])
+    # Ratings with fewer than 2 newer ones, weight 0.5 ** (how many are newer): user 0's 1 and 2 (none newer; 0 has
+    # two newer: left out), user 1's 1, then 2.
+    np.testing.assert_allclose(sequence.recent.toarray(), [[0, 1, 1, 0], [0, 1, 0.5, 0]])
     np.testing.assert_allclose(sequence.score(np.array([1, 0])),
-                               np.log1p(np.array([[0, 1, 0.5, 0], [0, 0.5, 1, 0]]) @ expected), rtol=1e-6)
+                               np.log1p(np.array([[0, 1, 0.5, 0], [0, 1, 1, 0]]) @ expected), rtol=1e-6)
     # Evidence: the terms of a score, strongest first; user 1's score of movie 2 comes from movie 1 alone.
     movies, shares = sequence.evidence(user=1, movie=2)
     assert movies.tolist() == [1] and shares == pytest.approx([1.0 * expected[1, 2]])
