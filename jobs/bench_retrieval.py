@@ -263,13 +263,18 @@ def sequence_label(setting: dict) -> str:
             f"weight {setting['weight']:g}")
 
 
+def fit_sequence(setting: dict, part: Slice) -> Sequence:
+    """The sequence signal of a chosen `setting` (choose_sequence), fitted on `part`."""
+    return Sequence(setting["window"], setting["last"], setting["decay"]).fit(part.fit_on, part.n_users,
+                                                                              part.n_movies)
+
+
 def with_and_without_sequence(part: Slice, ease_setting: dict, sequence_setting: dict) -> str:
     """A table row: NDCG@10 of the chosen EASE alone and blended with the chosen sequence signal, both fitted on
     `part` and served as the recommender serves them (users without a profile get the most rated movies), and
     their paired difference."""
     ease = build(ease_setting, part)()
-    sequence = Sequence(*(sequence_setting[k] for k in ("window", "last", "decay"))).fit(part.fit_on, part.n_users,
-                                                                                          part.n_movies)
+    sequence = fit_sequence(sequence_setting, part)
     plain, blended = (CandidateRetriever(ease, part.fit_on, INPUTS[ease_setting["input"]], part.n_users,
                                          part.n_movies, *signal)
                       for signal in ((), (sequence, sequence_setting["weight"])))
@@ -374,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             f"peak {peak:.0f} MiB")
         if name == "ease":
             ease_model = model
-    sequence, seconds, peak = measure_fit(lambda: Sequence(*(sequence_setting[k] for k in ("window", "last", "decay")))
-                                          .fit(test.fit_on, data.n_users, data.n_movies))
+    sequence, seconds, peak = measure_fit(lambda: fit_sequence(sequence_setting, test))
     blended = CandidateRetriever(ease_model, test.fit_on, INPUTS[ease_setting["input"]], data.n_users, data.n_movies,
                                  sequence, sequence_setting["weight"])
     metrics, ndcg = test.evaluate(blended.score)

@@ -22,7 +22,7 @@ from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
 from ncf.ranking import SeenItems
 from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, top_k
-from ncf.retrieval import ALS, EASE, FILE_NAME, load_retriever
+from ncf.retrieval import FILE_NAME, load_retriever
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
 PAIR_COLUMNS = ["user_id", "movie_id", "predicted_rating", "strength", "user_weight", "movie_weight"]
@@ -56,11 +56,17 @@ class NCFScorer:
         return blended_pairs(self.model, None, Reranking(0), users, candidates)
 
 
+def saved_retrieval(config: dict) -> RetrievalConfig | None:
+    """The retrieval section of a saved training config (keys added since filled in), None if it has none."""
+    return RetrievalConfig.model_validate(saved_section("retrieval", config["retrieval"])) if "retrieval" in config \
+        else None
+
+
 class Recommender:
     score = None  # as an evaluation `Scorable`, it ranks with `rank`, not by a catalogue score
 
     def __init__(self, model: NCF, config: dict, ids: IdMaps, movies: pd.DataFrame, history: Ratings,
-                 retriever: EASE | ALS | None = None):
+                 candidates: CandidateRetriever | None = None):
         self.model = model.eval()
         self.config = config  # the resolved training config, kept as the run's record
         self.ids = ids
@@ -68,10 +74,8 @@ class Recommender:
         self.history = history  # every known rating (train + validation), encoded
         self.scorer = NCFScorer(self.model)
         self.predict = self.scorer.predict
-        retrieval = (RetrievalConfig.model_validate(saved_section("retrieval", config["retrieval"]))
-                     if "retrieval" in config else None)
-        self.candidates = (candidate_retriever(retriever, retrieval, history, ids.n_users, ids.n_movies)
-                           if retriever is not None else None)
+        retrieval = saved_retrieval(config)
+        self.candidates = candidates  # fitted on `history`
         self.reranking = Reranking.from_config(retrieval) if retrieval else Reranking(0)
         # The catalogue's half of every scoring pass, for ranking the whole catalogue (no retriever).
         self.movie_side = self.model.movie_side() if self.candidates is None else None
@@ -91,7 +95,7 @@ class Recommender:
                       retriever: CandidateRetriever | None = None) -> Recommender:
         """`retriever` fitted on train + validation, like `model`; `config.retrieval` holds the chosen re-ranking."""
         return cls(model, config.model_dump(mode="json"), data.ids, data.movies, data.splits.train_and_validation(),
-                   retriever.retriever if retriever else None)
+                   retriever)
 
     # ------------------------------------------------------------------ persistence
 
@@ -121,8 +125,11 @@ class Recommender:
         genres = torch.from_numpy(genre_matrix(movies)[0]) if model_config.use_genres else None
         model = NCF(ids.n_users, ids.n_movies, model_config, genres)
         model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-        retriever = load_retriever(folder) if (folder / FILE_NAME).exists() else None
-        return cls(model, config, ids, movies, history, retriever)
+        candidates = None
+        if (folder / FILE_NAME).exists():  # the saved retriever, with what its config adds from the same ratings
+            candidates = candidate_retriever(load_retriever(folder), saved_retrieval(config), history, ids.n_users,
+                                             ids.n_movies)
+        return cls(model, config, ids, movies, history, candidates)
 
     # ------------------------------------------------------------------ id handling
 

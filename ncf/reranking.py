@@ -23,7 +23,7 @@ from ncf.evaluation import relevant_targets
 from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
 from ncf.model import NCF, MovieSide, forward_batched
 from ncf.ranking import SeenItems, top_k_unseen
-from ncf.retrieval import ALS, EASE, Sequence, blend, configured_retriever, fit_on_ratings
+from ncf.retrieval import ALS, EASE, Sequence, blend, configured_retriever, fit_on_ratings, strongest_first
 
 HEAD_SIGNALS = {"rating": "rating", "interaction": "logit"}  # head -> the ModelOutput field re-ranking reads
 
@@ -95,9 +95,7 @@ class CandidateRetriever:
             vectors = r.item_factors[np.r_[movies, movie]]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             shares = vectors[:-1] @ vectors[-1]
-        keep = (shares > 0) & (movies != movie)
-        order = np.argsort(-shares[keep], kind="stable")
-        return movies[keep][order].astype(np.int64), shares[keep][order].astype(np.float64)
+        return strongest_first(movies, shares, movie)
 
     def sequence_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's recent movies behind `movie`'s sequence score (`Sequence.evidence`); none without one."""

@@ -143,10 +143,15 @@ class Sequence:
         """The user's recent movies that `movie` follows in others' histories, strongest first, with their terms of
         its score (before the log): recency weight x transitions[recent movie, movie]."""
         row = self.recent[user]
-        shares = row.data * self.transitions[row.indices, movie].toarray().ravel()
-        keep = (shares > 0) & (row.indices != movie)
-        order = np.argsort(-shares[keep], kind="stable")
-        return row.indices[keep][order].astype(np.int64), shares[keep][order].astype(np.float64)
+        return strongest_first(row.indices, row.data * self.transitions[row.indices, movie].toarray().ravel(), movie)
+
+
+def strongest_first(movies: np.ndarray, shares: np.ndarray, movie: int) -> tuple[np.ndarray, np.ndarray]:
+    """The evidence for `movie` among `movies` with their `shares` of its score: those with a positive share, the
+    movie itself left out, largest share first."""
+    keep = (shares > 0) & (movies != movie)
+    order = np.argsort(-shares[keep], kind="stable")
+    return movies[keep][order].astype(np.int64), shares[keep][order].astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- retrievers

@@ -329,9 +329,10 @@ async def version() -> dict:
 
 @api.get("/healthz", response_model=HealthOut)
 async def healthz() -> dict:
-    served = _replica().served
+    replica = _replica()
+    served = replica.served
     return {"status": "ok", "model_version": served.version, "cached_users": len(served.rankings),
-            "cached_answers": _replica().app.held(served)}
+            "cached_answers": replica.app.held(served)}
 
 
 # ----------------------------------------------------------------------------- the deployment
