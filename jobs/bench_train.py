@@ -3,11 +3,12 @@
     python -m jobs.bench_train [--epochs 6] [--gpu | --table-sizes]
 
 CPU mode measures, side by side in one run: the loop in-process (with the configured
-embeddings, then with the other kind, dense vs sparse), under Ray Train with 1 worker
-(2 CPUs) and with 2 workers (1 CPU each); the steady-state epoch is the median of the
-epochs after the first. It sets the in-process epoch (training pass + validation) and
-its training pass alone against the model's FLOP count and this machine's measured fp32
-matmul throughput, and profiles one more training pass: how much of it the matrix products take and at
+embeddings and precision, then with the other kind of embeddings, dense vs sparse, then in the other
+precision, fp32 vs bf16: `train.bf16_on_cpu`), under Ray Train with 1 worker (2 CPUs) and with 2 workers
+(1 CPU each); the steady-state epoch is the median of the epochs after the first. It sets each precision's
+in-process epoch (training pass + validation) and training pass alone against the model's FLOP count and
+this machine's measured matmul throughput in that precision, reports the test RMSE each precision's model
+reaches, and profiles one more training pass: how much of it the matrix products take and at
 what speed they run, and the largest other operators. `--table-sizes` times the training step on random ids with the
 embedding tables of ml-latest-small and of ML-25M, dense and sparse, at batch 256 and at
 the configured batch: the step should cost what the batch touches, not the table size.
@@ -31,16 +32,25 @@ from ncf.config import Config, load_config, override_parser
 from ncf.data import epoch_batches, load_movielens, resolve_data_dir
 from ncf.files import write_atomically
 from ncf.integrations.ray_train import fit_with_ray, init_ray
-from ncf.model import NCF, count_flops_per_sample
-from ncf.training import LocalReporter, build_model, load_checkpoint, make_optimizer, train_loop, train_step
+from ncf.metrics import rmse
+from ncf.model import NCF, count_flops_per_sample, forward_batched
+from ncf.training import (
+    LocalReporter,
+    TrainResult,
+    build_model,
+    load_checkpoint,
+    make_optimizer,
+    train_loop,
+    train_step,
+)
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
 # (users, movies) of the embedding tables the table-size mode compares.
 TABLE_SIZES = {"ml-latest-small": (610, 9_742), "ml-25m": (162_541, 62_423)}
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     started = time.perf_counter()
     for _ in range(repeats):
@@ -102,50 +112,75 @@ def train_pass_breakdown(config: Config, data, flops_per_sample: int) -> dict:
             "largest_other_operators_seconds": {k: round(v, 4) for k, v in rest}}
 
 
+PRECISION = {False: "fp32", True: "bf16"}  # by train.bf16_on_cpu
+MATMUL_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def rmse_on_test(result: TrainResult, data) -> float:
+    users, movies, ratings = data.splits.test.tensors()
+    return rmse(ratings.numpy(), forward_batched(result.model, users, movies).rating.numpy())
+
+
 def bench_cpu(config: Config) -> dict:
     data = load_movielens(config.data)
     n_train = len(data.splits.train)
-    gflops_before = matmul_gflops()
+    gflops_before = {name: matmul_gflops(dtype=dtype) for name, dtype in MATMUL_DTYPE.items()}
     flops_per_sample = 3 * count_flops_per_sample(config.model)  # a training step: forward + backward ~ 3x forward
     flops_epoch = flops_per_sample * n_train
-    local = train_loop(config, data, LocalReporter(verbose=False)).history
+    local = train_loop(config, data, LocalReporter(verbose=False))
     other = config.model_copy(deep=True)
     other.model.sparse_embeddings = not config.model.sparse_embeddings
     other_local = train_loop(other, data, LocalReporter(verbose=False)).history
+    flipped = config.model_copy(deep=True)
+    flipped.train.bf16_on_cpu = not config.train.bf16_on_cpu
+    flipped_local = train_loop(flipped, data, LocalReporter(verbose=False))
     breakdown = train_pass_breakdown(config, data, flops_per_sample)
-    # The limit is the faster of two measurements, before and after the in-process runs (a shared machine
+    # The limits are the faster of two measurements, before and after the in-process runs (a shared machine
     # slows some): the fractions below are not flattered by a slow moment.
-    gflops = max(gflops_before, matmul_gflops())
+    gflops = {name: max(before, matmul_gflops(dtype=MATMUL_DTYPE[name])) for name, before in gflops_before.items()}
     init_ray()
     one = ray_history(config, workers=1, cpus=2)
     two = ray_history(config, workers=2, cpus=1)
-    in_process, train_pass = steady_epoch_seconds(local), steady_epoch_seconds(local, "train_seconds")
+    in_process, train_pass = steady_epoch_seconds(local.history), steady_epoch_seconds(local.history, "train_seconds")
+    precision, other_precision = PRECISION[config.train.bf16_on_cpu], PRECISION[flipped.train.bf16_on_cpu]
+    flipped_epoch = steady_epoch_seconds(flipped_local.history)
     kind = {True: "sparse", False: "dense"}
     return {
         "machine": f"{host.processor() or host.machine()}, {torch.get_num_threads()} torch threads",
         "train_samples": n_train, "batch_size": config.train.batch_size,
         "learning_rate": config.train.learning_rate, "embeddings": kind[config.model.sparse_embeddings],
-        "epochs": config.train.max_epochs,
-        "matmul_fp32_gflops": gflops, "model_flops_per_sample_train": flops_per_sample,
-        "epoch_floor_seconds": flops_epoch / (gflops * 1e9),
+        "precision": precision, "epochs": config.train.max_epochs,
+        "matmul_fp32_gflops": gflops["fp32"], "matmul_bf16_gflops": gflops["bf16"],
+        "model_flops_per_sample_train": flops_per_sample,
+        "epoch_floor_seconds": flops_epoch / (gflops[precision] * 1e9),
         "in_process_epoch_seconds": in_process,
         "in_process_train_pass_seconds": train_pass,
-        f"in_process_epoch_seconds_{kind[other.model.sparse_embeddings]}_embeddings": steady_epoch_seconds(other_local),
+        f"in_process_epoch_seconds_{kind[other.model.sparse_embeddings]}_embeddings":
+            steady_epoch_seconds(other_local),
         f"in_process_train_pass_seconds_{kind[other.model.sparse_embeddings]}_embeddings":
             steady_epoch_seconds(other_local, "train_seconds"),
+        f"in_process_epoch_seconds_{other_precision}": flipped_epoch,
+        f"in_process_train_pass_seconds_{other_precision}": steady_epoch_seconds(flipped_local.history,
+                                                                                 "train_seconds"),
+        f"{other_precision}_speedup": in_process / flipped_epoch,
         "ray_1_worker_epoch_seconds": steady_epoch_seconds(one),
         "ray_2_workers_epoch_seconds": steady_epoch_seconds(two),
         "ray_1_worker_ratio": steady_epoch_seconds(one) / in_process,
         "ray_2_workers_ratio": steady_epoch_seconds(two) / in_process,
-        "fraction_of_hardware_limit": flops_epoch / (gflops * 1e9) / in_process,
-        "fraction_of_hardware_limit_train_pass": flops_epoch / (gflops * 1e9) / train_pass,
+        "fraction_of_hardware_limit": flops_epoch / (gflops[precision] * 1e9) / in_process,
+        "fraction_of_hardware_limit_train_pass": flops_epoch / (gflops[precision] * 1e9) / train_pass,
+        f"fraction_of_hardware_limit_{other_precision}": flops_epoch / (gflops[other_precision] * 1e9) / flipped_epoch,
+        f"{other_precision}_epoch_against_{precision}_limit":
+            flops_epoch / (gflops[precision] * 1e9) / flipped_epoch,
+        "test_rmse": rmse_on_test(local, data), f"test_rmse_{other_precision}": rmse_on_test(flipped_local, data),
         "profiled_train_pass_seconds": breakdown["seconds"],
         "profiled_train_pass_matmul_seconds": breakdown["matmul_seconds"],
         "profiled_train_pass_matmul_gflops": breakdown["matmul_gflops"],
-        "profiled_train_pass_matmul_fraction_of_limit": breakdown["matmul_gflops"] / gflops,
-        "epoch_seconds": {"in_process": [h["epoch_seconds"] for h in local],
+        "profiled_train_pass_matmul_fraction_of_limit": breakdown["matmul_gflops"] / gflops[precision],
+        "epoch_seconds": {"in_process": [h["epoch_seconds"] for h in local.history],
                           f"in_process_{kind[other.model.sparse_embeddings]}_embeddings":
                               [h["epoch_seconds"] for h in other_local],
+                          f"in_process_{other_precision}": [h["epoch_seconds"] for h in flipped_local.history],
                           "ray_1_worker": [h["epoch_seconds"] for h in one],
                           "ray_2_workers": [h["epoch_seconds"] for h in two]},
         "profiled_train_pass_largest_other_operators_seconds": breakdown["largest_other_operators_seconds"],

@@ -135,6 +135,7 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(gt=0)
     use_gpu: bool
     mixed_precision: bool
+    bf16_on_cpu: bool
     max_failures: int = Field(ge=0)
     # Ray Train and Tune storage: None = checkpoint_dir, or s3://bucket/prefix (ray_train.storage_location).
     storage_uri: str | None

@@ -406,7 +406,7 @@ def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, users: torc
                use_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on one batch (on the model's device); returns the loss and the rating head's MSE,
     detached tensors (nan MSE without a rating head)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+    with torch.autocast(users.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
         loss, mse = _batch_loss(wrapped, users, movies, ratings, negatives, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -426,7 +426,7 @@ def _train_epoch(wrapped: nn.Module, optimizer, batches: Iterable[Batch], keys: 
     The sums stay on the device and are read once, after the last step: no step waits for the one before."""
     cfg = config.train
     device = reporter.device
-    use_bf16 = cfg.mixed_precision and device.type == "cuda"
+    use_bf16 = cfg.bf16_on_cpu if device.type == "cpu" else cfg.mixed_precision
     implicit = config.model.objective != "rating"
     rng = np.random.default_rng([cfg.seed, epoch, reporter.rank])
     wrapped.train()

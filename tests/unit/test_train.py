@@ -192,6 +192,28 @@ def test_sparse_embeddings_train(tiny_movielens):
     assert result.history[-1]["val_rmse"] < result.history[0]["val_rmse"]
 
 
+
+@pytest.mark.parametrize("bf16_on_cpu", [False, True])
+def test_bf16_on_cpu_sets_the_precision_of_the_training_steps_only(tiny_movielens, bf16_on_cpu: bool):
+    """train.bf16_on_cpu: the training steps' matrix products in bf16 on CPU (autocast), or fp32; the trained
+    model is fp32 either way."""
+    dtypes: set[torch.dtype] = set()  # of the linear layers' outputs in training mode
+
+    def record(module: torch.nn.Module, _, output) -> None:
+        if isinstance(module, torch.nn.Linear) and module.training:
+            dtypes.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        config = small_config("train.max_epochs=3", "train.patience=3", "train.refit=false",
+                              f"train.bf16_on_cpu={str(bf16_on_cpu).lower()}")
+        result = train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    finally:
+        hook.remove()
+    assert dtypes == {torch.bfloat16 if bf16_on_cpu else torch.float32}
+    assert result.history[-1]["val_rmse"] < result.history[0]["val_rmse"]
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+
 def a_sparse_step(config, data, seed: int = 0):
     """A fresh sparse-embedding model and its optimizer after one step on 32 random training pairs."""
     torch.manual_seed(seed)
