@@ -4,8 +4,10 @@
 
 CPU mode measures, side by side in one run: the loop in-process (with the configured
 embeddings and precision, then with the other kind of embeddings, dense vs sparse, then in the other
-precision, fp32 vs bf16: `train.bf16_on_cpu`), under Ray Train with 1 worker (2 CPUs) and with 2 workers
-(1 CPU each); the steady-state epoch is the median of the epochs after the first. It sets each precision's
+precision, fp32 vs bf16: `train.bf16_on_cpu`, then without batch norm and dropout: what the rest of the
+epoch costs, the bound on any speed-up of those layers), under Ray Train with 1 worker (2 CPUs) and with 2 workers
+(1 CPU each), the configured loop and Ray Train taking turns twice; the steady-state epoch is the median of the
+epochs after each run's first. It sets each precision's
 in-process epoch (training pass + validation) and training pass alone against the model's FLOP count and
 this machine's measured matmul throughput in that precision, reports the test RMSE each precision's model
 reaches, and profiles one more training pass: how much of it the matrix products take and at
@@ -26,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from ncf.config import Config, load_config, override_parser
@@ -45,6 +48,7 @@ from ncf.training import (
 )
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
+RAY_ROUNDS = 2  # turns of in-process and Ray Train runs
 # (users, movies) of the embedding tables the table-size mode compares.
 TABLE_SIZES = {"ml-latest-small": (610, 9_742), "ml-25m": (162_541, 62_423)}
 
@@ -58,9 +62,9 @@ def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torc
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def steady_epoch_seconds(history: list[dict], key: str = "epoch_seconds") -> float:
-    times = [h[key] for h in history]
-    return statistics.median(times[1:] if len(times) > 1 else times)
+def steady_epoch_seconds(*histories: list[dict], key: str = "epoch_seconds") -> float:
+    """The median epoch of `histories` (runs of the same setup), each run's first epoch left out."""
+    return statistics.median(h[key] for history in histories for h in (history[1:] if len(history) > 1 else history))
 
 
 def ray_history(config: Config, workers: int, cpus: float, use_gpu: bool = False) -> list[dict]:
@@ -127,21 +131,31 @@ def bench_cpu(config: Config) -> dict:
     gflops_before = {name: matmul_gflops(dtype=dtype) for name, dtype in MATMUL_DTYPE.items()}
     flops_per_sample = 3 * count_flops_per_sample(config.model)  # a training step: forward + backward ~ 3x forward
     flops_epoch = flops_per_sample * n_train
-    local = train_loop(config, data, LocalReporter(verbose=False))
     other = config.model_copy(deep=True)
     other.model.sparse_embeddings = not config.model.sparse_embeddings
     other_local = train_loop(other, data, LocalReporter(verbose=False)).history
     flipped = config.model_copy(deep=True)
     flipped.train.bf16_on_cpu = not config.train.bf16_on_cpu
     flipped_local = train_loop(flipped, data, LocalReporter(verbose=False))
+    bare = config.model_copy(deep=True)
+    bare.model.batch_norm, bare.model.dropouts = False, [0.0] * len(config.model.dropouts)
+    bare_local = train_loop(bare, data, LocalReporter(verbose=False)).history
     breakdown = train_pass_breakdown(config, data, flops_per_sample)
     # The limits are the faster of two measurements, before and after the in-process runs (a shared machine
     # slows some): the fractions below are not flattered by a slow moment.
     gflops = {name: max(before, matmul_gflops(dtype=MATMUL_DTYPE[name])) for name, before in gflops_before.items()}
-    init_ray()
-    one = ray_history(config, workers=1, cpus=2)
-    two = ray_history(config, workers=2, cpus=1)
-    in_process, train_pass = steady_epoch_seconds(local.history), steady_epoch_seconds(local.history, "train_seconds")
+    # In-process (no Ray running) and Ray Train take turns, so that a moment when the shared machine is busier
+    # slows both alike; Ray's own processes, which share the cores with the workers, count against Ray.
+    runs: dict[str, list[list[dict]]] = {"in_process": [], "ray_1_worker": [], "ray_2_workers": []}
+    for _ in range(RAY_ROUNDS):
+        local = train_loop(config, data, LocalReporter(verbose=False))
+        runs["in_process"].append(local.history)
+        init_ray()
+        runs["ray_1_worker"].append(ray_history(config, workers=1, cpus=2))
+        runs["ray_2_workers"].append(ray_history(config, workers=2, cpus=1))
+        ray.shutdown()
+    epochs = {name: steady_epoch_seconds(*histories) for name, histories in runs.items()}
+    in_process, train_pass = epochs["in_process"], steady_epoch_seconds(*runs["in_process"], key="train_seconds")
     precision, other_precision = PRECISION[config.train.bf16_on_cpu], PRECISION[flipped.train.bf16_on_cpu]
     flipped_epoch = steady_epoch_seconds(flipped_local.history)
     kind = {True: "sparse", False: "dense"}
@@ -158,18 +172,23 @@ def bench_cpu(config: Config) -> dict:
         f"in_process_epoch_seconds_{kind[other.model.sparse_embeddings]}_embeddings":
             steady_epoch_seconds(other_local),
         f"in_process_train_pass_seconds_{kind[other.model.sparse_embeddings]}_embeddings":
-            steady_epoch_seconds(other_local, "train_seconds"),
+            steady_epoch_seconds(other_local, key="train_seconds"),
         f"in_process_epoch_seconds_{other_precision}": flipped_epoch,
         f"in_process_train_pass_seconds_{other_precision}": steady_epoch_seconds(flipped_local.history,
-                                                                                 "train_seconds"),
+                                                                                 key="train_seconds"),
         f"{other_precision}_speedup": in_process / flipped_epoch,
-        "ray_1_worker_epoch_seconds": steady_epoch_seconds(one),
-        "ray_2_workers_epoch_seconds": steady_epoch_seconds(two),
-        "ray_1_worker_ratio": steady_epoch_seconds(one) / in_process,
-        "ray_2_workers_ratio": steady_epoch_seconds(two) / in_process,
+        "in_process_epoch_seconds_without_batch_norm_and_dropout": steady_epoch_seconds(bare_local),
+        "in_process_train_pass_seconds_without_batch_norm_and_dropout":
+            steady_epoch_seconds(bare_local, key="train_seconds"),
+        "ray_1_worker_epoch_seconds": epochs["ray_1_worker"],
+        "ray_2_workers_epoch_seconds": epochs["ray_2_workers"],
+        "ray_1_worker_ratio": epochs["ray_1_worker"] / in_process,
+        "ray_2_workers_ratio": epochs["ray_2_workers"] / in_process,
         "fraction_of_hardware_limit": flops_epoch / (gflops[precision] * 1e9) / in_process,
         "fraction_of_hardware_limit_train_pass": flops_epoch / (gflops[precision] * 1e9) / train_pass,
         f"fraction_of_hardware_limit_{other_precision}": flops_epoch / (gflops[other_precision] * 1e9) / flipped_epoch,
+        "fraction_of_hardware_limit_without_batch_norm_and_dropout":
+            flops_epoch / (gflops[precision] * 1e9) / steady_epoch_seconds(bare_local),
         f"{other_precision}_epoch_against_{precision}_limit":
             flops_epoch / (gflops[precision] * 1e9) / flipped_epoch,
         "test_rmse": rmse_on_test(local, data), f"test_rmse_{other_precision}": rmse_on_test(flipped_local, data),
@@ -177,12 +196,13 @@ def bench_cpu(config: Config) -> dict:
         "profiled_train_pass_matmul_seconds": breakdown["matmul_seconds"],
         "profiled_train_pass_matmul_gflops": breakdown["matmul_gflops"],
         "profiled_train_pass_matmul_fraction_of_limit": breakdown["matmul_gflops"] / gflops[precision],
-        "epoch_seconds": {"in_process": [h["epoch_seconds"] for h in local.history],
+        "epoch_seconds": {"in_process": [[h["epoch_seconds"] for h in run] for run in runs["in_process"]],
                           f"in_process_{kind[other.model.sparse_embeddings]}_embeddings":
                               [h["epoch_seconds"] for h in other_local],
                           f"in_process_{other_precision}": [h["epoch_seconds"] for h in flipped_local.history],
-                          "ray_1_worker": [h["epoch_seconds"] for h in one],
-                          "ray_2_workers": [h["epoch_seconds"] for h in two]},
+                          "in_process_without_batch_norm_and_dropout": [h["epoch_seconds"] for h in bare_local],
+                          "ray_1_worker": [[h["epoch_seconds"] for h in run] for run in runs["ray_1_worker"]],
+                          "ray_2_workers": [[h["epoch_seconds"] for h in run] for run in runs["ray_2_workers"]]},
         "profiled_train_pass_largest_other_operators_seconds": breakdown["largest_other_operators_seconds"],
     }
 
