@@ -118,6 +118,18 @@ def train_pass_breakdown(config: Config, data, flops_per_sample: int) -> dict:
 
 PRECISION = {False: "fp32", True: "bf16"}  # by train.bf16_on_cpu
 MATMUL_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EMBEDDINGS = {True: "sparse", False: "dense"}  # by model.sparse_embeddings
+
+
+def in_process_variants(config: Config) -> dict[str, Config]:
+    """The configured loop changed in one respect each, by name: the other kind of embeddings, the other precision,
+    and no batch norm or dropout (what the rest of the epoch costs)."""
+    embeddings, precision, bare = (config.model_copy(deep=True) for _ in range(3))
+    embeddings.model.sparse_embeddings = not config.model.sparse_embeddings
+    precision.train.bf16_on_cpu = not config.train.bf16_on_cpu
+    bare.model.batch_norm, bare.model.dropouts = False, [0.0] * len(config.model.dropouts)
+    return {f"{EMBEDDINGS[embeddings.model.sparse_embeddings]}_embeddings": embeddings,
+            PRECISION[precision.train.bf16_on_cpu]: precision, "without_batch_norm_and_dropout": bare}
 
 
 def rmse_on_test(result: TrainResult, data) -> float:
@@ -131,19 +143,15 @@ def bench_cpu(config: Config) -> dict:
     gflops_before = {name: matmul_gflops(dtype=dtype) for name, dtype in MATMUL_DTYPE.items()}
     flops_per_sample = 3 * count_flops_per_sample(config.model)  # a training step: forward + backward ~ 3x forward
     flops_epoch = flops_per_sample * n_train
-    other = config.model_copy(deep=True)
-    other.model.sparse_embeddings = not config.model.sparse_embeddings
-    other_local = train_loop(other, data, LocalReporter(verbose=False)).history
-    flipped = config.model_copy(deep=True)
-    flipped.train.bf16_on_cpu = not config.train.bf16_on_cpu
-    flipped_local = train_loop(flipped, data, LocalReporter(verbose=False))
-    bare = config.model_copy(deep=True)
-    bare.model.batch_norm, bare.model.dropouts = False, [0.0] * len(config.model.dropouts)
-    bare_local = train_loop(bare, data, LocalReporter(verbose=False)).history
+    variant_configs = in_process_variants(config)
+    variants = {name: train_loop(trial, data, LocalReporter(verbose=False)) for name, trial in variant_configs.items()}
     breakdown = train_pass_breakdown(config, data, flops_per_sample)
     # The limits are the faster of two measurements, before and after the in-process runs (a shared machine
     # slows some): the fractions below are not flattered by a slow moment.
     gflops = {name: max(before, matmul_gflops(dtype=MATMUL_DTYPE[name])) for name, before in gflops_before.items()}
+    # What an epoch's training FLOPs take at each precision's limit; a fraction of the limit is floor / seconds.
+    floor = {name: flops_epoch / (speed * 1e9) for name, speed in gflops.items()}
+
     # In-process (no Ray running) and Ray Train take turns, so that a moment when the shared machine is busier
     # slows both alike; Ray's own processes, which share the cores with the workers, count against Ray.
     runs: dict[str, list[list[dict]]] = {"in_process": [], "ray_1_worker": [], "ray_2_workers": []}
@@ -156,53 +164,47 @@ def bench_cpu(config: Config) -> dict:
         ray.shutdown()
     epochs = {name: steady_epoch_seconds(*histories) for name, histories in runs.items()}
     in_process, train_pass = epochs["in_process"], steady_epoch_seconds(*runs["in_process"], key="train_seconds")
-    precision, other_precision = PRECISION[config.train.bf16_on_cpu], PRECISION[flipped.train.bf16_on_cpu]
-    flipped_epoch = steady_epoch_seconds(flipped_local.history)
-    kind = {True: "sparse", False: "dense"}
-    return {
+    precision = PRECISION[config.train.bf16_on_cpu]
+    other_precision = PRECISION[not config.train.bf16_on_cpu]
+    figures = {
         "machine": f"{host.processor() or host.machine()}, {torch.get_num_threads()} torch threads",
         "train_samples": n_train, "batch_size": config.train.batch_size,
-        "learning_rate": config.train.learning_rate, "embeddings": kind[config.model.sparse_embeddings],
+        "learning_rate": config.train.learning_rate, "embeddings": EMBEDDINGS[config.model.sparse_embeddings],
         "precision": precision, "epochs": config.train.max_epochs,
         "matmul_fp32_gflops": gflops["fp32"], "matmul_bf16_gflops": gflops["bf16"],
         "model_flops_per_sample_train": flops_per_sample,
-        "epoch_floor_seconds": flops_epoch / (gflops[precision] * 1e9),
+        "epoch_floor_seconds": floor[precision],
         "in_process_epoch_seconds": in_process,
         "in_process_train_pass_seconds": train_pass,
-        f"in_process_epoch_seconds_{kind[other.model.sparse_embeddings]}_embeddings":
-            steady_epoch_seconds(other_local),
-        f"in_process_train_pass_seconds_{kind[other.model.sparse_embeddings]}_embeddings":
-            steady_epoch_seconds(other_local, key="train_seconds"),
-        f"in_process_epoch_seconds_{other_precision}": flipped_epoch,
-        f"in_process_train_pass_seconds_{other_precision}": steady_epoch_seconds(flipped_local.history,
-                                                                                 key="train_seconds"),
-        f"{other_precision}_speedup": in_process / flipped_epoch,
-        "in_process_epoch_seconds_without_batch_norm_and_dropout": steady_epoch_seconds(bare_local),
-        "in_process_train_pass_seconds_without_batch_norm_and_dropout":
-            steady_epoch_seconds(bare_local, key="train_seconds"),
+    }
+    for name, variant in variants.items():
+        figures[f"in_process_epoch_seconds_{name}"] = steady_epoch_seconds(variant.history)
+        figures[f"in_process_train_pass_seconds_{name}"] = steady_epoch_seconds(variant.history, key="train_seconds")
+    figures |= {
+        f"{other_precision}_speedup": in_process / figures[f"in_process_epoch_seconds_{other_precision}"],
         "ray_1_worker_epoch_seconds": epochs["ray_1_worker"],
         "ray_2_workers_epoch_seconds": epochs["ray_2_workers"],
         "ray_1_worker_ratio": epochs["ray_1_worker"] / in_process,
         "ray_2_workers_ratio": epochs["ray_2_workers"] / in_process,
-        "fraction_of_hardware_limit": flops_epoch / (gflops[precision] * 1e9) / in_process,
-        "fraction_of_hardware_limit_train_pass": flops_epoch / (gflops[precision] * 1e9) / train_pass,
-        f"fraction_of_hardware_limit_{other_precision}": flops_epoch / (gflops[other_precision] * 1e9) / flipped_epoch,
-        "fraction_of_hardware_limit_without_batch_norm_and_dropout":
-            flops_epoch / (gflops[precision] * 1e9) / steady_epoch_seconds(bare_local),
+        "fraction_of_hardware_limit": floor[precision] / in_process,
+        "fraction_of_hardware_limit_train_pass": floor[precision] / train_pass,
+    }
+    for name, trial in variant_configs.items():  # each against the limit of its own precision
+        figures[f"fraction_of_hardware_limit_{name}"] = (floor[PRECISION[trial.train.bf16_on_cpu]]
+                                                         / figures[f"in_process_epoch_seconds_{name}"])
+    return figures | {
         f"{other_precision}_epoch_against_{precision}_limit":
-            flops_epoch / (gflops[precision] * 1e9) / flipped_epoch,
-        "test_rmse": rmse_on_test(local, data), f"test_rmse_{other_precision}": rmse_on_test(flipped_local, data),
+            floor[precision] / figures[f"in_process_epoch_seconds_{other_precision}"],
+        "test_rmse": rmse_on_test(local, data),
+        f"test_rmse_{other_precision}": rmse_on_test(variants[other_precision], data),
         "profiled_train_pass_seconds": breakdown["seconds"],
         "profiled_train_pass_matmul_seconds": breakdown["matmul_seconds"],
         "profiled_train_pass_matmul_gflops": breakdown["matmul_gflops"],
         "profiled_train_pass_matmul_fraction_of_limit": breakdown["matmul_gflops"] / gflops[precision],
-        "epoch_seconds": {"in_process": [[h["epoch_seconds"] for h in run] for run in runs["in_process"]],
-                          f"in_process_{kind[other.model.sparse_embeddings]}_embeddings":
-                              [h["epoch_seconds"] for h in other_local],
-                          f"in_process_{other_precision}": [h["epoch_seconds"] for h in flipped_local.history],
-                          "in_process_without_batch_norm_and_dropout": [h["epoch_seconds"] for h in bare_local],
-                          "ray_1_worker": [[h["epoch_seconds"] for h in run] for run in runs["ray_1_worker"]],
-                          "ray_2_workers": [[h["epoch_seconds"] for h in run] for run in runs["ray_2_workers"]]},
+        "epoch_seconds": {name: [[h["epoch_seconds"] for h in run] for run in histories]
+                          for name, histories in runs.items()}
+                         | {f"in_process_{name}": [h["epoch_seconds"] for h in variant.history]
+                            for name, variant in variants.items()},
         "profiled_train_pass_largest_other_operators_seconds": breakdown["largest_other_operators_seconds"],
     }
 
