@@ -58,8 +58,9 @@ from ncf.config import ServeConfig, load_config, override_parser
 from ncf.files import write_atomically
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import free_port
-from serving.app import NO_TELEMETRY, running
 from serving.model_version import ModelNotFoundError, Ranking, ServedVersion, load_version, resolve_version
+from serving.routes import NO_TELEMETRY
+from serving.runtime import running
 
 OUT = Path("docs") / "benchmarks" / "serve_load.md"  # run from the repository root (`make bench-serve`)
 # The product's serving goals: an uncached user alone; warm requests from 8 clients against the trivial handler.

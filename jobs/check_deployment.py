@@ -580,7 +580,7 @@ def check_rayjob(doc: dict, ctx: Context) -> str:
 
 def check_rayservice(doc: dict, ctx: Context) -> str:
     """A RayService: its Serve config, and a cluster with room for conf/serve.yaml's replicas."""
-    from serving.app import ray_serve_env  # here, not at the top: serving.app pulls in Ray Serve
+    from serving.ingress import ray_serve_env
 
     name, spec = doc["metadata"]["name"], doc.get("spec") or {}
     where = f"RayService {name}"

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 
 from ncf.config import load_config, override_parser
 from ncf.integrations import mlflow_tracking
-from serving.app import running
 from serving.model_version import ModelNotFoundError, resolve_version
+from serving.runtime import running
 
 
 def main(argv: list[str] | None = None) -> int:

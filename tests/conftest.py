@@ -179,7 +179,7 @@ def served_url(model_store: Store) -> Iterator[str]:
     """The app on 127.0.0.1:<free port> following the store's champion (polled every 0.5 s)."""
     config = load_config([f"serve.port={free_port()}", "serve.poll_interval_s=0.5", "serve.warm_users=100",
                           "serve.min_replicas=1", "serve.max_replicas=1"]).serve
-    from serving.app import running  # Ray Serve: imported only by the tests that serve
+    from serving.runtime import running  # Ray Serve: imported only by the tests that serve
 
     with running(config, model_store.uri) as url:
         yield url

@@ -20,7 +20,8 @@ from ray import serve
 
 from ncf.config import load_config
 from ncf.integrations.ray_train import free_port
-from serving.app import APP_NAME, running
+from serving.deployment import APP_NAME, DEPLOYMENT_NAME
+from serving.runtime import running
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ REPLICAS = 2
 CLIENTS = 4  # concurrent clients, each sending its next request as soon as the last is answered
 BEFORE_S, AFTER_S = 3.0, 5.0  # load before the kill, and after recovery
 RECOVERY_TIMEOUT_S = 120
-REPLICA_PREFIX = f"SERVE_REPLICA::{APP_NAME}#Recommendations#"  # SERVE_REPLICA::<app>#<deployment>#<id>
+REPLICA_PREFIX = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#"  # SERVE_REPLICA::<app>#<deployment>#<id>
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import free_port
 from ncf.ranking import top_k_unseen
 from ncf.recommender import Recommender
-from serving.app import build_app
+from serving.deployment import build_app
 from serving.model_version import load_version, resolve_version
 from serving.schemas import MAX_ID, RecommendationsOut
 
@@ -427,7 +427,7 @@ def test_serve_deploy_config_is_valid_and_matches_conf():
     serve_conf = load_config().serve
     assert (schema.http_options.host, schema.http_options.port) == (serve_conf.host, serve_conf.port)
     (app,) = schema.applications
-    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/"
+    assert app.import_path == "serving.deployment:build_app" and app.route_prefix == "/"
     deployment = build_app(app.args)._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == serve_conf.max_replicas
     assert deployment._deployment_config.max_ongoing_requests == serve_conf.max_ongoing_requests

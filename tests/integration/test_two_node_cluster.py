@@ -273,7 +273,7 @@ def test_storage_secret_never_logged(server: Server, job: Job):
 
 def test_serve_loads_the_champion_through_the_server(server: Server, job: Job):
     """Last: the cluster is gone; Serve on a local Ray loads models:/ncf-movielens@champion from the server."""
-    from serving.app import running  # Ray Serve: imported only by the tests that serve
+    from serving.runtime import running  # Ray Serve: imported only by the tests that serve
 
     champion = client(server).get_model_version_by_alias(mlflow_tracking.MODEL_NAME, mlflow_tracking.CHAMPION)
     config = load_config([f"serve.port={free_port()}", "serve.warm_users=10", "serve.min_replicas=1",

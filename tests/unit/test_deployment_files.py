@@ -197,8 +197,9 @@ def test_loopback_serve_host_fails(tmp_path: Path, ctx: Context, host: str) -> N
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [
-    ("import_path: serving.app:build_app", "import_path: serving.app:build_ap", "has no attribute 'build_ap'"),
-    ("import_path: serving.app:build_app", "import_path: serving.nothere:build_app", "ModuleNotFoundError"),
+    ("import_path: serving.deployment:build_app", "import_path: serving.deployment:build_ap",
+     "has no attribute 'build_ap'"),
+    ("import_path: serving.deployment:build_app", "import_path: serving.nothere:build_app", "ModuleNotFoundError"),
     ("args: {}", "args: {max_replicas: 9}", "do not fit the worker groups' 4 CPUs"),
     ("args: {}", "args: {max_replica: 2}", "args: max_replica not in conf/serve.yaml"),
     ("args: {}", "args: {min_replicas: 3}", "args do not make a valid serve config"),

@@ -1,5 +1,5 @@
-"""`serving.app.ReplayedAnswers` in front of a small FastAPI app, driven over ASGI in this process: which answers it
-keeps, for which model version, within which size."""
+"""`serving.answer_cache.ReplayedAnswers` in front of a small FastAPI app, driven over ASGI in this process: which
+answers it keeps, for which model version, within which size."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 
-from serving import app as serving_app
-from serving.app import ReplayedAnswers
+from serving.answer_cache import ReplayedAnswers
 
 BODY_BYTES = 400  # each answer's body: user_id, then padding
 
@@ -36,11 +35,9 @@ def counting_app() -> tuple[FastAPI, list[str]]:
 
 
 @pytest.fixture
-def replica(monkeypatch):
+def replica():
     """The replica `ReplayedAnswers` reads: the version it serves and its config (about 2.5 answers' worth)."""
-    replica = SimpleNamespace(served=object(), config=SimpleNamespace(answer_cache_mb=2.5 * (BODY_BYTES + 12) / 2**20))
-    monkeypatch.setattr(serving_app, "_replica", lambda: replica)
-    return replica
+    return SimpleNamespace(served=object(), config=SimpleNamespace(answer_cache_mb=2.5 * (BODY_BYTES + 12) / 2**20))
 
 
 def ask(app: ReplayedAnswers, *requests: tuple[str, str, dict]) -> list[httpx.Response]:
@@ -57,7 +54,7 @@ def get(user_id: int) -> tuple[str, str, dict]:
 
 def test_a_repeated_query_is_answered_again_with_the_same_bytes(replica):
     api, answered = counting_app()
-    app = ReplayedAnswers(api)
+    app = ReplayedAnswers(api, lambda: replica)
     first, again, other = ask(app, get(1), get(1), get(2))
     assert answered == ["recommend 1", "recommend 2"]
     assert again.status_code == 200 and again.content == first.content and len(first.content) == BODY_BYTES
@@ -69,7 +66,7 @@ def test_a_repeated_query_is_answered_again_with_the_same_bytes(replica):
 
 def test_errors_and_requests_with_a_body_always_reach_the_app(replica):
     api, answered = counting_app()
-    app = ReplayedAnswers(api)
+    app = ReplayedAnswers(api, lambda: replica)
     responses = ask(app, get(0), get(0), ("POST", "/recommend", {"user_id": 3}), ("POST", "/recommend", {"user_id": 3}))
     assert [r.status_code for r in responses] == [404, 404, 200, 200]
     assert answered == ["recommend 0", "recommend 0", "post 3", "post 3"]
@@ -78,7 +75,7 @@ def test_errors_and_requests_with_a_body_always_reach_the_app(replica):
 
 def test_a_new_model_version_starts_without_its_predecessors_answers(replica):
     api, answered = counting_app()
-    app = ReplayedAnswers(api)
+    app = ReplayedAnswers(api, lambda: replica)
     ask(app, get(1))
     old, replica.served = replica.served, object()
     ask(app, get(1), get(1))
@@ -88,7 +85,7 @@ def test_a_new_model_version_starts_without_its_predecessors_answers(replica):
 
 def test_beyond_the_size_limit_the_least_recently_asked_for_answer_goes(replica):
     api, answered = counting_app()
-    app = ReplayedAnswers(api)
+    app = ReplayedAnswers(api, lambda: replica)
     ask(app, get(1), get(2), get(1), get(3))  # room for two: 2 is the least recently asked for when 3 comes
     assert app.held(replica.served) == 2
     ask(app, get(1), get(3), get(2))
@@ -98,11 +95,11 @@ def test_beyond_the_size_limit_the_least_recently_asked_for_answer_goes(replica)
 def test_no_answer_is_kept_with_a_zero_limit(replica):
     replica.config.answer_cache_mb = 0
     api, answered = counting_app()
-    app = ReplayedAnswers(api)
+    app = ReplayedAnswers(api, lambda: replica)
     ask(app, get(1), get(1))
     assert answered == ["recommend 1", "recommend 1"] and app.held(replica.served) == 0
 
 
 def test_serve_reads_the_apps_routes_through_it():
     api, _ = counting_app()
-    assert ReplayedAnswers(api).routes is api.routes
+    assert ReplayedAnswers(api, lambda: None).routes is api.routes

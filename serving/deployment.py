@@ -1,0 +1,117 @@
+"""The Ray Serve deployment of the recommender, and the application built from conf/serve.yaml.
+
+`RecommenderDeployment` answers from one model version at a time (`serving.model_version`). It loads the version
+`serve.model_uri` names, then polls that URI and swaps in each new version once it is loaded and warmed, so no
+request waits for an update or fails on one. /recommend answers from a per-version cache of each user's top-100
+unseen movies; a user not cached yet is scored at once when alone, else together with the others, one catalogue
+pass per batch (`@serve.batch`). Its ASGI app is the HTTP API (`serving.routes.api`) behind the replayed answers
+(`serving.answer_cache`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from ray import serve
+from ray.serve import Application
+
+from ncf.config import ServeConfig, load_config
+from ncf.integrations import mlflow_tracking
+from serving.answer_cache import ReplayedAnswers
+from serving.model_version import Ranking, ServedVersion, load_version, resolve_version
+from serving.routes import api, current_replica
+
+# The names Ray Serve knows the app and its deployment by: `serve status`, the replicas' actor names
+# (SERVE_REPLICA::<app>#<deployment>#<id>), the `application` and `deployment` labels of Serve's metrics, and the
+# `name` of the application in serving/serve_config.yaml and the RayService.
+APP_NAME = "ncf"
+DEPLOYMENT_NAME = "Recommendations"
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(ReplayedAnswers(api, current_replica))
+class RecommenderDeployment:
+    """A replica: the HTTP API (`api`) behind its replayed answers (`app`), answering from this replica's model
+    version (`served`)."""
+
+    async def __init__(self, settings: dict, tracking_uri: str):
+        self.config = ServeConfig.model_validate(settings)
+        torch.set_num_threads(max(1, int(self.config.cpus_per_replica)))
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri, tracking_uri)
+        self._ranked.set_max_batch_size(self.config.max_batch_size)
+        self._ranked.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self._misses = 0  # requests waiting for a ranking in this replica now
+        self.served = await asyncio.to_thread(load_version, resolve_version(self.config.model_uri, self.client),
+                                              self.config.cache_users)
+        self._follow_task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        """Warm the served version, then swap in each version the model URI moves to, once warmed."""
+        await asyncio.to_thread(self.served.warm, self.config.warm_users)
+        broken = None  # a version that failed to load is not retried until the URI moves again
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            try:
+                version = await asyncio.to_thread(resolve_version, self.config.model_uri, self.client)
+            except Exception as err:  # the store may be briefly unreachable: keep serving, ask again
+                logger.warning("could not resolve %s: %s", self.config.model_uri, err)
+                continue
+            if str(version.version) in (self.served.version, broken):
+                continue
+            try:
+                new = await asyncio.to_thread(load_version, version, self.config.cache_users)
+                await asyncio.to_thread(new.warm, self.config.warm_users)
+            except Exception:
+                logger.exception("could not load %s version %s; still serving version %s",
+                                 version.name, version.version, self.served.version)
+                broken = str(version.version)
+                continue
+            self.served = new
+            logger.info("now serving %s version %s", new.name, new.version)
+
+    @serve.batch  # batch size and wait come from the config, set in __init__
+    async def _ranked(self, requests: list[tuple[ServedVersion, int]]) -> list[Ranking]:
+        """Rankings of users not cached yet: one catalogue pass per model version in the batch."""
+        users: dict[ServedVersion, list[int]] = {}
+        for served, user in requests:
+            users.setdefault(served, []).append(user)
+        ranked = {served: await asyncio.to_thread(served.rank, todo) for served, todo in users.items()}
+        return [ranked[served][user] for served, user in requests]
+
+    async def rank_miss(self, served: ServedVersion, user: int) -> Ranking:
+        """The ranking of a user not cached yet: at once when no other is being ranked (batching would only add
+        its wait), else batched with the others (`_ranked`)."""
+        self._misses += 1
+        try:
+            if self._misses == 1:
+                return (await asyncio.to_thread(served.rank, [user]))[user]
+            return await self._ranked((served, user))
+        finally:
+            self._misses -= 1
+
+
+def build(config: ServeConfig, tracking_uri: str) -> Application:
+    """The application with its replicas, autoscaling and batching from `config`."""
+    return RecommenderDeployment.options(
+        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                            "target_ongoing_requests": config.target_ongoing_requests},
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.cpus_per_replica},
+    ).bind(config.model_dump(), tracking_uri)
+
+
+def build_app(args: dict) -> Application:
+    """`serve deploy serving/serve_config.yaml`: conf/serve.yaml, any key overridable in the YAML's `args`.
+
+    `tracking_uri` (default: MLFLOW_TRACKING_URI, else the project's store) says where the model registry is.
+    """
+    args = dict(args)
+    tracking_uri = args.pop("tracking_uri", None) or mlflow_tracking.tracking_uri()
+    return build(ServeConfig.model_validate(load_config().serve.model_dump() | args), tracking_uri)

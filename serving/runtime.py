@@ -1,0 +1,41 @@
+"""The local runtime of `make serve` and the tests: a Ray instance started with the ingress's environment
+(`serving.ingress`), serving the application on serve.host:serve.port until the block ends."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+from ray import serve
+
+from ncf.config import ServeConfig
+from serving.deployment import APP_NAME, build
+from serving.ingress import haproxy_env, ray_serve_env
+
+
+@contextmanager
+def running(config: ServeConfig, tracking_uri: str) -> Iterator[str]:
+    """A local Ray instance serving the app on config.host:config.port; yields the base URL, then stops both."""
+    with tempfile.TemporaryDirectory(prefix="ncf-serve-") as private:
+        env = ray_serve_env(config) | (haproxy_env(private, config.host) if config.ingress == "haproxy" else {})
+        # Ray's processes take these from the environment they start in; this process keeps its own.
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            ray.init(address="local", include_dashboard=False, configure_logging=False)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.run(build(config, tracking_uri), name=APP_NAME, route_prefix="/")
+            yield f"http://{config.host}:{config.port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
