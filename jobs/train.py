@@ -19,13 +19,14 @@ from pathlib import Path
 
 import mlflow
 
-from jobs.publish import RunSummary, finish_run, gate, log_data_tags, write_report
 from ncf.config import Config, load_config, override_parser
 from ncf.data import load_movielens, resolve_data_dir
 from ncf.files import WriteError, check_writable
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
 from ncf.training import CheckpointError, fit_in_process
+from workflows.champion import gate
+from workflows.publish import RunSummary, finish_run, log_data_tags, write_report
 
 REPORT_PATH = Path("reports") / "metrics.json"  # under the working directory
 

@@ -4,11 +4,11 @@
     python -m jobs.tune --resume [NAME]                   continue an interrupted sweep (default: the newest)
 
 Optuna's TPE proposes configs from `conf/tune.yaml`'s space and ASHA stops weak trials
-early, both on the best validation value of `train.monitor` (the trials: `jobs.sweep_trials`).
+early, both on the best validation value of `train.monitor` (the trials: `workflows.sweep_trials`).
 Each trial is a child MLflow run of the sweep's run. When the sweep ends, the best trial
 continues from its last checkpoint into the refit phase, is evaluated on the test split,
 registered as an `ncf-movielens` version and made `champion` only if its validation RMSE
-beats the champion's. The sweep's report (`jobs.sweep_report`: leaderboard, ASHA savings,
+beats the champion's. The sweep's report (`workflows.sweep_report`: leaderboard, ASHA savings,
 test metrics) is printed and written to `reports/tune.md`.
 """
 
@@ -27,9 +27,17 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from jobs.publish import finish_run, gate, headline, log_data_tags
-from jobs.sweep_report import SweepOutcome, epoch_savings, format_board, leaderboard
-from jobs.sweep_trials import (
+from ncf import plots
+from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
+from ncf.data import MovieLens, load_movielens, resolve_data_dir
+from ncf.files import WriteError, check_writable, write_atomically
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import Storage, init_ray, storage_location
+from ncf.training import CheckpointError, copy_checkpoint, fit_in_process
+from workflows.champion import gate
+from workflows.publish import finish_run, headline, log_data_tags
+from workflows.sweep_report import SweepOutcome, epoch_savings, format_board, leaderboard
+from workflows.sweep_trials import (
     TrialRuns,
     concurrent_trials,
     find_child_run,
@@ -39,13 +47,6 @@ from jobs.sweep_trials import (
     trial_config,
     trial_resources,
 )
-from ncf import plots
-from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
-from ncf.data import MovieLens, load_movielens, resolve_data_dir
-from ncf.files import WriteError, check_writable, write_atomically
-from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import Storage, init_ray, storage_location
-from ncf.training import CheckpointError, copy_checkpoint, fit_in_process
 
 SWEEP_CONFIG = "ncf_config.yaml"  # the sweep's base config, kept in its Tune folder for --resume
 SWEEP_TAG = "ncf.sweep_path"

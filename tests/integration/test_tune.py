@@ -18,10 +18,10 @@ from mlflow import MlflowClient
 
 from jobs import train as train_job
 from jobs import tune as tune_job
-from jobs.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import init_ray
+from workflows.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
 
 pytestmark = pytest.mark.integration
 
