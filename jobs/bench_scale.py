@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.bench_train import ray_history, table
 from ncf.config import Config, load_config, override_parser, with_values
 from ncf.data import load_movielens, resolve_data_dir
 from ncf.files import write_atomically
 from ncf.integrations.ray_train import init_ray
 from ncf.training import LocalReporter, train_loop
+from workflows.benchmarks import markdown_table, ray_history
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root
 SAMPLED_USERS = 500  # validation users ranked each epoch: the figures are not what is measured here
@@ -51,8 +51,9 @@ def measure(config: Config, setup: str) -> dict:
     launcher, loader, workers, cpus = SETUPS[setup]
     trial = with_values(config, {"data.loader": loader})
     started = time.perf_counter()
-    history = (train_loop(trial, load_movielens(trial.data), LocalReporter(verbose=False)).history
-               if launcher == "local" else ray_history(trial, workers, cpus))
+    data_dir = resolve_data_dir(trial.data)  # data.dir: each config names its folder
+    history = (train_loop(trial, load_movielens(trial.data, data_dir), LocalReporter(verbose=False)).history
+               if launcher == "local" else ray_history(trial, data_dir, workers, cpus))
     last = history[-1]
     rss = [last[f"worker/{rank}/peak_rss_gb"] for rank in range(workers)]  # rank 0 also validates
     print(f"  {setup} on {config.data.name}: {last['train_samples'] / last['train_seconds']:,.0f} samples/s, "
@@ -86,7 +87,7 @@ def to_markdown(result: dict, command: str) -> str:
              f"{result['steps_per_epoch_cap']} steps on the large dataset (`train.max_steps_per_epoch`).",
              "", "Throughput of the second epoch's training pass (samples / s), and each worker's peak RSS "
              "(rank 0 first: it also holds what validation needs):",
-             "", table(result["throughput"])]
+             "", markdown_table(result["throughput"])]
     lines += ["", "Reading the table:", "",
               "- `ratio` is the large dataset's throughput over ml-latest-small's, same setup, model and batch. "
               "ml-latest-small's epoch is only 18 steps at batch 4096, so what every epoch costs whatever its "

@@ -38,16 +38,15 @@ def run(config: Config, launcher: str = "ray", report_path: Path | None = REPORT
     An unwritable report folder stops the job here, before any training (a WriteError naming it)."""
     if report_path:
         check_writable(report_path.parent, "report")
-    config = config.model_copy(deep=True)
-    config.data.dir = str(resolve_data_dir(config.data))  # workers load the same verified files
-    data = load_movielens(config.data)
+    data_dir = resolve_data_dir(config.data)  # the driver and every worker load the same verified files
+    data = load_movielens(config.data, data_dir)
     mlflow_tracking.setup()
     with mlflow.start_run(run_name=run_name, log_system_metrics=True, tags={"launcher": launcher}) as active:
         mlflow_tracking.log_config(config)
         log_data_tags(data)
         with tempfile.TemporaryDirectory(prefix="ncf-run-") as tmp:
             if launcher == "ray":
-                checkpoint = fit_with_ray(config, active.info.run_id, Path(tmp) / "checkpoint")
+                checkpoint = fit_with_ray(config, data_dir, active.info.run_id, Path(tmp) / "checkpoint")
             else:
                 epochs = mlflow_tracking.EpochLogger(active.info.run_id)
                 checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)

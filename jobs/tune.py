@@ -49,6 +49,7 @@ from workflows.sweep_trials import (
 )
 
 SWEEP_CONFIG = "ncf_config.yaml"  # the sweep's base config, kept in its Tune folder for --resume
+SWEEP_DATA_DIR = "data_dir.txt"  # the data folder its trials and refit read, kept beside it
 SWEEP_TAG = "ncf.sweep_path"
 INTERRUPTED = 130  # the shell's code for Ctrl-C: the sweep can be resumed
 
@@ -96,19 +97,19 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
     storage = storage_location(config.train)  # checkpoint_dir, or train.storage_uri (S3)
     if resume:
         path = latest_sweep(storage, None if resume == "latest" else resume)
-        config = _saved_config(path)
+        config, data_dir = _saved_config(path)
         print(f"resuming sweep {path.uri}", flush=True)
     else:
-        config = config.model_copy(deep=True)
-        config.data.dir = str(resolve_data_dir(config.data))  # trials and the refit load the same files
-        config.train.checkpoint_dir = str(Path(config.train.checkpoint_dir).expanduser().resolve())
+        data_dir = resolve_data_dir(config.data)  # trials and the refit load the same files
         path = Storage(storage.filesystem, storage.join(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"))
         path.filesystem.create_dir(path.path)
         with tempfile.TemporaryDirectory(prefix="ncf-sweep-") as tmp:
             save_config(config, Path(tmp) / SWEEP_CONFIG)
-            pyarrow.fs.copy_files(str(Path(tmp) / SWEEP_CONFIG), path.join(SWEEP_CONFIG),
-                                  destination_filesystem=path.filesystem)
-    data = load_movielens(config.data)
+            (Path(tmp) / SWEEP_DATA_DIR).write_text(str(data_dir))
+            pyarrow.fs.copy_files(tmp, path.path, destination_filesystem=path.filesystem)
+    data = load_movielens(config.data, data_dir)
+    # Multi-worker trials' TorchTrainers keep their checkpoints beside the sweep's trials.
+    trainers = Storage(path.filesystem, path.path.rstrip("/").rsplit("/", 1)[0])
     experiment_id = mlflow_tracking.setup()
     parent_id = _parent_run(path) if resume else None
     if resume and parent_id is None:
@@ -123,7 +124,8 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
         if not parent_id:
             mlflow_tracking.log_config(config)
             log_data_tags(data)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data),
+        trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data,
+                                                             data_dir=data_dir, storage=trainers),
                                         trial_resources(config))
         if resume:
             tuner = tune.Tuner.restore(path.path, trainable, resume_errored=True,
@@ -153,9 +155,15 @@ def _name(path: Storage) -> str:
     return path.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _saved_config(path: Storage) -> Config:
+def _saved_config(path: Storage) -> tuple[Config, Path]:
+    """The sweep's base config and data folder (sweeps saved before the data folder was kept on its own had it
+    in their config's `data.dir`)."""
     with path.filesystem.open_input_stream(path.join(SWEEP_CONFIG)) as saved:
-        return config_from_dict(yaml.safe_load(saved.read().decode()))
+        config = config_from_dict(yaml.safe_load(saved.read().decode()))
+    if path.filesystem.get_file_info(path.join(SWEEP_DATA_DIR)).type != pyarrow.fs.FileType.File:
+        return config, resolve_data_dir(config.data)
+    with path.filesystem.open_input_stream(path.join(SWEEP_DATA_DIR)) as saved:
+        return config, Path(saved.read().decode())
 
 
 def make_tuner(config: Config, trainable, path: Storage, parent_run_id: str, experiment_id: str) -> tune.Tuner:

@@ -117,7 +117,7 @@ def test_workers_read_only_what_their_rank_needs(tiny_config, tiny_dir):
     assert pair_checksum(movies, users) != whole
 
 
-def test_objectives_that_sample_negatives_are_refused():
+def test_objectives_that_sample_negatives_are_refused(tmp_path):
     config = load_config(["data.loader=ray_data", "model.objective=joint"])
     with pytest.raises(ConfigError, match="data.loader ray_data trains the rating objective only"):
-        training_datasets(config)
+        training_datasets(config, tmp_path)  # refused before any data is read

@@ -186,7 +186,7 @@ def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_d
 
     def test_rmse(storage: Path) -> tuple[float, dict]:
         config = load_config([*overrides, f"train.checkpoint_dir={storage}"])
-        checkpoint = fit_with_ray(config, run_id=None, into=storage / "final")
+        checkpoint = fit_with_ray(config, data_dir, run_id=None, into=storage / "final")
         state = load_checkpoint(checkpoint)["state"]
         model = model_from_checkpoint(checkpoint, config, data)
         return evaluate(NCFScorer(model), data)["rmse"], state
