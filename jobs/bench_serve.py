@@ -53,13 +53,13 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jobs.train import run as train
 from ncf.config import ServeConfig, load_config, override_parser
 from ncf.files import write_atomically
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import free_port
 from serving.app import NO_TELEMETRY, running
 from serving.model_version import ModelNotFoundError, Ranking, ServedVersion, load_version, resolve_version
+from workflows.training_run import train_and_publish
 
 OUT = Path("docs") / "benchmarks" / "serve_load.md"  # run from the repository root (`make bench-serve`)
 # The product's serving goals: an uncached user alone; warm requests from 8 clients against the trivial handler.
@@ -276,7 +276,7 @@ def ensure_model(model_uri: str, tracking_uri: str, overrides: list[str]) -> str
             raise
     print(f"{model_uri} points at nothing in {tracking_uri}: training one with jobs.train (in-process) ...",
           flush=True)
-    train(load_config(overrides), launcher="local", report_path=None, run_name="bench-serve")
+    train_and_publish(load_config(overrides), launcher="local", report_path=None, run_name="bench-serve")
     return str(resolve_version(model_uri, client).version)
 
 
