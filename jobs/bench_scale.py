@@ -24,7 +24,6 @@ whole epoch, in docs/benchmarks/scale_full_epoch.{md,json}.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,11 +46,10 @@ def gib(values: list[float]) -> str:
     return " / ".join(f"{value:.2f}" for value in values)
 
 
-def measure(config: Config, setup: str) -> dict:
+def measure(config: Config, data_dir: Path, setup: str) -> dict:
     launcher, loader, workers, cpus = SETUPS[setup]
     trial = with_values(config, {"data.loader": loader})
     started = time.perf_counter()
-    data_dir = resolve_data_dir(trial.data)  # data.dir: each config names its folder
     history = (train_loop(trial, load_movielens(trial.data, data_dir), LocalReporter(verbose=False)).history
                if launcher == "local" else ray_history(trial, data_dir, workers, cpus))
     last = history[-1]
@@ -63,10 +61,11 @@ def measure(config: Config, setup: str) -> dict:
             "epoch_train_seconds": [h["train_seconds"] for h in history]}
 
 
-def bench(small: Config, large: Config) -> dict:
+def bench(small: Config, small_dir: Path, large: Config, large_dir: Path) -> dict:
     rows = []
     for setup in SETUPS:
-        figures = {config.data.name: measure(config, setup) for config in (small, large)}
+        figures = {config.data.name: measure(config, folder, setup) for config, folder in ((small, small_dir),
+                                                                                             (large, large_dir))}
         s, b = figures[small.data.name], figures[large.data.name]
         rows.append({"setup": setup, f"{small.data.name} samples/s": round(s["samples_per_s"]),
                      f"{large.data.name} samples/s": round(b["samples_per_s"]),
@@ -112,22 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     config = load_config(args.overrides, preset=args.preset)
     common = {"train.max_epochs": 2, "train.patience": 2, "train.refit": False, "evaluation.users": SAMPLED_USERS}
-    small = with_values(config, common | {"data.dir": str(resolve_data_dir(config.data))})
-    large = with_values(config, common | {"data.name": args.large_name, "data.dir": str(args.large_dir.resolve()),
-                                          "train.max_steps_per_epoch": args.steps})
-    os.environ.pop("NCF_DATA_DIR", None)  # each config names its folder; Ray workers inherit this environment
-    for data in (small.data, large.data):
-        load_movielens(data)  # prepared (or checked) once, before anything is timed
+    small, small_dir = with_values(config, common), resolve_data_dir(config.data)
+    large = with_values(config, common | {"data.name": args.large_name, "train.max_steps_per_epoch": args.steps})
+    large_dir = args.large_dir.resolve()
+    for data, folder in ((small.data, small_dir), (large.data, large_dir)):
+        load_movielens(data, folder)  # prepared (or checked) once, before anything is timed
     init_ray()
     command = ("python -m jobs.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.full_epoch:
         whole = with_values(large, {"train.max_epochs": 1, "train.max_steps_per_epoch": None})
-        name, result = "scale_full_epoch", {"setup": "ray_data, 2 workers", **measure(whole, "ray_data, 2 workers")}
+        setup = "ray_data, 2 workers"
+        name, result = "scale_full_epoch", {"setup": setup, **measure(whole, large_dir, setup)}
         text = (f"# One whole epoch at scale\n\nCommand: `{command}`\n\n{result['setup']}, {large.data.name}: "
                 f"{result['samples']:,} samples in {result['train_seconds']:.0f} s ({result['samples_per_s']:,.0f} "
                 f"samples/s); peak RSS per rank {gib(result['worker_peak_rss_gb'])} GiB.\n")
     else:
-        name, result = "scale", bench(small, large)
+        name, result = "scale", bench(small, small_dir, large, large_dir)
         text = to_markdown(result, command)
     write_atomically(OUT_DIR / f"{name}.json", json.dumps(result, indent=2), "report")
     write_atomically(OUT_DIR / f"{name}.md", text, "report")
