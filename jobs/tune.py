@@ -106,7 +106,8 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
         with tempfile.TemporaryDirectory(prefix="ncf-sweep-") as tmp:
             save_config(config, Path(tmp) / SWEEP_CONFIG)
             (Path(tmp) / SWEEP_DATA_DIR).write_text(str(data_dir))
-            pyarrow.fs.copy_files(tmp, path.path, destination_filesystem=path.filesystem)
+            for name in (SWEEP_CONFIG, SWEEP_DATA_DIR):
+                pyarrow.fs.copy_files(str(Path(tmp) / name), path.join(name), destination_filesystem=path.filesystem)
     data = load_movielens(config.data, data_dir)
     # Multi-worker trials' TorchTrainers keep their checkpoints beside the sweep's trials.
     trainers = Storage(path.filesystem, path.path.rstrip("/").rsplit("/", 1)[0])
