@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 help:  ## list every target with what it does
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):[^#]*## (.*)/\1\t\2/' | \
-		awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
+		awk -F'\t' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 # torch is installed on its own first: a CPU build, so no multi-GB CUDA build is pulled in.
 .venv/.installed: pyproject.toml
@@ -53,6 +53,10 @@ bench-train: venv  ## epoch time in-process vs Ray Train (1 and 2 workers) -> do
 
 gpu-train: venv  ## short training on every visible GPU, reports throughput
 	$(PY) -m jobs.bench_train --gpu $(ARGS)
+
+.PHONY: bench-retrieval
+bench-retrieval: venv  ## EASE, ALS and the sequence signal: settings chosen on validation, scored once on test (NCF_DATA_DIR or data.dir: ml-latest-small) -> docs/benchmarks/retrieval.md
+	$(PY) -m jobs.bench_retrieval $(ARGS)
 
 .PHONY: bench-scale
 bench-scale: venv  ## training throughput and worker memory on ml-25m's shape vs ml-latest-small (after make synth SHAPE=ml-25m) -> docs/benchmarks/

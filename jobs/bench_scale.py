@@ -24,17 +24,16 @@ whole epoch, in docs/benchmarks/scale_full_epoch.{md,json}.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from jobs.bench_train import ray_history, table
 from ncf.config import Config, load_config, override_parser, with_values
 from ncf.data import load_movielens, resolve_data_dir
 from ncf.files import write_atomically
 from ncf.integrations.ray_train import init_ray
 from ncf.training import LocalReporter, train_loop
+from workflows.benchmarks import markdown_table, ray_history
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root
 SAMPLED_USERS = 500  # validation users ranked each epoch: the figures are not what is measured here
@@ -47,12 +46,12 @@ def gib(values: list[float]) -> str:
     return " / ".join(f"{value:.2f}" for value in values)
 
 
-def measure(config: Config, setup: str) -> dict:
+def measure(config: Config, data_dir: Path, setup: str) -> dict:
     launcher, loader, workers, cpus = SETUPS[setup]
     trial = with_values(config, {"data.loader": loader})
     started = time.perf_counter()
-    history = (train_loop(trial, load_movielens(trial.data), LocalReporter(verbose=False)).history
-               if launcher == "local" else ray_history(trial, workers, cpus))
+    history = (train_loop(trial, load_movielens(trial.data, data_dir), LocalReporter(verbose=False)).history
+               if launcher == "local" else ray_history(trial, data_dir, workers, cpus))
     last = history[-1]
     rss = [last[f"worker/{rank}/peak_rss_gb"] for rank in range(workers)]  # rank 0 also validates
     print(f"  {setup} on {config.data.name}: {last['train_samples'] / last['train_seconds']:,.0f} samples/s, "
@@ -62,10 +61,11 @@ def measure(config: Config, setup: str) -> dict:
             "epoch_train_seconds": [h["train_seconds"] for h in history]}
 
 
-def bench(small: Config, large: Config) -> dict:
+def bench(small: Config, small_dir: Path, large: Config, large_dir: Path) -> dict:
     rows = []
     for setup in SETUPS:
-        figures = {config.data.name: measure(config, setup) for config in (small, large)}
+        figures = {config.data.name: measure(config, folder, setup) for config, folder in ((small, small_dir),
+                                                                                             (large, large_dir))}
         s, b = figures[small.data.name], figures[large.data.name]
         rows.append({"setup": setup, f"{small.data.name} samples/s": round(s["samples_per_s"]),
                      f"{large.data.name} samples/s": round(b["samples_per_s"]),
@@ -86,7 +86,7 @@ def to_markdown(result: dict, command: str) -> str:
              f"{result['steps_per_epoch_cap']} steps on the large dataset (`train.max_steps_per_epoch`).",
              "", "Throughput of the second epoch's training pass (samples / s), and each worker's peak RSS "
              "(rank 0 first: it also holds what validation needs):",
-             "", table(result["throughput"])]
+             "", markdown_table(result["throughput"])]
     lines += ["", "Reading the table:", "",
               "- `ratio` is the large dataset's throughput over ml-latest-small's, same setup, model and batch. "
               "ml-latest-small's epoch is only 18 steps at batch 4096, so what every epoch costs whatever its "
@@ -111,22 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     config = load_config(args.overrides, preset=args.preset)
     common = {"train.max_epochs": 2, "train.patience": 2, "train.refit": False, "evaluation.users": SAMPLED_USERS}
-    small = with_values(config, common | {"data.dir": str(resolve_data_dir(config.data))})
-    large = with_values(config, common | {"data.name": args.large_name, "data.dir": str(args.large_dir.resolve()),
-                                          "train.max_steps_per_epoch": args.steps})
-    os.environ.pop("NCF_DATA_DIR", None)  # each config names its folder; Ray workers inherit this environment
-    for data in (small.data, large.data):
-        load_movielens(data)  # prepared (or checked) once, before anything is timed
+    small, small_dir = with_values(config, common), resolve_data_dir(config.data)
+    large = with_values(config, common | {"data.name": args.large_name, "train.max_steps_per_epoch": args.steps})
+    large_dir = args.large_dir.resolve()
+    for data, folder in ((small.data, small_dir), (large.data, large_dir)):
+        load_movielens(data, folder)  # prepared (or checked) once, before anything is timed
     init_ray()
     command = ("python -m jobs.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.full_epoch:
         whole = with_values(large, {"train.max_epochs": 1, "train.max_steps_per_epoch": None})
-        name, result = "scale_full_epoch", {"setup": "ray_data, 2 workers", **measure(whole, "ray_data, 2 workers")}
+        setup = "ray_data, 2 workers"
+        name, result = "scale_full_epoch", {"setup": setup, **measure(whole, large_dir, setup)}
         text = (f"# One whole epoch at scale\n\nCommand: `{command}`\n\n{result['setup']}, {large.data.name}: "
                 f"{result['samples']:,} samples in {result['train_seconds']:.0f} s ({result['samples_per_s']:,.0f} "
                 f"samples/s); peak RSS per rank {gib(result['worker_peak_rss_gb'])} GiB.\n")
     else:
-        name, result = "scale", bench(small, large)
+        name, result = "scale", bench(small, small_dir, large, large_dir)
         text = to_markdown(result, command)
     write_atomically(OUT_DIR / f"{name}.json", json.dumps(result, indent=2), "report")
     write_atomically(OUT_DIR / f"{name}.md", text, "report")

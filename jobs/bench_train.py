@@ -24,28 +24,27 @@ import json
 import platform as host
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import ray
 import torch
 
-from ncf.config import Config, load_config, override_parser
+from ncf.config import Config, load_config, override_parser, with_values
 from ncf.data import epoch_batches, load_movielens, resolve_data_dir
 from ncf.files import write_atomically
-from ncf.integrations.ray_train import fit_with_ray, init_ray
+from ncf.integrations.ray_train import init_ray
 from ncf.metrics import rmse
 from ncf.model import NCF, count_flops_per_sample, forward_batched
 from ncf.training import (
     LocalReporter,
     TrainResult,
     build_model,
-    load_checkpoint,
     make_optimizer,
     train_loop,
     train_step,
 )
+from workflows.benchmarks import markdown_table, ray_history
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
 RAY_ROUNDS = 2  # turns of in-process and Ray Train runs
@@ -65,15 +64,6 @@ def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torc
 def steady_epoch_seconds(*histories: list[dict], key: str = "epoch_seconds") -> float:
     """The median epoch of `histories` (runs of the same setup), each run's first epoch left out."""
     return statistics.median(h[key] for history in histories for h in (history[1:] if len(history) > 1 else history))
-
-
-def ray_history(config: Config, workers: int, cpus: float, use_gpu: bool = False) -> list[dict]:
-    trial = config.model_copy(deep=True)
-    trial.train.num_workers, trial.train.cpus_per_worker, trial.train.use_gpu = workers, cpus, use_gpu
-    if use_gpu and workers > 1:  # NCCL has no sparse all-reduce
-        trial.model.sparse_embeddings = False
-    with tempfile.TemporaryDirectory(prefix="ncf-bench-") as tmp:
-        return load_checkpoint(fit_with_ray(trial, run_id=None, into=Path(tmp)))["state"]["history"]
 
 
 def random_negatives(config: Config, n_movies: int, n_positives: int) -> torch.Tensor | None:
@@ -124,10 +114,9 @@ EMBEDDINGS = {True: "sparse", False: "dense"}  # by model.sparse_embeddings
 def in_process_variants(config: Config) -> dict[str, Config]:
     """The configured loop changed in one respect each, by name: the other kind of embeddings, the other precision,
     and no batch norm or dropout (what the rest of the epoch costs)."""
-    embeddings, precision, bare = (config.model_copy(deep=True) for _ in range(3))
-    embeddings.model.sparse_embeddings = not config.model.sparse_embeddings
-    precision.train.bf16_on_cpu = not config.train.bf16_on_cpu
-    bare.model.batch_norm, bare.model.dropouts = False, [0.0] * len(config.model.dropouts)
+    embeddings = with_values(config, {"model.sparse_embeddings": not config.model.sparse_embeddings})
+    precision = with_values(config, {"train.bf16_on_cpu": not config.train.bf16_on_cpu})
+    bare = with_values(config, {"model.batch_norm": False, "model.dropouts": [0.0] * len(config.model.dropouts)})
     return {f"{EMBEDDINGS[embeddings.model.sparse_embeddings]}_embeddings": embeddings,
             PRECISION[precision.train.bf16_on_cpu]: precision, "without_batch_norm_and_dropout": bare}
 
@@ -137,8 +126,8 @@ def rmse_on_test(result: TrainResult, data) -> float:
     return rmse(ratings.numpy(), forward_batched(result.model, users, movies).rating.numpy())
 
 
-def bench_cpu(config: Config) -> dict:
-    data = load_movielens(config.data)
+def bench_cpu(config: Config, data_dir: Path) -> dict:
+    data = load_movielens(config.data, data_dir)
     n_train = len(data.splits.train)
     gflops_before = {name: matmul_gflops(dtype=dtype) for name, dtype in MATMUL_DTYPE.items()}
     flops_per_sample = 3 * count_flops_per_sample(config.model)  # a training step: forward + backward ~ 3x forward
@@ -159,8 +148,8 @@ def bench_cpu(config: Config) -> dict:
         local = train_loop(config, data, LocalReporter(verbose=False))
         runs["in_process"].append(local.history)
         init_ray()
-        runs["ray_1_worker"].append(ray_history(config, workers=1, cpus=2))
-        runs["ray_2_workers"].append(ray_history(config, workers=2, cpus=1))
+        runs["ray_1_worker"].append(ray_history(config, data_dir, workers=1, cpus=2))
+        runs["ray_2_workers"].append(ray_history(config, data_dir, workers=2, cpus=1))
         ray.shutdown()
     epochs = {name: steady_epoch_seconds(*histories) for name, histories in runs.items()}
     in_process, train_pass = epochs["in_process"], steady_epoch_seconds(*runs["in_process"], key="train_seconds")
@@ -238,8 +227,7 @@ def bench_table_sizes(config: Config, steps: int) -> dict:
     rows = []
     for batch_size in sorted({256, config.train.batch_size}):
         for sparse in (False, True):
-            trial = config.model_copy(deep=True)
-            trial.model.sparse_embeddings = sparse
+            trial = with_values(config, {"model.sparse_embeddings": sparse})
             seconds = step_seconds(trial, TABLE_SIZES, batch_size, steps)
             rows.append({"batch_size": batch_size, "embeddings": "sparse" if sparse else "dense",
                          f"{small}_samples_per_s": round(batch_size / seconds[small]),
@@ -251,13 +239,13 @@ def bench_table_sizes(config: Config, steps: int) -> dict:
             "embedding_dim": config.model.embedding_dim, "timed_steps": steps, "throughput": rows}
 
 
-def bench_gpu(config: Config) -> dict:
+def bench_gpu(config: Config, data_dir: Path) -> dict:
     gpus = torch.cuda.device_count()
     if gpus == 0:
         raise SystemExit("no GPU visible: the GPU benchmark needs CUDA")
     init_ray()
-    history = ray_history(config, workers=gpus, cpus=1, use_gpu=True)
-    n_train = len(load_movielens(config.data).splits.train)
+    history = ray_history(config, data_dir, workers=gpus, cpus=1, use_gpu=True)
+    n_train = len(load_movielens(config.data, data_dir).splits.train)
     epoch = steady_epoch_seconds(history)
     return {"gpus": gpus, "device": torch.cuda.get_device_name(0), "batch_size": config.train.batch_size,
             "mixed_precision_bf16": config.train.mixed_precision, "train_samples": n_train,
@@ -268,16 +256,10 @@ def bench_gpu(config: Config) -> dict:
 def to_markdown(title: str, result: dict, command: str) -> str:
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in result.items() if not isinstance(v, (dict, list)))
-    tables = "".join(f"\n\n{k}:\n\n" + table(v) for k, v in result.items() if isinstance(v, list))
+    tables = "".join(f"\n\n{k}:\n\n" + markdown_table(v) for k, v in result.items() if isinstance(v, list))
     details = {k: v for k, v in result.items() if isinstance(v, dict)}
     detail = f"\n\n```json\n{json.dumps(details, indent=2)}\n```" if details else ""
     return f"# {title}\n\nCommand: `{command}`\n\n| measure | value |\n|---|---|\n{rows}{tables}{detail}\n"
-
-
-def table(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,17 +271,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="training-step throughput with ml-latest-small vs ML-25M-sized embedding tables")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement of --table-sizes")
     args = p.parse_args(argv)
-    config = load_config(args.overrides, preset=args.preset)
-    if not args.table_sizes:  # random ids: no data
-        config.data.dir = str(resolve_data_dir(config.data))
-    config.train.max_epochs, config.train.patience, config.train.refit = args.epochs, args.epochs, False
+    config = with_values(load_config(args.overrides, preset=args.preset),
+                         {"train.max_epochs": args.epochs, "train.patience": args.epochs, "train.refit": False})
+    data_dir = None if args.table_sizes else resolve_data_dir(config.data)  # random ids: no data
     if args.gpu:
-        name, title, result = "train_gpu", "GPU training throughput", bench_gpu(config)
+        name, title, result = "train_gpu", "GPU training throughput", bench_gpu(config, data_dir)
     elif args.table_sizes:
         name, title = "train_table_size", "Training step: small vs ML-25M-sized embedding tables"
         result = bench_table_sizes(config, args.steps)
     else:
-        name, title, result = "train_epoch_time", "Epoch time: in-process vs Ray Train", bench_cpu(config)
+        name, title, result = "train_epoch_time", "Epoch time: in-process vs Ray Train", bench_cpu(config, data_dir)
     write_atomically(OUT_DIR / f"{name}.json", json.dumps(result, indent=2), "report")
     command = "python -m jobs.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
     write_atomically(OUT_DIR / f"{name}.md", to_markdown(title, result, command.strip()), "report")

@@ -14,53 +14,11 @@ store `mlruns/`).
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 
-import mlflow
-
-from jobs.publish import RunSummary, finish_run, gate, log_data_tags, write_report
-from ncf.config import Config, load_config, override_parser
-from ncf.data import load_movielens, resolve_data_dir
-from ncf.files import WriteError, check_writable
-from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import fit_with_ray
-from ncf.training import CheckpointError, fit_in_process
-
-REPORT_PATH = Path("reports") / "metrics.json"  # under the working directory
-
-
-def run(config: Config, launcher: str = "ray", report_path: Path | None = REPORT_PATH,
-        run_name: str | None = None) -> tuple[RunSummary, bool]:
-    """Train, evaluate, log, register; returns the summary and whether it became champion.
-
-    An unwritable report folder stops the job here, before any training (a WriteError naming it)."""
-    if report_path:
-        check_writable(report_path.parent, "report")
-    config = config.model_copy(deep=True)
-    config.data.dir = str(resolve_data_dir(config.data))  # workers load the same verified files
-    data = load_movielens(config.data)
-    mlflow_tracking.setup()
-    with mlflow.start_run(run_name=run_name, log_system_metrics=True, tags={"launcher": launcher}) as active:
-        mlflow_tracking.log_config(config)
-        log_data_tags(data)
-        with tempfile.TemporaryDirectory(prefix="ncf-run-") as tmp:
-            if launcher == "ray":
-                checkpoint = fit_with_ray(config, active.info.run_id, Path(tmp) / "checkpoint")
-            else:
-                epochs = mlflow_tracking.EpochLogger(active.info.run_id)
-                checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)
-                epochs.flush()  # the epochs' metrics buffered while the store was unreachable
-            summary = finish_run(config, data, checkpoint)
-        decision = gate(summary, config)
-    promoted = decision["champion.decision"] == "promoted"
-    print(f"MLflow run {summary.run_id}: model {summary.model_name} version {summary.model_version} "
-          f"({decision['champion.metric']} {decision['champion.candidate_value']}) " + (
-              "is the champion" if promoted else f"does not beat champion version "
-              f"{decision['champion.incumbent_version']} ({decision['champion.incumbent_value']})"))
-    if report_path:
-        write_report(summary, data, report_path)
-    return summary, promoted
+from ncf.config import load_config, override_parser
+from ncf.files import WriteError
+from ncf.training import CheckpointError
+from workflows.training_run import train_and_publish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", choices=("ray", "local"), default="ray")
     args = p.parse_args(argv)
     try:
-        run(load_config(args.overrides, preset=args.preset), launcher=args.launcher)
+        train_and_publish(load_config(args.overrides, preset=args.preset), launcher=args.launcher)
     except (WriteError, CheckpointError) as err:  # a path that cannot be written or read back: no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -4,11 +4,11 @@
     python -m jobs.tune --resume [NAME]                   continue an interrupted sweep (default: the newest)
 
 Optuna's TPE proposes configs from `conf/tune.yaml`'s space and ASHA stops weak trials
-early, both on the best validation value of `train.monitor` (the trials: `jobs.sweep_trials`).
+early, both on the best validation value of `train.monitor` (the trials: `workflows.sweep_trials`).
 Each trial is a child MLflow run of the sweep's run. When the sweep ends, the best trial
 continues from its last checkpoint into the refit phase, is evaluated on the test split,
 registered as an `ncf-movielens` version and made `champion` only if its validation RMSE
-beats the champion's. The sweep's report (`jobs.sweep_report`: leaderboard, ASHA savings,
+beats the champion's. The sweep's report (`workflows.sweep_report`: leaderboard, ASHA savings,
 test metrics) is printed and written to `reports/tune.md`.
 """
 
@@ -27,9 +27,17 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from jobs.publish import finish_run, gate, headline, log_data_tags
-from jobs.sweep_report import SweepOutcome, epoch_savings, format_board, leaderboard
-from jobs.sweep_trials import (
+from ncf import plots
+from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
+from ncf.data import MovieLens, load_movielens, resolve_data_dir
+from ncf.files import WriteError, check_writable, write_atomically
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import Storage, init_ray, storage_location
+from ncf.training import CheckpointError, copy_checkpoint, fit_in_process
+from workflows.champion import gate
+from workflows.publish import finish_run, headline, log_data_tags
+from workflows.sweep_report import SweepOutcome, epoch_savings, format_board, leaderboard
+from workflows.sweep_trials import (
     TrialRuns,
     concurrent_trials,
     find_child_run,
@@ -39,15 +47,9 @@ from jobs.sweep_trials import (
     trial_config,
     trial_resources,
 )
-from ncf import plots
-from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
-from ncf.data import MovieLens, load_movielens, resolve_data_dir
-from ncf.files import WriteError, check_writable, write_atomically
-from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import Storage, init_ray, storage_location
-from ncf.training import CheckpointError, copy_checkpoint, fit_in_process
 
 SWEEP_CONFIG = "ncf_config.yaml"  # the sweep's base config, kept in its Tune folder for --resume
+SWEEP_DATA_DIR = "data_dir.txt"  # the data folder its trials and refit read, kept beside it
 SWEEP_TAG = "ncf.sweep_path"
 INTERRUPTED = 130  # the shell's code for Ctrl-C: the sweep can be resumed
 
@@ -95,19 +97,20 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
     storage = storage_location(config.train)  # checkpoint_dir, or train.storage_uri (S3)
     if resume:
         path = latest_sweep(storage, None if resume == "latest" else resume)
-        config = _saved_config(path)
+        config, data_dir = _saved_config(path)
         print(f"resuming sweep {path.uri}", flush=True)
     else:
-        config = config.model_copy(deep=True)
-        config.data.dir = str(resolve_data_dir(config.data))  # trials and the refit load the same files
-        config.train.checkpoint_dir = str(Path(config.train.checkpoint_dir).expanduser().resolve())
+        data_dir = resolve_data_dir(config.data)  # trials and the refit load the same files
         path = Storage(storage.filesystem, storage.join(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"))
         path.filesystem.create_dir(path.path)
         with tempfile.TemporaryDirectory(prefix="ncf-sweep-") as tmp:
             save_config(config, Path(tmp) / SWEEP_CONFIG)
-            pyarrow.fs.copy_files(str(Path(tmp) / SWEEP_CONFIG), path.join(SWEEP_CONFIG),
-                                  destination_filesystem=path.filesystem)
-    data = load_movielens(config.data)
+            (Path(tmp) / SWEEP_DATA_DIR).write_text(str(data_dir))
+            for name in (SWEEP_CONFIG, SWEEP_DATA_DIR):
+                pyarrow.fs.copy_files(str(Path(tmp) / name), path.join(name), destination_filesystem=path.filesystem)
+    data = load_movielens(config.data, data_dir)
+    # Multi-worker trials' TorchTrainers keep their checkpoints beside the sweep's trials.
+    trainers = Storage(path.filesystem, path.path.rstrip("/").rsplit("/", 1)[0])
     experiment_id = mlflow_tracking.setup()
     parent_id = _parent_run(path) if resume else None
     if resume and parent_id is None:
@@ -122,7 +125,8 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
         if not parent_id:
             mlflow_tracking.log_config(config)
             log_data_tags(data)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data),
+        trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data,
+                                                             data_dir=data_dir, storage=trainers),
                                         trial_resources(config))
         if resume:
             tuner = tune.Tuner.restore(path.path, trainable, resume_errored=True,
@@ -152,9 +156,15 @@ def _name(path: Storage) -> str:
     return path.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _saved_config(path: Storage) -> Config:
+def _saved_config(path: Storage) -> tuple[Config, Path]:
+    """The sweep's base config and data folder (sweeps saved before the data folder was kept on its own had it
+    in their config's `data.dir`)."""
     with path.filesystem.open_input_stream(path.join(SWEEP_CONFIG)) as saved:
-        return config_from_dict(yaml.safe_load(saved.read().decode()))
+        config = config_from_dict(yaml.safe_load(saved.read().decode()))
+    if path.filesystem.get_file_info(path.join(SWEEP_DATA_DIR)).type != pyarrow.fs.FileType.File:
+        return config, resolve_data_dir(config.data)
+    with path.filesystem.open_input_stream(path.join(SWEEP_DATA_DIR)) as saved:
+        return config, Path(saved.read().decode())
 
 
 def make_tuner(config: Config, trainable, path: Storage, parent_run_id: str, experiment_id: str) -> tune.Tuner:

@@ -26,7 +26,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Read-only once validated: an assignment raises. Overrides build validated copies (`with_values`);
+    paths and choices a run makes are passed as arguments or saved as artifacts, never written in here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SplitConfig(Section):

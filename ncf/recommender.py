@@ -1,15 +1,17 @@
 """A trained model plus everything needed to recommend with it, in raw MovieLens ids.
 
 `Recommender` is what the registered MLflow model carries and what Ray Serve loads:
-weights, config, id maps, the movie table, every user's known ratings and the fitted
-candidate retriever, with the indexes built from them once (ratings grouped by user,
-popularity, genres). It answers pair predictions, top-k over unseen movies (retrieval
-then re-ranking, `ncf.reranking.top_k`: the one ranking path of evaluation, the pyfunc,
-Serve and batch jobs) and explanations.
+weights, config, id maps, the movie table, every user's known ratings, the fitted
+candidate retriever and the re-ranking chosen on validation (`reranking.json`), with the indexes
+built from them once (ratings grouped by user, popularity, genres). It answers pair predictions,
+top-k over unseen movies (retrieval then re-ranking, `ncf.reranking.top_k`: the one ranking path of
+evaluation, the pyfunc, Serve and batch jobs) and explanations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, candidat
 from ncf.retrieval import FILE_NAME, load_retriever
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
+RERANKING = "reranking.json"  # the re-ranking chosen on validation (folders saved before it: the config's)
 PAIR_COLUMNS = ["user_id", "movie_id", "predicted_rating", "strength", "user_weight", "movie_weight"]
 TOP_K_COLUMNS = ["user_id", "rank", "movie_id", "title", "predicted_rating", "strength", "user_weight",
                  "movie_weight"]
@@ -62,11 +65,20 @@ def saved_retrieval(config: dict) -> RetrievalConfig | None:
         else None
 
 
+def saved_reranking(folder: Path, config: dict) -> Reranking:
+    """The re-ranking saved beside the model; a folder saved before it existed kept it in its config's retrieval
+    section (none without a retrieval section)."""
+    if (folder / RERANKING).exists():
+        return Reranking(**json.loads((folder / RERANKING).read_text()))
+    retrieval = saved_retrieval(config)
+    return Reranking.from_config(retrieval) if retrieval else Reranking(0)
+
+
 class Recommender:
     score = None  # as an evaluation `Scorable`, it ranks with `rank`, not by a catalogue score
 
     def __init__(self, model: NCF, config: dict, ids: IdMaps, movies: pd.DataFrame, history: Ratings,
-                 candidates: CandidateRetriever | None = None):
+                 reranking: Reranking, candidates: CandidateRetriever | None = None):
         self.model = model.eval()
         self.config = config  # the resolved training config, kept as the run's record
         self.ids = ids
@@ -74,9 +86,8 @@ class Recommender:
         self.history = history  # every known rating (train + validation), encoded
         self.scorer = NCFScorer(self.model)
         self.predict = self.scorer.predict
-        retrieval = saved_retrieval(config)
         self.candidates = candidates  # fitted on `history`
-        self.reranking = Reranking.from_config(retrieval) if retrieval else Reranking(0)
+        self.reranking = reranking
         # The catalogue's half of every scoring pass, for ranking the whole catalogue (no retriever).
         self.movie_side = self.model.movie_side() if self.candidates is None else None
         # Grouped by user: user u's ratings are rows seen.indptr[u]:seen.indptr[u + 1] (the CSR of `seen`).
@@ -91,11 +102,12 @@ class Recommender:
         self.genre_lists = [[] if g == NO_GENRES else g.split("|") for g in self.movies["genres"]]
 
     @classmethod
-    def from_training(cls, model: NCF, config: Config, data: MovieLens,
-                      retriever: CandidateRetriever | None = None) -> Recommender:
-        """`retriever` fitted on train + validation, like `model`; `config.retrieval` holds the chosen re-ranking."""
+    def from_training(cls, model: NCF, config: Config, data: MovieLens, retriever: CandidateRetriever | None = None,
+                      reranking: Reranking | None = None) -> Recommender:
+        """`retriever` fitted on train + validation, like `model`; `reranking` the one chosen on validation
+        (default: `config.retrieval`'s)."""
         return cls(model, config.model_dump(mode="json"), data.ids, data.movies, data.splits.train_and_validation(),
-                   retriever)
+                   reranking or Reranking.from_config(config.retrieval), retriever)
 
     # ------------------------------------------------------------------ persistence
 
@@ -108,6 +120,7 @@ class Recommender:
         self.movies.to_csv(folder / MOVIES, index=False)
         h = self.history
         np.savez_compressed(folder / HISTORY, user=h.user, movie=h.movie, rating=h.rating, timestamp=h.timestamp)
+        (folder / RERANKING).write_text(json.dumps(dataclasses.asdict(self.reranking), indent=1))
         if self.candidates is not None:
             self.candidates.retriever.save(folder)
         return folder
@@ -129,7 +142,7 @@ class Recommender:
         if (folder / FILE_NAME).exists():  # the saved retriever, with what its config adds from the same ratings
             candidates = candidate_retriever(load_retriever(folder), saved_retrieval(config), history, ids.n_users,
                                              ids.n_movies)
-        return cls(model, config, ids, movies, history, candidates)
+        return cls(model, config, ids, movies, history, saved_reranking(folder, config), candidates)
 
     # ------------------------------------------------------------------ id handling
 

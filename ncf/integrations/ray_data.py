@@ -25,7 +25,7 @@ import torch
 
 from ncf import prepared
 from ncf.config import Config, ConfigError, EvaluationConfig
-from ncf.data import MovieLens, Ratings, Splits, resolve_data_dir
+from ncf.data import MovieLens, Ratings, Splits
 from ncf.evaluation import Ranker
 from ncf.ranking import SeenItems
 from ncf.recommender import Recommender
@@ -57,13 +57,13 @@ class TrainingInput:
     datasets: dict[str, object]  # name -> ray.data.Dataset
 
 
-def training_datasets(config: Config) -> TrainingInput:
-    """The prepared copy of `data.name` (built first if missing or stale), its train split (and with
+def training_datasets(config: Config, data_dir: Path) -> TrainingInput:
+    """The prepared copy of `data.name` in `data_dir` (built first if missing or stale), its train split (and with
     `train.refit` train + validation) read into the object store, reshuffled at every epoch."""
     import ray.data
 
     check_supported(config)
-    folder = prepared.prepare(config.data, resolve_data_dir(config.data)).folder
+    folder = prepared.prepare(config.data, data_dir).folder
 
     def quiet(dataset):
         dataset.context.enable_progress_bars = False  # an epoch is one line of the log, not a screen of bars

@@ -115,8 +115,9 @@ def _tag_run(client, run_id: str, tags: dict[str, str]) -> None:
 
 
 def train_worker(params: dict) -> None:
-    """The function every Ray Train worker runs: its batches from memory, or from its Ray Data shard
-    (`data.loader: ray_data`, the driver's prepared folder in `params["prepared"]`). With a run id, each
+    """The function every Ray Train worker runs: its batches from memory (read from the driver's data folder,
+    `params["data_dir"]`), or from its Ray Data shard (`data.loader: ray_data`, the driver's prepared folder in
+    `params["prepared"]`). With a run id, each
     worker tags the run with the node it runs on (a replacement worker after a failure overwrites its
     rank's tags)."""
     config = config_from_dict(params["config"])
@@ -132,7 +133,7 @@ def train_worker(params: dict) -> None:
         data, validation = ray_data.worker_data(config, Path(params["prepared"]), reporter.rank)
         batches = ray_data.ShardBatches(config, reporter)
     else:
-        data, batches, validation = load_movielens(config.data), None, None
+        data, batches, validation = load_movielens(config.data, Path(params["data_dir"])), None, None
     train_loop(config, data, reporter, batches, validation)
     if on_epoch:
         on_epoch.flush()  # the epochs' metrics buffered while the store was unreachable
@@ -224,24 +225,27 @@ def storage_location(train: TrainConfig, environ: Mapping[str, str] | None = Non
     return Storage(pyarrow.fs.S3FileSystem(**options), path)
 
 
-def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list | None = None):
-    """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config.
+def make_trainer(config: Config, data_dir: Path, run_id: str | None, name: str, callbacks: list | None = None,
+                 storage: Storage | None = None):
+    """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config; every worker
+    reads the dataset in `data_dir` (the folder the driver resolved, `ncf.data.resolve_data_dir`).
 
     `callbacks` are Ray Train callbacks (a Tune trial passes `TuneReportCallback`). Checkpoints go to
-    `storage_location(config.train)`, where a restarted worker group resumes from the latest one. With
+    `storage` (default `storage_location(config.train)`), where a restarted worker group resumes from the
+    latest one. With
     `data.loader: ray_data` the workers' batches are shards of the prepared Parquet (`ncf.integrations.ray_data`).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = config.train
-    storage = storage_location(cfg)
-    streamed = ray_data.training_datasets(config) if config.data.loader == "ray_data" else None
+    storage = storage or storage_location(cfg)
+    streamed = ray_data.training_datasets(config, data_dir) if config.data.loader == "ray_data" else None
     # Rank 0 prints each epoch once; Ray Train's print patch would echo every line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(), "run_id": run_id,
+        train_loop_config={"config": config.model_dump(), "data_dir": str(data_dir), "run_id": run_id,
                            "tracking_uri": mlflow_tracking.tracking_uri(),
                            "prepared": str(streamed.folder) if streamed else None},
         datasets=streamed.datasets if streamed else None,
@@ -262,16 +266,16 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
     )
 
 
-def fit_with_ray(config: Config, run_id: str | None, into: Path) -> Path:
-    """Train under Ray Train; returns `into`, a copy of the final checkpoint (downloaded when in S3) that the
-    caller owns and removes. A local checkpoint folder that cannot be written is a WriteError naming it,
-    before Ray starts."""
+def fit_with_ray(config: Config, data_dir: Path, run_id: str | None, into: Path) -> Path:
+    """Train under Ray Train on the dataset in `data_dir`; returns `into`, a copy of the final checkpoint
+    (downloaded when in S3) that the caller owns and removes. A local checkpoint folder that cannot be
+    written is a WriteError naming it, before Ray starts."""
     storage = storage_location(config.train)
     if storage.filesystem.type_name == "local":
         check_writable(Path(storage.path), "checkpoint")
     init_ray()
     # A run name Ray Train has seen under the same storage path would be resumed: keep names unique.
-    result = make_trainer(config, run_id, name=f"ncf-train-{run_id or uuid.uuid4().hex[:12]}").fit()
+    result = make_trainer(config, data_dir, run_id, name=f"ncf-train-{run_id or uuid.uuid4().hex[:12]}").fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     return Path(result.checkpoint.to_directory(str(into)))

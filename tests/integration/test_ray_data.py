@@ -12,10 +12,10 @@ import ray
 from mlflow import MlflowClient
 
 from jobs import synth
-from jobs import train as train_job
 from ncf import prepared
 from ncf.config import ConfigError, load_config
 from ncf.integrations.ray_data import CHECKSUM_MODULUS, pair_checksum, training_datasets, worker_data
+from workflows.training_run import train_and_publish
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def test_two_workers_train_on_disjoint_reshuffled_shards_and_the_run_is_register
                           "train.max_epochs=2", "train.patience=5", f"train.checkpoint_dir={tmp_path / 'ckpt'}"])
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
-        summary, _ = train_job.run(config, launcher="ray", report_path=tmp_path / "metrics.json")
+        summary, _ = train_and_publish(config, launcher="ray", report_path=tmp_path / "metrics.json")
     finally:
         ray.shutdown()
 
@@ -117,7 +117,7 @@ def test_workers_read_only_what_their_rank_needs(tiny_config, tiny_dir):
     assert pair_checksum(movies, users) != whole
 
 
-def test_objectives_that_sample_negatives_are_refused():
+def test_objectives_that_sample_negatives_are_refused(tmp_path):
     config = load_config(["data.loader=ray_data", "model.objective=joint"])
     with pytest.raises(ConfigError, match="data.loader ray_data trains the rating objective only"):
-        training_datasets(config)
+        training_datasets(config, tmp_path)  # refused before any data is read

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.publish import served_ranker
 from ncf.config import Config, load_config
 from ncf.data import MovieLens
 from ncf.evaluation import evaluate_per_user
 from ncf.recommender import Recommender
 from ncf.reranking import fit_retriever
 from ncf.training import LocalReporter, train_loop
+from workflows.publish import served_ranker
 
 pytestmark = pytest.mark.integration
 

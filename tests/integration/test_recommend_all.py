@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import recommend_all
-from jobs import train as train_job
 from ncf.config import Config, load_config
 from ncf.integrations import mlflow_tracking
+from workflows.training_run import train_and_publish
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def champion(store, tiny_config: Config, tiny_training_args: list[str], tmp_path
     """The train job (in-process launcher) on the tiny dataset; its model is the first, hence the champion."""
     data = [f"data.{key}={json.dumps(value)}" for key, value in tiny_config.data.model_dump(mode="json").items()]
     config = load_config([*tiny_training_args[1::2], *data, f"train.checkpoint_dir={tmp_path_factory.mktemp('ckpt')}"])
-    summary, promoted = train_job.run(config, launcher="local", report_path=None)
+    summary, promoted = train_and_publish(config, launcher="local", report_path=None)
     assert promoted
     return summary.model_version
 

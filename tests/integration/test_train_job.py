@@ -18,7 +18,6 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from jobs import train as train_job
 from ncf.config import load_config
 from ncf.data import load_movielens
 from ncf.evaluation import evaluate
@@ -26,6 +25,7 @@ from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
 from ncf.recommender import NCFScorer
 from ncf.training import load_checkpoint, model_from_checkpoint
+from workflows.training_run import train_and_publish
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def trained(store, local_ray, data_dir, tmp_path_factory):
     config = load_config([*SMALL_MODEL, "train.max_epochs=3", f"data.dir={data_dir}",
                           f"train.checkpoint_dir={tmp_path_factory.mktemp('ckpt')}"])
     report = tmp_path_factory.mktemp("reports") / "metrics.json"
-    summary, promoted = train_job.run(config, launcher="ray", report_path=report)
+    summary, promoted = train_and_publish(config, launcher="ray", report_path=report)
     return summary, promoted, report
 
 
@@ -186,7 +186,7 @@ def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_d
 
     def test_rmse(storage: Path) -> tuple[float, dict]:
         config = load_config([*overrides, f"train.checkpoint_dir={storage}"])
-        checkpoint = fit_with_ray(config, run_id=None, into=storage / "final")
+        checkpoint = fit_with_ray(config, data_dir, run_id=None, into=storage / "final")
         state = load_checkpoint(checkpoint)["state"]
         model = model_from_checkpoint(checkpoint, config, data)
         return evaluate(NCFScorer(model), data)["rmse"], state

@@ -16,12 +16,12 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from jobs import train as train_job
 from jobs import tune as tune_job
-from jobs.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import init_ray
+from workflows.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
+from workflows.training_run import train_and_publish
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def weak_champion(env) -> tuple[str, float]:
     config = load_config([*TINY[:2], "registry.champion_metric=best_val_rmse", "model.embedding_dim=16",
                           "train.batch_size=1024", "train.learning_rate=0.0001",
                           "train.max_epochs=1", "train.refit=false", f"train.checkpoint_dir={env.checkpoints}"])
-    summary, promoted = train_job.run(config, launcher="local", report_path=None)
+    summary, promoted = train_and_publish(config, launcher="local", report_path=None)
     assert promoted and summary.model_version == "1"
     return summary.model_version, summary.best_val_rmse
 

@@ -7,9 +7,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from jobs.publish import RunSummary, gate
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
+from workflows.champion import gate
+from workflows.publish import RunSummary
 
 pytestmark = pytest.mark.unit
 

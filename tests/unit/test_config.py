@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from ncf.config import (
     SECTIONS,
@@ -17,6 +18,7 @@ from ncf.config import (
     flatten,
     load_config,
     save_config,
+    with_values,
 )
 
 
@@ -150,6 +152,21 @@ def test_save_config_round_trips(tmp_path: Path):
     assert isinstance(again, Config)
     assert again == config
     assert again.model.embedding_dim == 32 and again.train.max_epochs == 7
+
+
+@pytest.mark.parametrize("section, key, value", [("data", "dir", "/elsewhere"), ("retrieval", "n_candidates", 7),
+                                                ("train", "checkpoint_dir", "/tmp/x")])
+def test_a_loaded_config_is_read_only(section: str, key: str, value: object):
+    """Paths and choices a run makes travel as arguments or artifacts: assigning into the config raises, and
+    `with_values` builds a validated copy instead, leaving the original as it was."""
+    config = load_config()
+    before = getattr(getattr(config, section), key)
+    with pytest.raises(ValidationError, match="frozen"):
+        setattr(getattr(config, section), key, value)
+    with pytest.raises(ValidationError, match="frozen"):
+        config.preset = "neumf"
+    assert getattr(getattr(with_values(config, {f"{section}.{key}": value}), section), key) == value
+    assert getattr(getattr(config, section), key) == before
 
 
 def test_flatten_gives_dotted_keys():

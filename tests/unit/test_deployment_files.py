@@ -1,6 +1,6 @@
-"""The deployment files in platform/ pass `python -m jobs.check_deployment`, and every check catches the
-mistake it exists for: each test breaks one thing in a copy under tmp_path and expects a message that names
-the file and the problem. Nothing here needs a cluster, Docker or the network."""
+"""The deployment files in platform/ pass `python -m jobs.check_deployment` (`workflows.deployment`), and
+every check catches the mistake it exists for: each test breaks one thing in a copy under tmp_path and
+expects a message that names the file and the problem. Nothing here needs a cluster, Docker or the network."""
 
 from __future__ import annotations
 
@@ -12,19 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import check_deployment as cd
-from jobs.check_deployment import Context, DeploymentError
+from jobs import check_deployment
+from workflows.deployment import base, cluster_launcher, dockerfiles, kuberay, kubernetes_schemas
+from workflows.deployment.base import Context, DeploymentError
 
 pytestmark = pytest.mark.unit
 
-ROOT = cd.REPO_ROOT
-KUBERAY = ROOT / cd.KUBERAY
+ROOT = base.REPO_ROOT
+KUBERAY = ROOT / base.KUBERAY
 
 
 @pytest.fixture(scope="session")
 def ctx() -> Context:
     """The repository's context, built once (the CRD validators are cached per process as well)."""
-    return cd.load_context(ROOT)
+    return base.load_context(ROOT)
 
 
 def broken(tmp_path: Path, source: Path, old: str, new: str, count: int = 1) -> Path:
@@ -38,7 +39,7 @@ def broken(tmp_path: Path, source: Path, old: str, new: str, count: int = 1) -> 
 
 def edited(tmp_path: Path, source: Path, change: Callable[[list[dict]], None]) -> Path:
     """A copy of a manifest with its parsed documents changed by `change`."""
-    docs = cd.load_documents(source)
+    docs = base.load_documents(source)
     change(docs)
     target = tmp_path / source.name
     target.write_text(yaml.safe_dump_all(docs, sort_keys=False))
@@ -49,7 +50,7 @@ def edited(tmp_path: Path, source: Path, change: Callable[[list[dict]], None]) -
 
 
 def test_shipped_files_pass_every_check(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cd.main([]) == 0, capsys.readouterr().out
+    assert check_deployment.main([]) == 0, capsys.readouterr().out
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(line.startswith("ok ") for line in lines), lines
     checked = {line.split()[1].rstrip(":") for line in lines}
@@ -78,7 +79,7 @@ def test_a_broken_root_fails_naming_the_file(tmp_path: Path, capsys: pytest.Capt
     shutil.copy(ROOT / ".dockerignore", tmp_path)
     job = tmp_path / "platform/kuberay/rayjob-train.yaml"
     job.write_text(job.read_text().replace('rayVersion: "', 'rayVersion: "1.', 1))
-    assert cd.main(["--root", str(tmp_path)]) == 1
+    assert check_deployment.main(["--root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "FAIL  platform/kuberay/rayjob-train.yaml: RayJob ncf-train rayVersion is '1." in out
     assert "ok    platform/kuberay/rayservice.yaml" in out
@@ -91,41 +92,41 @@ def test_misspelled_rayjob_field_fails(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", "shutdownAfterJobFinishes:", "shutdownAfterJobFinish:")
     problem = r"rayjob-train\.yaml: RayJob ncf-train spec: .*'shutdownAfterJobFinish' was unexpected"
     with pytest.raises(DeploymentError, match=problem):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 def test_misspelled_field_deep_in_the_pod_template_fails(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", "mountPath: /mnt/ncf", "mountpath: /mnt/ncf")
     with pytest.raises(DeploymentError, match=r"volumeMounts\[0\]: .*'mountpath' was unexpected"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 def test_wrong_type_fails(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", "replicas: 2", 'replicas: "two"')
     with pytest.raises(DeploymentError, match=r"workerGroupSpecs\[0\]\.replicas: 'two' is not of type 'integer'"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 def test_misspelled_metadata_field_fails(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, KUBERAY / "rayservice.yaml", "  labels:", "  lables:")
     with pytest.raises(DeploymentError, match=r"RayService ncf-serve metadata: .*'lables' was unexpected"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 def test_int_or_string_quantities_accept_both_and_nothing_else(tmp_path: Path, ctx: Context) -> None:
     source = KUBERAY / "rayjob-train.yaml"
     ok = broken(tmp_path, source, 'cpu: "8"', "cpu: 8")
-    cd.check_kuberay_manifest(ok, ctx)
+    kuberay.check_kuberay_manifest(ok, ctx)
     path = broken(tmp_path, source, "nvidia.com/gpu: 1", "nvidia.com/gpu: [1]")
     with pytest.raises(DeploymentError, match=r"nvidia\.com/gpu"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 def test_rayjob_with_both_cluster_spec_and_selector_fails(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", "  rayClusterSpec:",
                   "  clusterSelector:\n    ray.io/cluster: shared\n  rayClusterSpec:")
     with pytest.raises(DeploymentError, match="exactly one of spec.rayClusterSpec .* not both"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [
@@ -137,7 +138,7 @@ def test_rayjob_with_both_cluster_spec_and_selector_fails(tmp_path: Path, ctx: C
 def test_operator_rules(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", old, new)
     with pytest.raises(DeploymentError, match=problem):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [
@@ -151,7 +152,7 @@ def test_ray_version_and_images_must_agree(tmp_path: Path, ctx: Context, old: st
     v = ctx.ray_version
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", old.format(v=v), new.format(v=v))
     with pytest.raises(DeploymentError, match=re.escape(problem.format(v=v))):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [
@@ -166,13 +167,13 @@ def test_ray_version_and_images_must_agree(tmp_path: Path, ctx: Context, old: st
 def test_train_job_agrees_with_its_overrides(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", old, new)
     with pytest.raises(DeploymentError, match=problem):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 def test_tune_job_needs_its_trials_to_fit(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-tune.yaml", "tune.workers_per_trial=1", "tune.workers_per_trial=3")
     with pytest.raises(DeploymentError, match="a trial needs 3 GPUs"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [
@@ -183,7 +184,7 @@ def test_tune_job_needs_its_trials_to_fit(tmp_path: Path, ctx: Context) -> None:
 def test_invalid_runtime_env_fails(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", old, new)
     with pytest.raises(DeploymentError, match=problem):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 # ----------------------------------------------------------------------------- the RayService
@@ -193,7 +194,7 @@ def test_invalid_runtime_env_fails(tmp_path: Path, ctx: Context, old: str, new: 
 def test_loopback_serve_host_fails(tmp_path: Path, ctx: Context, host: str) -> None:
     path = broken(tmp_path, KUBERAY / "rayservice.yaml", "host: 0.0.0.0", f'host: "{host}"')
     with pytest.raises(DeploymentError, match="rayservice.yaml: RayService ncf-serve: .* loopback address"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [
@@ -212,7 +213,7 @@ def test_loopback_serve_host_fails(tmp_path: Path, ctx: Context, host: str) -> N
 def test_serve_config_rules(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
     path = broken(tmp_path, KUBERAY / "rayservice.yaml", old, new)
     with pytest.raises(DeploymentError, match=problem):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 # ----------------------------------------------------------------------------- built-in kinds, kustomize
@@ -235,16 +236,16 @@ def test_serve_config_rules(tmp_path: Path, ctx: Context, old: str, new: str, pr
 def test_broken_mlflow_deployment_fails(tmp_path: Path, ctx: Context, change: Callable, problem: str) -> None:
     path = edited(tmp_path, KUBERAY / "mlflow-server.yaml", change)
     with pytest.raises(DeploymentError, match=problem):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 def test_broken_secret_and_claim_fail(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, KUBERAY / "secret.example.yaml", "stringData:", "stringdata:")
     with pytest.raises(DeploymentError, match="Secret ncf-mlflow: .*'stringdata' was unexpected"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
     path = broken(tmp_path, KUBERAY / "shared-storage.yaml", "- ReadWriteMany", "ReadWriteMany")
     with pytest.raises(DeploymentError, match=r"PersistentVolumeClaim ncf-shared: spec\.accessModes"):
-        cd.check_kuberay_manifest(path, ctx)
+        kuberay.check_kuberay_manifest(path, ctx)
 
 
 @pytest.fixture
@@ -258,19 +259,19 @@ def test_kustomization_must_list_every_manifest(kuberay_copy: Path, ctx: Context
     path = kuberay_copy / "kustomization.yaml"
     path.write_text(path.read_text().replace("  - rayjob-tune.yaml\n", ""))
     with pytest.raises(DeploymentError, match="kustomization.yaml: rayjob-tune.yaml is not listed under resources"):
-        cd.check_kustomization(kuberay_copy, ctx)
+        kuberay.check_kustomization(kuberay_copy, ctx)
     path.write_text(path.read_text().replace("resources:\n", "resources:\n  - rayjob-tune.yaml\n  - nothere.yaml\n"))
     with pytest.raises(DeploymentError, match="resources lists nothere.yaml, which does not exist"):
-        cd.check_kustomization(kuberay_copy, ctx)
+        kuberay.check_kustomization(kuberay_copy, ctx)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_must_render(kuberay_copy: Path, ctx: Context) -> None:
-    assert "renders 6 objects" in cd.check_kustomization(kuberay_copy, ctx)
+    assert "renders 6 objects" in kuberay.check_kustomization(kuberay_copy, ctx)
     path = kuberay_copy / "kustomization.yaml"
     path.write_text(path.read_text().replace("labels:\n  - pairs:", "labels:\n  - pairz:"))
     with pytest.raises(DeploymentError, match="`kubectl kustomize` failed"):
-        cd.check_kustomization(kuberay_copy, ctx)
+        kuberay.check_kustomization(kuberay_copy, ctx)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -279,20 +280,20 @@ def test_kustomize_image_rewrite_must_keep_the_ray_version(kuberay_copy: Path, c
     text = path.read_text()
     path.write_text(text.replace("newName: ncf-movielens", "newName: ncf-movielens\n    newTag: 1.0.0"))
     with pytest.raises(DeploymentError, match="carries Ray 1.0.0"):
-        cd.check_kustomization(kuberay_copy, ctx)
+        kuberay.check_kustomization(kuberay_copy, ctx)
     # Only the train job left: nothing defines the claim it mounts.
     path.write_text(text.replace(text[text.index("resources:"):text.index("labels:")],
                                  "resources:\n  - rayjob-train.yaml\n"))
     for name in ("mlflow-server.yaml", "rayjob-tune.yaml", "rayservice.yaml", "shared-storage.yaml"):
         (kuberay_copy / name).unlink()
     with pytest.raises(DeploymentError, match="mounts PersistentVolumeClaim ncf-shared, which nothing here defines"):
-        cd.check_kustomization(kuberay_copy, ctx)
+        kuberay.check_kustomization(kuberay_copy, ctx)
 
 
 def test_kustomize_is_skipped_without_kubectl(kuberay_copy: Path, ctx: Context,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cd.shutil, "which", lambda name: None)
-    assert "SKIPPED: kubectl not found" in cd.check_kustomization(kuberay_copy, ctx)
+    monkeypatch.setattr(kuberay.shutil, "which", lambda name: None)
+    assert "SKIPPED: kubectl not found" in kuberay.check_kustomization(kuberay_copy, ctx)
 
 
 # ----------------------------------------------------------------------------- Dockerfiles, cluster launcher
@@ -306,21 +307,21 @@ def test_kustomize_is_skipped_without_kubectl(kuberay_copy: Path, ctx: Context,
     ("USER 1000:100", "USER 1000:100\nUSER root", "DL3002"),
 ])
 def test_bad_dockerfile_fails(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
-    path = broken(tmp_path, ROOT / cd.DOCKERFILES[0], old, new)
+    path = broken(tmp_path, ROOT / base.DOCKERFILES[0], old, new)
     with pytest.raises(DeploymentError, match=f"Dockerfile.cpu: .*{problem}"):
-        cd.check_dockerfile(path, ctx)
+        dockerfiles.check_dockerfile(path, ctx)
 
 
 def test_cpu_base_image_in_the_gpu_dockerfile_fails(tmp_path: Path, ctx: Context) -> None:
-    path = broken(tmp_path, ROOT / cd.DOCKERFILES[1], "-py311-gpu\n", "-py311-cpu\n")
+    path = broken(tmp_path, ROOT / base.DOCKERFILES[1], "-py311-gpu\n", "-py311-cpu\n")
     with pytest.raises(DeploymentError, match="not a GPU build"):
-        cd.check_dockerfile(path, ctx)
+        dockerfiles.check_dockerfile(path, ctx)
 
 
 def test_dockerignore_must_keep_stores_out(tmp_path: Path, ctx: Context) -> None:
     path = broken(tmp_path, ROOT / ".dockerignore", "\nmlruns\n", "\n")
     with pytest.raises(DeploymentError, match="does not exclude mlruns"):
-        cd.check_dockerignore(path, ctx)
+        dockerfiles.check_dockerignore(path, ctx)
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [
@@ -333,16 +334,16 @@ def test_dockerignore_must_keep_stores_out(tmp_path: Path, ctx: Context) -> None
     ("head_node_type: head", "head_node_type: boss", "`ray up` would reject it"),
 ])
 def test_broken_cluster_config_fails(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
-    path = broken(tmp_path, ROOT / cd.CLUSTER_CONFIG, old, new)
+    path = broken(tmp_path, ROOT / base.CLUSTER_CONFIG, old, new)
     with pytest.raises(DeploymentError, match=f"ray-cluster.yaml: .*{problem}"):
-        cd.check_cluster_config(path, ctx)
+        cluster_launcher.check_cluster_config(path, ctx)
 
 
 # ----------------------------------------------------------------------------- the pieces
 
 
 def test_strict_schema_closes_objects_unless_told_otherwise() -> None:
-    schema = cd.strict_schema({"type": "object", "properties": {
+    schema = kubernetes_schemas.strict_schema({"type": "object", "properties": {
         "a": {"type": "object", "properties": {"b": {"type": "string"}}},
         "open": {"type": "object", "properties": {}, "x-kubernetes-preserve-unknown-fields": True},
         "map": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -360,7 +361,7 @@ def test_strict_schema_closes_objects_unless_told_otherwise() -> None:
     ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("ncf-mlflow", False),
 ])
 def test_is_loopback(host: str, loopback: bool) -> None:
-    assert cd.is_loopback(host) is loopback
+    assert base.is_loopback(host) is loopback
 
 
 @pytest.mark.parametrize(("image", "version"), [
@@ -371,4 +372,4 @@ def test_is_loopback(host: str, loopback: bool) -> None:
     ("registry.example.com:5000/postgres", None),
 ])
 def test_image_ray_version(image: str, version: str | None) -> None:
-    assert cd.image_ray_version(image) == version
+    assert base.image_ray_version(image) == version

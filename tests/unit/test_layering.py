@@ -1,10 +1,12 @@
-"""The layering rule: the core library computes and imports neither Ray nor MLflow; serving never
+"""The layering rule: the core library computes and imports neither Ray nor MLflow; the jobs' shared library
+(workflows/) is imported by the entry points in jobs/ only, never by ncf or serving, and serving never
 reaches into jobs; the repository documents itself."""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +49,25 @@ def top_level_imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package, forbidden", [("ncf", {"jobs", "serving"}), ("serving", {"jobs"})])
+@pytest.mark.parametrize("package, forbidden", [("ncf", {"jobs", "workflows", "serving"}),
+                                                ("serving", {"jobs", "workflows"}), ("workflows", {"jobs"}),
+                                                ("jobs", {"jobs"})])
 def test_packages_do_not_reach_upwards(package: str, forbidden: set[str]):
     for path in (ROOT / package).rglob("*.py"):
         assert not top_level_imports(path) & forbidden, f"{path.relative_to(ROOT)} imports {forbidden}"
+
+
+def test_every_job_is_an_entry_point_behind_a_make_target():
+    """jobs/ holds entry points only (what they share is in workflows/): each runs as `python -m jobs.<name>`,
+    from a make target that `make help` lists."""
+    makefile = (ROOT / "Makefile").read_text()
+    for path in sorted((ROOT / "jobs").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        assert 'if __name__ == "__main__":' in path.read_text(), f"{path.relative_to(ROOT)} is not an entry point"
+        target = re.search(rf"^([a-z-]+):[^\n]*## [^\n]*\n(?:\t[^\n]*\n)*?\t\$\(PY\) -m jobs\.{path.stem}\b",
+                           makefile, flags=re.MULTILINE)
+        assert target, f"no make target with a ## help line runs jobs.{path.stem}"
 
 
 def test_no_file_refers_outside_the_repository():

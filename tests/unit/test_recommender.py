@@ -12,8 +12,8 @@ import yaml
 from ncf.config import ADDED_KEYS, load_config
 from ncf.data import MovieLens
 from ncf.ranking import top_k_unseen
-from ncf.recommender import PAIR_COLUMNS, TOP_K_COLUMNS, Recommender, UnknownIdError
-from ncf.reranking import fit_retriever
+from ncf.recommender import PAIR_COLUMNS, RERANKING, TOP_K_COLUMNS, Recommender, UnknownIdError
+from ncf.reranking import Reranking, fit_retriever
 from ncf.training import build_model
 
 
@@ -149,3 +149,45 @@ def test_a_model_saved_before_a_config_key_existed_still_loads(recommender: Reco
     loaded = Recommender.load(folder)
     users = np.arange(5)
     np.testing.assert_array_equal(loaded.top_k(users, 10)[0], recommender.top_k(users, 10)[0])
+
+
+@pytest.fixture(scope="module")
+def with_chosen_reranking(tiny_movielens: MovieLens) -> Recommender:
+    """A recommender with a retriever whose re-ranking, as if chosen on validation, differs from its config's."""
+    config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
+                          "retrieval.n_candidates=20", "retrieval.rating_weight=0.0"])
+    torch.manual_seed(0)
+    model = build_model(config, tiny_movielens)
+    retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(),
+                              tiny_movielens.n_users, tiny_movielens.n_movies)
+    chosen = Reranking(12, {"rating": 2.0, "interaction": 0.5})
+    return Recommender.from_training(model, config, tiny_movielens, retriever, chosen)
+
+
+def test_the_chosen_reranking_round_trips_through_its_own_artifact(with_chosen_reranking: Recommender,
+                                                                   tmp_path: Path):
+    folder = with_chosen_reranking.save(tmp_path / "model")
+    saved_config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved_config["retrieval"]["n_candidates"] == 20  # the config stays the run's input, unchanged
+    loaded = Recommender.load(folder)
+    assert (folder / RERANKING).is_file()
+    assert loaded.reranking == Reranking(12, {"rating": 2.0, "interaction": 0.5}) == with_chosen_reranking.reranking
+    users = np.arange(loaded.ids.n_users)
+    np.testing.assert_array_equal(loaded.top_k(users, 10)[0], with_chosen_reranking.top_k(users, 10)[0])
+
+
+def test_a_folder_saved_before_the_reranking_artifact_ranks_as_it_did(with_chosen_reranking: Recommender,
+                                                                       tmp_path: Path):
+    """Registered models saved before `reranking.json` kept the chosen re-ranking in their config's retrieval
+    section; they load with it."""
+    folder = with_chosen_reranking.save(tmp_path / "model")
+    (folder / RERANKING).unlink()
+    users = np.arange(with_chosen_reranking.ids.n_users)
+    with_configs = Recommender.load(folder)  # the training config's re-ranking: other lists
+    assert (with_configs.top_k(users, 10)[0] != with_chosen_reranking.top_k(users, 10)[0]).any()
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    saved["retrieval"] |= {"n_candidates": 12, "rating_weight": 2.0, "interaction_weight": 0.5}
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    loaded = Recommender.load(folder)
+    assert loaded.reranking == with_chosen_reranking.reranking
+    np.testing.assert_array_equal(loaded.top_k(users, 10)[0], with_chosen_reranking.top_k(users, 10)[0])

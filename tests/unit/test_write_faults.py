@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.publish import RunSummary, write_report
 from ncf.config import Config
 from ncf.data import MovieLens
 from ncf.files import WriteError, check_writable, write_atomically
 from ncf.training import CHECKPOINT_FILE, fit_in_process, load_checkpoint
+from workflows.publish import RunSummary, write_report
 
 pytestmark = pytest.mark.unit
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from ray import tune
 from ncf.config import Config, Distribution, config_from_dict, flatten, with_values
 from ncf.data import MovieLens
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import TuneReporter, make_trainer
+from ncf.integrations.ray_train import Storage, TuneReporter, make_trainer
 from ncf.training import format_epoch, lower_is_better, train_loop
 
 
@@ -75,8 +76,9 @@ def trial_config(base: Config, params: dict[str, object], refit: bool = False) -
     return with_values(base, values)
 
 
-def run_trial(params: dict, base: dict, data: MovieLens) -> None:
-    """The Tune trainable: the training loop here, or under a TorchTrainer for several workers."""
+def run_trial(params: dict, base: dict, data: MovieLens, data_dir: Path, storage: Storage) -> None:
+    """The Tune trainable: the training loop here on `data`, or under a TorchTrainer for several workers, whose
+    workers read `data_dir` and keep checkpoints in `storage`."""
     config = trial_config(config_from_dict(base), params)
     if config.train.num_workers == 1:
         # A line per saved checkpoint would drown the progress lines the driver prints.
@@ -91,7 +93,8 @@ def run_trial(params: dict, base: dict, data: MovieLens) -> None:
     context = tune.get_context()
     # A stable name per trial: a resumed sweep restarts the trainer from its own checkpoints.
     name = f"{context.get_experiment_name()}-{context.get_trial_id()}"
-    result = make_trainer(config, run_id=None, name=name, callbacks=[TuneReportCallback()]).fit()
+    result = make_trainer(config, data_dir, run_id=None, name=name, callbacks=[TuneReportCallback()],
+                          storage=storage).fit()
     if result.error:
         raise result.error
 

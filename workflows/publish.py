@@ -1,15 +1,20 @@
 """Publishing a finished training, whoever launched it (train job, Tune sweep).
 
 1. Choose the re-ranking (candidates, blend weights) on the validation slice with the model and
-   retriever fitted without it (the search phase's best weights, a retriever on train).
+   retriever fitted without it (the search phase's best weights, a retriever on train). The choice is
+   an artifact of its own (`reranking.json`, in the run and in the model's folder), never written into
+   the config.
 2. Build the served recommender: the final (refit) model, the retriever refit on train + validation.
 3. Evaluate it on the test split next to the baselines (EASE and ALS included), full ranking first,
    and the paper's sampled protocol; log metrics, plots and the model; register a version with a
    description and tags that say what it is; compare it with the champion (paired bootstrap).
+
+Whether the version becomes champion is `workflows.champion.gate`'s decision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -38,9 +43,9 @@ from ncf.integrations import mlflow_tracking
 from ncf.metrics import paired_bootstrap
 from ncf.model import NCF
 from ncf.ranking import SeenItems
-from ncf.recommender import NCFScorer, Recommender
+from ncf.recommender import RERANKING, NCFScorer, Recommender
 from ncf.reranking import Reranking, choose_reranking, fit_retriever, top_k
-from ncf.training import build_model, load_checkpoint, lower_is_better, model_from_checkpoint
+from ncf.training import build_model, load_checkpoint, model_from_checkpoint
 
 SERVED, MODEL_ALONE = "ncf", "ncf model alone"
 HEADLINE = ("full_ndcg_at_10", "full_hit_rate_at_10", "full_recall_at_10", "full_coverage")
@@ -78,8 +83,9 @@ def log_plots(model: NCF, history: list[dict], data: MovieLens) -> None:
         plots.plt.close(figure)
 
 
-def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> tuple[Config, dict[str, float]]:
-    """The config with the re-ranking chosen on validation, and the served ranking's validation figures.
+def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> tuple[Reranking, dict[str, float]]:
+    """The re-ranking chosen on validation (`config.retrieval`'s unless `retrieval.choose_on_validation`), and
+    the served ranking's validation figures.
 
     `search_model` and the retriever fitted here have seen train only. The grid's figures go to
     the run as `validation/reranking_grid.json`.
@@ -88,21 +94,17 @@ def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> 
     seen = SeenItems(train.user, train.movie, data.n_users)
     retriever = fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
     if retriever is not None and config.retrieval.choose_on_validation:
-        chosen, metrics, grid = choose_reranking(search_model, retriever, seen, validation, data.n_movies,
-                                                 config.retrieval, sample=config.evaluation)
+        reranking, metrics, grid = choose_reranking(search_model, retriever, seen, validation, data.n_movies,
+                                                    config.retrieval, sample=config.evaluation)
         mlflow.log_text(json.dumps(grid, indent=1), "validation/reranking_grid.json")
-        config = config.model_copy(deep=True)
-        config.retrieval.n_candidates = chosen.n_candidates
-        for head, weight in chosen.weights.items():
-            setattr(config.retrieval, f"{head}_weight", weight)
-        print(f"re-ranking chosen on validation: {chosen.n_candidates} candidates, weights {chosen.weights} "
+        print(f"re-ranking chosen on validation: {reranking.n_candidates} candidates, weights {reranking.weights} "
               f"(validation full NDCG@10 {metrics['full_ndcg_at_10']:.4f})", flush=True)
     else:
         reranking = Reranking.from_config(config.retrieval)
         metrics, _ = full_ranking_against(
             lambda users, s, k: top_k(search_model, retriever, reranking, users, s, k)[0], seen, validation,
             data.n_movies, sample=config.evaluation)
-    return config, {f"val_{name}": value for name, value in metrics.items()}
+    return reranking, {f"val_{name}": value for name, value in metrics.items()}
 
 
 def _best_epoch_figures(history: list[dict], best_epoch: int) -> dict[str, float]:
@@ -144,11 +146,12 @@ def evaluate_all(recommender: Recommender, model: NCF, config: Config, data: Mov
     return results, per_user
 
 
-def describe(config: Config, data: MovieLens, validation: dict[str, float], test: dict[str, float]) -> str:
+def describe(config: Config, reranking: Reranking, data: MovieLens, validation: dict[str, float],
+             test: dict[str, float]) -> str:
     """The registered version's description: what it is and how good, without opening its run."""
-    retrieval = config.retrieval
-    stage = ("no retrieval stage" if retrieval.retriever == "none" else
-             f"{retrieval.retriever.upper()} retrieval, top {retrieval.n_candidates} re-ranked")
+    retriever = config.retrieval.retriever
+    stage = ("no retrieval stage" if retriever == "none" else
+             f"{retriever.upper()} retrieval, top {reranking.n_candidates} re-ranked")
     rating = f", RMSE {test['rmse']:.4f}" if "rmse" in test else ""
     return (f"{config.preset} preset: {config.model.architecture} ({'attention' if config.model.attention else 'no'}"
             f" gate), objective {config.model.objective}, {stage}. Data {config.data.name} "
@@ -194,7 +197,7 @@ def finish_run(config: Config, data: MovieLens, checkpoint: Path, register: bool
     model = model_from_checkpoint(checkpoint, config, data)
     search_model = build_model(config, data)
     search_model.load_state_dict(state["best_weights"] or saved["model"])
-    config, validation = choose_on_validation(config, data, search_model.eval())
+    reranking, validation = choose_on_validation(config, data, search_model.eval())
     monitor = config.train.monitor
     validation |= {"best_epoch": state["best_epoch"], f"best_{monitor}": state["best_value"]}
     validation |= _best_epoch_figures(state["history"], state["best_epoch"])
@@ -203,7 +206,8 @@ def finish_run(config: Config, data: MovieLens, checkpoint: Path, register: bool
 
     retriever = fit_retriever(config.retrieval, data.splits.train_and_validation(), data.n_users, data.n_movies,
                               config.train.seed)
-    recommender = Recommender.from_training(model, config, data, retriever)
+    recommender = Recommender.from_training(model, config, data, retriever, reranking)
+    mlflow.log_dict(dataclasses.asdict(reranking), RERANKING)  # also in the model's folder, which the pyfunc loads
     print("evaluating on the test split ...", flush=True)
     results, per_user = evaluate_all(recommender, model, config, data)
     mlflow_tracking.log_test_metrics(results, primary=SERVED)
@@ -215,31 +219,13 @@ def finish_run(config: Config, data: MovieLens, checkpoint: Path, register: bool
         info = mlflow_tracking.log_recommender(folder, config, register=register)
     version = str(info.registered_model_version) if register else ""
     if register:
-        mlflow_tracking.describe_version(config, version, describe(config, data, validation, results[SERVED]), {
+        description = describe(config, reranking, data, validation, results[SERVED])
+        mlflow_tracking.describe_version(config, version, description, {
             "preset": config.preset, "objective": config.model.objective, "architecture": config.model.architecture,
             "retriever": config.retrieval.retriever, "dataset": config.data.name,
             **{f"data.sha256.{name}": digest for name, digest in data.checksums.items()}})
     return RunSummary(mlflow.active_run().info.run_id, results, validation, version,
                       mlflow_tracking.model_name(config), comparison)
-
-
-def champion_figure(summary: RunSummary, config: Config) -> float:
-    """The candidate's figure for the champion gate (`registry.champion_metric`)."""
-    metric = config.registry.champion_metric
-    if metric not in summary.validation:
-        raise KeyError(f"registry.champion_metric {metric} is not among the run's figures "
-                       f"({', '.join(sorted(summary.validation))})")
-    return float(summary.validation[metric])
-
-
-def gate(summary: RunSummary, config: Config) -> dict[str, str]:
-    """Promote the version if it beats the champion on `registry.champion_metric`; tag the decision."""
-    metric = config.registry.champion_metric
-    decision = mlflow_tracking.promote_if_better(summary.model_name, summary.model_version,
-                                                 champion_figure(summary, config), metric,
-                                                 lower_is_better(metric))
-    mlflow.set_tags(decision)
-    return decision
 
 
 def write_report(summary: RunSummary, data: MovieLens, path: Path) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jobs.publish import RunSummary
-from jobs.sweep_trials import sweep_metric
 from ncf.config import Config, flatten
 from ncf.evaluation import format_table
+from workflows.publish import RunSummary
+from workflows.sweep_trials import sweep_metric
 
 
 def leaderboard(results, config: Config) -> pd.DataFrame:

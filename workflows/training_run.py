@@ -1,0 +1,52 @@
+"""One training run end to end, whoever starts it (`make train`, the serving benchmark when it needs a model):
+train (Ray Train or in-process), publish (`workflows.publish`), the champion gate, the metric report."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from ncf.config import Config
+from ncf.data import load_movielens, resolve_data_dir
+from ncf.files import check_writable
+from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_train import fit_with_ray
+from ncf.training import fit_in_process
+from workflows.champion import gate
+from workflows.publish import RunSummary, finish_run, log_data_tags, write_report
+
+REPORT_PATH = Path("reports") / "metrics.json"  # under the working directory
+
+
+def train_and_publish(config: Config, launcher: str = "ray", report_path: Path | None = REPORT_PATH,
+                      run_name: str | None = None) -> tuple[RunSummary, bool]:
+    """Train, evaluate, log, register; returns the summary and whether it became champion.
+
+    An unwritable report folder stops the job here, before any training (a WriteError naming it)."""
+    if report_path:
+        check_writable(report_path.parent, "report")
+    data_dir = resolve_data_dir(config.data)  # the driver and every worker load the same verified files
+    data = load_movielens(config.data, data_dir)
+    mlflow_tracking.setup()
+    with mlflow.start_run(run_name=run_name, log_system_metrics=True, tags={"launcher": launcher}) as active:
+        mlflow_tracking.log_config(config)
+        log_data_tags(data)
+        with tempfile.TemporaryDirectory(prefix="ncf-run-") as tmp:
+            if launcher == "ray":
+                checkpoint = fit_with_ray(config, data_dir, active.info.run_id, Path(tmp) / "checkpoint")
+            else:
+                epochs = mlflow_tracking.EpochLogger(active.info.run_id)
+                checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)
+                epochs.flush()  # the epochs' metrics buffered while the store was unreachable
+            summary = finish_run(config, data, checkpoint)
+        decision = gate(summary, config)
+    promoted = decision["champion.decision"] == "promoted"
+    print(f"MLflow run {summary.run_id}: model {summary.model_name} version {summary.model_version} "
+          f"({decision['champion.metric']} {decision['champion.candidate_value']}) " + (
+              "is the champion" if promoted else f"does not beat champion version "
+              f"{decision['champion.incumbent_version']} ({decision['champion.incumbent_value']})"))
+    if report_path:
+        write_report(summary, data, report_path)
+    return summary, promoted
