@@ -3,9 +3,9 @@
 A retriever is fitted on a user x movie interaction matrix (who liked what) and scores a batch of user
 PROFILES: rows of a user x movie matrix of each user's kept ratings, possibly weighted. A profile need not
 be one the retriever was fitted on (a user's current ratings, a new user's), so a fitted retriever holds
-the item side only. Everything here reads and writes plain numpy / scipy arrays: a saved retriever is one
-.npz, loaded and scored without the library that fitted it, and nothing here imports the rest of `ncf`
-(the config imports the registry to type each retriever's own section).
+the item side only. A saved retriever is one .npz of plain arrays, loaded and scored with numpy and scipy
+alone. This module and the retrievers' own modules import nothing else of `ncf`: the config imports the
+registry to type each retriever's section (`retrieval.<name>`).
 """
 
 from __future__ import annotations
