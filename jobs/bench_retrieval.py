@@ -26,14 +26,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from ncf.baselines import MostPopular
-from ncf.config import load_config
+from ncf.config import RetrievalConfig, load_config
 from ncf.data import MovieLens, Ratings, load_movielens, resolve_data_dir
 from ncf.evaluation import full_ranking_against, score_ranker
 from ncf.files import write_atomically
 from ncf.metrics import leave_one_out, paired_bootstrap, sampled_ranking_metrics
-from ncf.ranking import SeenItems
+from ncf.ranking import ScoreFn, SeenItems
 from ncf.reranking import CandidateRetriever
-from ncf.retrieval import ALS, EASE, Sequence, interaction_matrix
+from ncf.retrievers import ALS, EASE, Retriever
+from ncf.retrievers.profiles import interaction_matrix
+from ncf.retrievers.sequence import Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "benchmarks" / "retrieval.md"
@@ -48,7 +50,7 @@ ALS_FACTORS = (32, 64, 128)
 ALS_REGS = (1.0, 10.0, 50.0)
 MAX_ITEMS = 8000
 MAX_ITEMS_SWEEP = (1000, 2000, 4000)
-# The sequence signal blended into the chosen EASE (retrieval.sequence_*): window, most recent ratings, decay, weight.
+# The sequence signal blended into the chosen EASE (retrieval.sequence): window, most recent ratings, decay, weight.
 SEQUENCE_WINDOWS = (5, 10, 20)
 SEQUENCE_LAST = (5, 10, 20)
 SEQUENCE_DECAYS = (0.5, 0.7, 0.9)
@@ -83,6 +85,11 @@ class Slice:
 
     def n_ranked_users(self) -> int:
         return len(np.unique(self.target.user[self.target.rating >= 4.0]))
+
+
+def by_user(model: Retriever, profiles: sp.csr_matrix) -> ScoreFn:
+    """Score users (rows of `profiles`) with a retriever, which scores profiles."""
+    return lambda users: model.score(profiles[users])
 
 
 def slices(data: MovieLens) -> tuple[Slice, Slice]:
@@ -123,12 +130,11 @@ def choose_ease(val: Slice, max_items: int) -> tuple[dict, list[str]]:
         gram = model.gram(x)
         for lam in EASE_LAMBDAS:
             model.lam = lam
-            model.fit_gram(gram, x)
-            plain, _ = val.evaluate(model.score)
+            model.fit_gram(gram)
+            plain, _ = val.evaluate(by_user(model, x))
             scores = {}
             for (recency, offset), profile in profiles.items():
-                model.profiles = profile
-                scores[recency, offset] = val.evaluate(model.score)[0][NDCG]
+                scores[recency, offset] = val.evaluate(by_user(model, profile))[0][NDCG]
             recency_only = {r: v for (r, o), v in scores.items() if o is None and r is not None}
             best_recency = max(recency_only, key=recency_only.get)
             by_unit = {unit: max(v for r, v in recency_only.items() if r[0] == unit) for unit in ("rank", "days")}
@@ -154,8 +160,8 @@ def ease_max_items_sweep(val: Slice, setting: dict) -> list[str]:
     profiles = val.matrix(INPUTS[setting["input"]], setting["recency"], setting["offset"])
     n_rated = int((x.getnnz(axis=0) > 0).sum())
     for cap in (*MAX_ITEMS_SWEEP, setting["max_items"]):
-        model = EASE(setting["lam"], cap, num_threads=1).fit(x, profiles)
-        metrics, _ = val.evaluate(model.score)
+        model = EASE(setting["lam"], cap, num_threads=1).fit(x)
+        metrics, _ = val.evaluate(by_user(model, profiles))
         kept = len(model.items)
         rows.append(f"| {cap} | {kept} of {n_rated} | {model.item_matrix_bytes() / 2**20:.0f} MiB | "
                     f"{metrics[NDCG]:.4f} | {metrics['full_hit_rate_at_10']:.4f} |")
@@ -183,7 +189,7 @@ def ease_variants(val: Slice, setting: dict) -> list[str]:
         fit_matrices[f"user rows scaled by n_ratings^-{alpha:g}"] = sp.diags(counts ** -alpha) @ x
 
     def scored(model: EASE) -> float:
-        return val.evaluate(model.score)[0][NDCG]
+        return val.evaluate(by_user(model, profiles))[0][NDCG]
 
     rows, base_diag, chosen = [], None, None
     for name, matrix in fit_matrices.items():  # the chosen input first: its diagonal is the lambda scale
@@ -194,7 +200,7 @@ def ease_variants(val: Slice, setting: dict) -> list[str]:
         results = {}
         for factor in (1.0,) if matrix is x else (0.5, 1.0, 2.0):
             model.lam = setting["lam"] * diag / base_diag * factor
-            results[model.lam] = scored(model.fit_gram(gram, profiles))
+            results[model.lam] = scored(model.fit_gram(gram))
         chosen = chosen or model  # the chosen setting, fitted: the B variants below start from its B
         lam = max(results, key=results.get)
         rows.append(f"| fit matrix: {name} | {lam:.3g} | {results[lam]:.4f} |")
@@ -226,7 +232,7 @@ def choose_als(val: Slice) -> tuple[dict, list[str]]:
                 started = time.perf_counter()
                 model = ALS(factors, reg, alpha=1.0, iterations=15, seed=0, num_threads=1).fit(x)
                 seconds = time.perf_counter() - started
-                metrics, _ = val.evaluate(model.score)
+                metrics, _ = val.evaluate(by_user(model, x))
                 rows.append(f"| {factors} | {reg:g} | {name} | {metrics[NDCG]:.4f} | "
                             f"{metrics['full_hit_rate_at_10']:.4f} | {seconds:.2f} |")
                 say(f"  ALS {factors} factors, reg {reg:g}, {name}: NDCG {metrics[NDCG]:.4f} ({seconds:.1f} s)")
@@ -244,10 +250,10 @@ def choose_sequence(val: Slice, ease_setting: dict) -> tuple[dict, list[str]]:
     for window, last in itertools.product(SEQUENCE_WINDOWS, SEQUENCE_LAST):
         scores = {}
         for decay in SEQUENCE_DECAYS:
-            sequence = Sequence(window, last, decay).fit(val.fit_on, val.n_users, val.n_movies)
+            sequence = Sequence(window, last, decay).fit(val.fit_on, val.n_movies)
             for weight in SEQUENCE_WEIGHTS:
-                retriever = CandidateRetriever(ease, val.fit_on, INPUTS[ease_setting["input"]], val.n_users,
-                                               val.n_movies, sequence, weight)
+                retriever = CandidateRetriever(ease, stage_config(ease_setting, weight), val.fit_on, val.n_users,
+                                               val.n_movies, sequence)
                 scores[decay, weight] = val.evaluate(retriever.score)[0][NDCG]
         decay, weight = max(scores, key=scores.get)
         rows.append(f"| {window} | {last} | {decay:g} | {weight:g} | {scores[decay, weight]:.4f} |")
@@ -265,8 +271,7 @@ def sequence_label(setting: dict) -> str:
 
 def fit_sequence(setting: dict, part: Slice) -> Sequence:
     """The sequence signal of a chosen `setting` (choose_sequence), fitted on `part`."""
-    return Sequence(setting["window"], setting["last"], setting["decay"]).fit(part.fit_on, part.n_users,
-                                                                              part.n_movies)
+    return Sequence(setting["window"], setting["last"], setting["decay"]).fit(part.fit_on, part.n_movies)
 
 
 def with_and_without_sequence(part: Slice, ease_setting: dict, sequence_setting: dict) -> str:
@@ -275,9 +280,9 @@ def with_and_without_sequence(part: Slice, ease_setting: dict, sequence_setting:
     their paired difference."""
     ease = build(ease_setting, part)()
     sequence = fit_sequence(sequence_setting, part)
-    plain, blended = (CandidateRetriever(ease, part.fit_on, INPUTS[ease_setting["input"]], part.n_users,
-                                         part.n_movies, *signal)
-                      for signal in ((), (sequence, sequence_setting["weight"])))
+    plain = CandidateRetriever(ease, stage_config(ease_setting), part.fit_on, part.n_users, part.n_movies)
+    blended = CandidateRetriever(ease, stage_config(ease_setting, sequence_setting["weight"]), part.fit_on,
+                                 part.n_users, part.n_movies, sequence)
     (alone, alone_per_user), (mixed, mixed_per_user) = part.evaluate(plain.score), part.evaluate(blended.score)
     gain = paired_bootstrap(mixed_per_user, alone_per_user)
     return (f"{part.n_ranked_users()} | {alone[NDCG]:.4f} | {mixed[NDCG]:.4f} | "
@@ -290,9 +295,25 @@ def with_and_without_sequence(part: Slice, ease_setting: dict, sequence_setting:
 def build(setting: dict, part: Slice) -> Callable[[], EASE | ALS]:
     x = part.matrix(INPUTS[setting["input"]])
     if setting["kind"] == "ease":
-        profiles = part.matrix(INPUTS[setting["input"]], setting["recency"], setting["offset"])
-        return lambda: EASE(setting["lam"], setting["max_items"], num_threads=1).fit(x, profiles)
+        return lambda: EASE(setting["lam"], setting["max_items"], num_threads=1).fit(x)
     return lambda: ALS(setting["factors"], setting["reg"], alpha=1.0, iterations=15, seed=0, num_threads=1).fit(x)
+
+
+def profiles_of(setting: dict, part: Slice) -> sp.csr_matrix:
+    """The profiles a chosen `setting` scores: EASE's weighted as chosen, ALS's the plain input."""
+    if setting["kind"] == "ease":
+        return part.matrix(INPUTS[setting["input"]], setting["recency"], setting["offset"])
+    return part.matrix(INPUTS[setting["input"]])
+
+
+def stage_config(ease_setting: dict, sequence_weight: float = 0.0) -> RetrievalConfig:
+    """The retrieval section serving a chosen EASE setting (and a sequence signal of that weight) as
+    `CandidateRetriever` reads it."""
+    unit, half_life = ease_setting["recency"] or ("rank", None)
+    cfg = load_config().retrieval
+    return cfg.model_copy(update={"min_rating": INPUTS[ease_setting["input"]], "recency_unit": unit,
+                                  "recency_half_life": half_life, "profile_rating_offset": ease_setting["offset"],
+                                  "sequence": cfg.sequence.model_copy(update={"weight": sequence_weight})})
 
 
 def measure_fit(fit: Callable[[], object]) -> tuple[object, float, float]:
@@ -317,11 +338,11 @@ def sampled_protocol(data: MovieLens, settings: dict[str, dict]) -> dict[str, di
     rest, out = everything.take(np.flatnonzero(~held)), everything.take(np.flatnonzero(held))
     part = Slice(rest, SeenItems(rest.user, rest.movie, data.n_users), out, data.n_users, data.n_movies)
     results = {}
-    models = {name: build(setting, part)() for name, setting in settings.items()}
-    models["most_popular"] = MostPopular().fit(rest, data.n_users, data.n_movies)
-    for name, model in models.items():
-        def pairs(users: np.ndarray, items: np.ndarray, model=model) -> np.ndarray:
-            return np.take_along_axis(np.asarray(model.score(users), dtype=np.float64), items, axis=1)
+    scorers = {name: by_user(build(setting, part)(), profiles_of(setting, part)) for name, setting in settings.items()}
+    scorers["most_popular"] = MostPopular().fit(rest, data.n_users, data.n_movies).score
+    for name, score in scorers.items():
+        def pairs(users: np.ndarray, items: np.ndarray, score=score) -> np.ndarray:
+            return np.take_along_axis(np.asarray(score(users), dtype=np.float64), items, axis=1)
 
         results[name] = sampled_ranking_metrics(pairs, out.user, out.movie, everything.user, everything.movie,
                                                 data.n_movies, seed=0)
@@ -370,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ablation = ease_setting | {"recency": None, "offset": None}  # not chosen on test: what the profile adds
     for name, setting in (("ease", ease_setting), ("als", als_setting), ("ease, plain profile (ablation)", ablation)):
         model, seconds, peak = measure_fit(build(setting, test))
-        metrics, ndcg = test.evaluate(model.score)
+        metrics, ndcg = test.evaluate(by_user(model, profiles_of(setting, test)))
         results[name] = {"metrics": metrics, "ndcg": ndcg, "seconds": seconds, "peak_mib": peak,
                          "setting": label(setting)}
         if name == "ease":
@@ -380,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "ease":
             ease_model = model
     sequence, seconds, peak = measure_fit(lambda: fit_sequence(sequence_setting, test))
-    blended = CandidateRetriever(ease_model, test.fit_on, INPUTS[ease_setting["input"]], data.n_users, data.n_movies,
-                                 sequence, sequence_setting["weight"])
+    blended = CandidateRetriever(ease_model, stage_config(ease_setting, sequence_setting["weight"]), test.fit_on,
+                                 data.n_users, data.n_movies, sequence)
     metrics, ndcg = test.evaluate(blended.score)
     results["ease + sequence"] = {"metrics": metrics, "ndcg": ndcg, "seconds": seconds, "peak_mib": peak,
                                   "setting": sequence_label(sequence_setting)}
@@ -442,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- ease: {results['ease']['setting']} (validation NDCG@10 {ease_setting['validation_ndcg']:.4f})",
         f"- als: {results['als']['setting']} (validation NDCG@10 {als_setting['validation_ndcg']:.4f})",
         f"- ease + sequence: the ease row's EASE, its scores blended with the {results['ease + sequence']['setting']} "
-        f"(retrieval.sequence_*; validation NDCG@10 {sequence_setting['validation_ndcg']:.4f})",
+        f"(retrieval.sequence; validation NDCG@10 {sequence_setting['validation_ndcg']:.4f})",
         "",
         "Fit time: one untraced fit, BLAS and `implicit` on one thread (a shared 2-core machine: times are "
         "indicative); for ease + sequence, the sequence signal's alone. Peak: the largest traced allocation "
@@ -467,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
         *temporal_rows,
         "",
-        "`retrieval.sequence_weight` is off by default and on in the recommender preset, chosen and measured on "
+        "`retrieval.sequence.weight` is off by default and on in the recommender preset, chosen and measured on "
         "the seed split.",
         "",
         "## Sampled protocol (He et al. 2017), for comparison with the literature",
@@ -510,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Validation: the sequence signal",
         "",
-        "What users rate next (`ncf.retrieval.Sequence`): for each movie, how often each other movie came within "
-        "`window` ratings after it in a user's history; a user's score sums those counts over the user's `last` "
+        "What users rate next (`ncf.retrievers.sequence.Sequence`): for each movie, how often each other movie came "
+        "within `window` ratings after it in a user's history; a user's score sums those counts over the user's `last` "
         "most recent ratings, each older one weighing `decay` times the next. Blended into the chosen EASE as "
         "z(EASE) + weight x z(sequence), fit on train, ranked against validation; the best decay "
         f"({', '.join(f'{d:g}' for d in SEQUENCE_DECAYS)}) and weight "

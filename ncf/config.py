@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from ncf.retrievers import NO_RETRIEVER, RETRIEVERS, retriever_class
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -144,21 +146,25 @@ class TrainConfig(Section):
     storage_uri: str | None
 
 
-class RetrievalConfig(Section):
-    retriever: Literal["ease", "als", "none"]
+class SequenceConfig(Section):
+    """`retrieval.sequence`: what users rate next, blended into the retriever's scores (`ncf.retrievers.sequence`)."""
+
+    weight: float = Field(ge=0)  # 0: off
+    window: int = Field(gt=0)
+    last: int = Field(gt=0)
+    decay: float = Field(gt=0, le=1)
+
+
+class RetrievalSettings(Section):
+    """The retrieval stage's keys shared by every retriever; `RetrievalConfig` adds each registered retriever's own
+    section."""
+
+    retriever: str
     min_rating: float | None
     recency_half_life: float | None = Field(gt=0)
     recency_unit: Literal["rank", "days"]
     profile_rating_offset: float | None
-    ease_lambda: float = Field(gt=0)
-    ease_max_items: int | None = Field(gt=0)
-    als_factors: int = Field(gt=0)
-    als_regularization: float = Field(ge=0)
-    als_iterations: int = Field(gt=0)
-    sequence_weight: float = Field(ge=0)
-    sequence_window: int = Field(gt=0)
-    sequence_last: int = Field(gt=0)
-    sequence_decay: float = Field(gt=0, le=1)
+    sequence: SequenceConfig
     n_candidates: int = Field(gt=0)
     rating_weight: float
     interaction_weight: float
@@ -167,8 +173,15 @@ class RetrievalConfig(Section):
     rating_weight_grid: list[float] = Field(min_length=1)
     interaction_weight_grid: list[float] = Field(min_length=1)
 
+    @field_validator("retriever")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name != NO_RETRIEVER:
+            retriever_class(name)  # a name the registry lacks is an error listing the registered ones
+        return name
+
     @model_validator(mode="after")
-    def _check_grids(self) -> RetrievalConfig:
+    def _check_grids(self) -> RetrievalSettings:
         if any(n <= 0 for n in self.n_candidates_grid):
             raise ValueError("retrieval.n_candidates_grid must hold positive counts")
         if self.profile_rating_offset is not None and self.profile_rating_offset >= (self.min_rating or 0.5):
@@ -176,6 +189,12 @@ class RetrievalConfig(Section):
                              f"lowest rating a profile keeps (min_rating {self.min_rating or 0.5}): profile "
                              "weights are rating - offset and must be positive")
         return self
+
+
+# `retrieval`: the shared keys and, as `retrieval.<name>`, each registered retriever's section typed by its
+# `Settings` (ncf.retrievers.RETRIEVERS: registering a retriever adds its section here).
+RetrievalConfig = create_model("RetrievalConfig", __base__=RetrievalSettings, __module__=__name__,
+                               **{name: (retriever.Settings, ...) for name, retriever in RETRIEVERS.items()})
 
 
 class RegistryConfig(Section):
@@ -285,9 +304,9 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_search_space(self) -> Config:
         for section, keys in self.tune.space.items():
-            known = type(getattr(self, section)).model_fields if section in SEARCHABLE else {}
             for key in keys:
-                if key not in known:
+                if section not in SEARCHABLE or not _is_key(type(getattr(self, section)), current_key(
+                        f"{section}.{key}").partition(".")[2]):
                     raise ValueError(f"tune.space.{section}.{key} is not a {', '.join(SEARCHABLE)} config key")
         if self.train.monitor == "val_rmse" and self.model.objective == "implicit":
             raise ValueError("train.monitor val_rmse needs a rating head: an implicit model monitors "
@@ -303,7 +322,56 @@ SECTIONS = tuple(name for name in Config.model_fields if name != "preset")
 SEARCHABLE = ("model", "train", "retrieval")
 
 
+def _is_key(section: type[BaseModel], dotted_key: str) -> bool:
+    """Whether `dotted_key` (`ease.regularization`) names a value of `section`, through its nested sections."""
+    node: object = section
+    for part in dotted_key.split("."):
+        fields = node.model_fields if isinstance(node, type) and issubclass(node, BaseModel) else {}
+        if part not in fields:
+            return False
+        node = fields[part].annotation
+    return True
+
+
+# Keys renamed since models were first registered: each retriever's settings and the sequence signal's were
+# flat `retrieval.<name>_<key>` keys before they became sections of their own. Configs saved with registered
+# models, presets and `--set` overrides that use the old names load as if they used the new ones.
+RENAMED_KEYS: dict[str, str] = {
+    "retrieval.ease_lambda": "retrieval.ease.regularization",
+    "retrieval.ease_max_items": "retrieval.ease.max_items",
+    "retrieval.als_factors": "retrieval.als.factors",
+    "retrieval.als_regularization": "retrieval.als.regularization",
+    "retrieval.als_iterations": "retrieval.als.iterations",
+    "retrieval.sequence_weight": "retrieval.sequence.weight",
+    "retrieval.sequence_window": "retrieval.sequence.window",
+    "retrieval.sequence_last": "retrieval.sequence.last",
+    "retrieval.sequence_decay": "retrieval.sequence.decay",
+}
+
+
+def current_key(dotted_key: str) -> str:
+    """The name `dotted_key` has now (RENAMED_KEYS)."""
+    return RENAMED_KEYS.get(dotted_key, dotted_key)
+
+
+def with_current_keys(tree: dict) -> dict:
+    """A copy of a config tree (sections of values) with every renamed key moved to its current place."""
+    tree = {name: dict(values) if isinstance(values, dict) else values for name, values in tree.items()}
+    for old, new in RENAMED_KEYS.items():
+        section, _, leaf = old.partition(".")
+        if isinstance(tree.get(section), dict) and leaf in tree[section]:
+            value = tree[section].pop(leaf)
+            *parents, last = new.split(".")
+            node = tree
+            for part in parents:
+                node[part] = dict(node.get(part) or {})
+                node = node[part]
+            node[last] = value
+    return tree
+
+
 def _set_path(tree: dict, dotted_key: str, value: object) -> None:
+    dotted_key = current_key(dotted_key)
     *parents, leaf = dotted_key.split(".")
     node = tree
     for i, part in enumerate(parents):
@@ -347,7 +415,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def config_from_dict(tree: dict) -> Config:
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(with_current_keys(tree))
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
 
@@ -386,6 +454,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
     tree: dict = {}
     for section in SECTIONS:
         tree[section] = _read_yaml(conf_dir / f"{section}.yaml", f"section '{section}'") or {}
+    tree = with_current_keys(tree)
     if preset:
         path = conf_dir / PRESETS_DIR / f"{preset}.yaml"
         if not path.exists():
@@ -393,7 +462,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
         layer = _read_yaml(path, f"preset '{preset}'") or {}
         if not isinstance(layer, dict):
             raise ConfigError(f"{path} must map sections to values")
-        _merge(tree, layer, f"(preset {preset}) ")
+        _merge(tree, with_current_keys(layer), f"(preset {preset}) ")
         tree["preset"] = preset
     for text in overrides:
         _set_path(tree, *parse_override(text))
@@ -405,16 +474,27 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | No
 # since (`evaluation`) shape how a run is evaluated, not the model: a loaded model never reads them.
 ADDED_KEYS: dict[str, dict[str, Any]] = {
     "model": {"sparse_embeddings": False},
-    "retrieval": {"profile_rating_offset": None, "sequence_weight": 0.0, "sequence_window": 10, "sequence_last": 10,
-                  "sequence_decay": 0.7},
+    "retrieval": {"profile_rating_offset": None, "sequence": {"weight": 0.0, "window": 10, "last": 10, "decay": 0.7},
+                  "itemknn": {"neighbours": 100, "shrink": 10.0}},
 }
 
 
+def _completed(added: dict, saved: dict) -> dict:
+    """`saved` with what `added` holds and it lacks, section by nested section."""
+    out = dict(saved)
+    for key, value in added.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _completed(value, out[key])
+    return out
+
+
 def saved_section(name: str, saved: dict) -> dict:
-    """Section `name` of a config saved with a model, completed with the keys added since (ADDED_KEYS), so
-    registered models keep loading as the config grows. Independent of conf/: a registered model loads
-    from its own copy of the package, which carries no config files."""
-    return ADDED_KEYS.get(name, {}) | saved
+    """Section `name` of a config saved with a model, its renamed keys moved (RENAMED_KEYS) and completed with
+    the keys added since (ADDED_KEYS), so registered models keep loading as the config grows. Independent of
+    conf/: a registered model loads from its own copy of the package, which carries no config files."""
+    return _completed(ADDED_KEYS.get(name, {}), with_current_keys({name: saved})[name])
 
 
 def _read_yaml(path: Path, what: str) -> object:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from ncf.metrics import (
     seed_ranking_metrics,
 )
 from ncf.ranking import ScoreFn, SeenItems, top_k_unseen
-from ncf.retrieval import configured_retriever, fit_on_ratings
+from ncf.retrievers import RETRIEVERS
+from ncf.retrievers.profiles import fit_on_ratings, user_profiles
 
 FULL_RANKING_THRESHOLD = 4.0
 
@@ -113,28 +114,32 @@ def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K, sample: Eval
 
 
 class RetrievalBaseline:
-    """A retriever on its own (EASE or ALS, fitted exactly as the served recommender's) as a ranking baseline."""
+    """A registered retriever on its own, fitted exactly as the served recommender's and scoring the same
+    profiles (without the served stage's popularity fallback or sequence signal), as a ranking baseline: its
+    row in the metric table bears its name."""
 
     predict = None
 
-    def __init__(self, kind: Literal["ease", "als"], cfg: RetrievalConfig, seed: int = 0):
-        self.name, self.cfg = kind, cfg
-        self.retriever = configured_retriever(kind, cfg, seed)
+    def __init__(self, name: str, cfg: RetrievalConfig, seed: int = 0):
+        self.name, self.cfg, self.seed = name, cfg, seed
 
     def fit(self, ratings: Ratings, n_users: int, n_movies: int) -> RetrievalBaseline:
-        fit_on_ratings(self.retriever, ratings, n_users, n_movies, self.cfg)
+        self.retriever = fit_on_ratings(self.name, self.cfg, ratings, n_users, n_movies, self.seed)
+        self.profiles = user_profiles(ratings, n_users, n_movies, self.cfg, self.retriever)
         return self
 
     def score(self, users: np.ndarray) -> np.ndarray:
-        return self.retriever.score(users)
+        return self.retriever.score(self.profiles[np.asarray(users)])
 
 
 def retrieval_baselines(cfg: RetrievalConfig, seed: int = 0) -> list[RetrievalBaseline]:
-    return [RetrievalBaseline(kind, cfg, seed) for kind in ("ease", "als")]
+    """One baseline per registered retriever, each with its section of `cfg`."""
+    return [RetrievalBaseline(name, cfg, seed) for name in RETRIEVERS]
 
 
 def fitted_baselines(data: MovieLens, retrieval: RetrievalConfig | None = None) -> list:
-    """Every baseline fitted on train + validation: the classic ones, and EASE and ALS with `retrieval`'s settings."""
+    """Every baseline fitted on train + validation: the classic ones, and every registered retriever with
+    `retrieval`'s settings."""
     fit_on = data.splits.train_and_validation()
     models = [cls() for cls in BASELINES] + (retrieval_baselines(retrieval) if retrieval else [])
     return [model.fit(fit_on, data.n_users, data.n_movies) for model in models]

@@ -24,7 +24,7 @@ from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
 from ncf.ranking import SeenItems
 from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, top_k
-from ncf.retrieval import FILE_NAME, load_retriever
+from ncf.retrievers import FILE_NAME, load_retriever
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
 RERANKING = "reranking.json"  # the re-ranking chosen on validation (folders saved before it: the config's)

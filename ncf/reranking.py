@@ -1,8 +1,8 @@
 """Retrieval, then re-ranking: the top-k every recommender serves, is evaluated on and is chosen by.
 
-A retriever fitted on who rated what (`ncf.retrieval`) proposes each user's best unseen
+A retriever fitted on who rated what (`ncf.retrievers`) proposes each user's best unseen
 movies; the NCF re-ranks the first `n_candidates` of them by the blend of standardised
-scores (`ncf.retrieval.blend`) with its heads' signals. Training (validation every
+scores (`blend`) with its heads' signals. Training (validation every
 epoch), evaluation, the registered model and Ray Serve all rank through `top_k`, so
 what is measured is what is served. The blend's settings are chosen on the validation
 slice by `choose_reranking`, with a model and a retriever that were fitted without it.
@@ -11,10 +11,11 @@ slice by `choose_reranking`, with a model and a retriever that were fitted witho
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ncf.config import EvaluationConfig, RetrievalConfig
@@ -23,7 +24,9 @@ from ncf.evaluation import relevant_targets
 from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
 from ncf.model import NCF, MovieSide, forward_batched
 from ncf.ranking import SeenItems, top_k_unseen
-from ncf.retrieval import ALS, EASE, Sequence, blend, configured_retriever, fit_on_ratings, strongest_first
+from ncf.retrievers import NO_RETRIEVER, Retriever
+from ncf.retrievers.profiles import fit_on_ratings, user_profiles
+from ncf.retrievers.sequence import Sequence
 
 HEAD_SIGNALS = {"rating": "rating", "interaction": "logit"}  # head -> the ModelOutput field re-ranking reads
 
@@ -44,82 +47,115 @@ class Reranking:
         return max(self.n_candidates, k)
 
 
-class CandidateRetriever:
-    """A fitted retriever, with the most rated movies for users it cannot score (no rating >= its
-    `min_rating` to build a profile from): without them those users' candidates would be arbitrary.
-    With a `sequence` (`ncf.retrieval.Sequence`, fitted on the same ratings), a user's scores are the blend
-    z(retriever) + sequence_weight * z(sequence) over the catalogue (`ncf.retrieval.blend`)."""
+def _standardise(scores: np.ndarray) -> np.ndarray:
+    """Row-wise z-scores over the finite entries; a row without spread becomes 0, -inf stays -inf."""
+    finite = np.isfinite(scores)
+    count = finite.sum(axis=1, keepdims=True)
+    values = np.where(finite, scores, 0.0)
+    mean = values.sum(axis=1, keepdims=True) / np.maximum(count, 1)
+    centred = np.where(finite, values - mean, 0.0)
+    std = np.sqrt((centred**2).sum(axis=1, keepdims=True) / np.maximum(count, 1))
+    z = np.divide(centred, std, out=np.zeros_like(centred), where=std > 1e-12)
+    return np.where(finite, z, -np.inf)
 
-    def __init__(self, retriever: EASE | ALS, ratings: Ratings, min_rating: float | None, n_users: int,
-                 n_movies: int, sequence: Sequence | None = None, sequence_weight: float = 0.0):
-        self.retriever = retriever
-        self.sequence, self.sequence_weight = sequence, sequence_weight
-        kept = ratings.rating >= min_rating if min_rating is not None else np.ones(len(ratings), bool)
-        # Each user's profile movies (what the scores are built from), grouped by user: ALS's evidence reads one
-        # user's in place of scanning every rating, and no copy of the ratings is kept.
-        self.profile_movies = SeenItems(ratings.user[kept], ratings.movie[kept], n_users)
-        self.no_profile = self.profile_movies.counts() == 0
+
+def blend(retriever_scores: np.ndarray, signals: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """z(retriever) + sum over signals of weight * z(signal), each z-scored over the user's own candidates (rows).
+
+    Standardising makes a weight mean the same for every user and every pair of models
+    whatever their score scales. A candidate the retriever could not score (-inf) stays
+    last and takes no part in any mean or spread; a row without spread scores 0. A signal
+    without a weight counts 0.
+    """
+    r = _standardise(np.asarray(retriever_scores, dtype=np.float64))
+    out = r.copy()
+    for name, scores in signals.items():
+        weight = weights.get(name, 0.0)
+        if weight:
+            z = _standardise(np.where(np.isfinite(r), np.asarray(scores, dtype=np.float64), -np.inf))
+            out += weight * np.where(np.isfinite(z), z, 0.0)
+    return np.where(np.isfinite(r), out, -np.inf)
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """Users' ratings as the retrieval stage reads them, one row per user: the profile its retriever scores and,
+    with a sequence signal, the recent profile the signal scores (`CandidateRetriever.profiles`)."""
+
+    retriever: sp.csr_matrix
+    recent: sp.csr_matrix | None
+
+    def rows(self, users: np.ndarray) -> Profiles:
+        users = np.asarray(users)
+        return Profiles(self.retriever[users], None if self.recent is None else self.recent[users])
+
+
+class CandidateRetriever:
+    """The retrieval stage: a fitted retriever (`ncf.retrievers`), with the most rated movies for profiles it
+    cannot score (no rating >= `min_rating`): without them those users' candidates would be arbitrary. With a
+    `sequence` (`ncf.retrievers.sequence.Sequence`, fitted on the same ratings), a profile's scores are the blend
+    z(retriever) + sequence.weight * z(sequence) over the catalogue (`blend`). It scores any users' profiles
+    (`score_profiles`); `score` and `evidence` read the profiles of the ratings it was built with."""
+
+    def __init__(self, retriever: Retriever, cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies: int,
+                 sequence: Sequence | None = None):
+        self.retriever, self.cfg, self.n_movies = retriever, cfg, n_movies
+        self.sequence, self.sequence_weight = sequence, cfg.sequence.weight
         self.fallback = np.log1p(np.bincount(ratings.movie, minlength=n_movies).astype(np.float32))
+        self.known = self.profiles(ratings, n_users)
 
     @property
     def name(self) -> str:
         return self.retriever.name
 
-    def score(self, users: np.ndarray) -> np.ndarray:
-        users = np.asarray(users)
-        scores = np.asarray(self.retriever.score(users), dtype=np.float32)
-        empty = self.no_profile[users]
+    def profiles(self, ratings: Ratings, n_users: int) -> Profiles:
+        """The profiles of `ratings`' users (indices below `n_users`), as this stage scores them."""
+        return Profiles(user_profiles(ratings, n_users, self.n_movies, self.cfg, self.retriever),
+                        None if self.sequence is None else self.sequence.profiles(ratings, n_users, self.n_movies))
+
+    def score_profiles(self, profiles: Profiles) -> np.ndarray:
+        """[profiles, n_movies] float32: the retriever's scores (the most rated movies' for an empty profile),
+        blended with the sequence signal's."""
+        scores = np.asarray(self.retriever.score(profiles.retriever), dtype=np.float32)
+        empty = np.diff(profiles.retriever.indptr) == 0
         if empty.any():
             scores[empty] = self.fallback
         if self.sequence is None:
             return scores
-        return blend(scores, {"sequence": self.sequence.score(users)}, {"sequence": self.sequence_weight}).astype(
-            np.float32)
+        return blend(scores, {"sequence": self.sequence.score(profiles.recent)},
+                     {"sequence": self.sequence_weight}).astype(np.float32)
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        return self.score_profiles(self.known.rows(users))
 
     def evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's profile movies behind `movie`'s retrieval score, strongest first, and their shares:
-        for EASE exactly the terms of the score (profile weight x B[j, movie]); for ALS the cosine of
-        the item factors (ALS scores have no per-movie terms)."""
-        r = self.retriever
-        if isinstance(r, EASE):
-            row = r.profiles[user]
-            position = np.searchsorted(r.items, np.r_[row.indices, movie])
-            position = np.minimum(position, len(r.items) - 1)
-            kept = r.items[position] == np.r_[row.indices, movie]
-            if not kept[-1]:
-                return np.empty(0, np.int64), np.empty(0)
-            movies = row.indices[kept[:-1]]
-            shares = row.data[kept[:-1]] * r.weights[position[:-1][kept[:-1]], position[-1]]
-        else:
-            movies = np.unique(self.profile_movies.of(user))
-            vectors = r.item_factors[np.r_[movies, movie]]
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            shares = vectors[:-1] @ vectors[-1]
-        return strongest_first(movies, shares, movie)
+        """The user's profile movies behind `movie`'s retrieval score, strongest first, with their shares
+        (`Retriever.evidence`)."""
+        return self.retriever.evidence(self.known.retriever[user], movie)
 
     def sequence_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's recent movies behind `movie`'s sequence score (`Sequence.evidence`); none without one."""
         if self.sequence is None:
             return np.empty(0, np.int64), np.empty(0)
-        return self.sequence.evidence(user, movie)
+        return self.sequence.evidence(self.known.recent[user], movie)
 
 
 def fit_retriever(cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies: int,
                   seed: int = 0) -> CandidateRetriever | None:
     """The configured retriever fitted on `ratings` (None for `retriever: none`)."""
-    if cfg.retriever == "none":
+    if cfg.retriever == NO_RETRIEVER:
         return None
-    model = fit_on_ratings(configured_retriever(cfg.retriever, cfg, seed), ratings, n_users, n_movies, cfg)
+    model = fit_on_ratings(cfg.retriever, cfg, ratings, n_users, n_movies, seed)
     return candidate_retriever(model, cfg, ratings, n_users, n_movies)
 
 
-def candidate_retriever(retriever: EASE | ALS, cfg: RetrievalConfig, ratings: Ratings, n_users: int,
+def candidate_retriever(retriever: Retriever, cfg: RetrievalConfig, ratings: Ratings, n_users: int,
                         n_movies: int) -> CandidateRetriever:
     """A fitted retriever with what `cfg` adds to it from `ratings`, the ones it was fitted on: its fallback and,
-    when `sequence_weight` is set, the sequence signal."""
-    sequence = (Sequence(cfg.sequence_window, cfg.sequence_last, cfg.sequence_decay).fit(ratings, n_users, n_movies)
-                if cfg.sequence_weight else None)
-    return CandidateRetriever(retriever, ratings, cfg.min_rating, n_users, n_movies, sequence, cfg.sequence_weight)
+    when `sequence.weight` is set, the sequence signal."""
+    s = cfg.sequence
+    sequence = Sequence(s.window, s.last, s.decay).fit(ratings, n_movies) if s.weight else None
+    return CandidateRetriever(retriever, cfg, ratings, n_users, n_movies, sequence)
 
 
 # Users [U], candidate movies [U, N] -> each head's signal on every candidate, [U, N] per head.

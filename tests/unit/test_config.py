@@ -13,13 +13,16 @@ from ncf.config import (
     SECTIONS,
     Config,
     ConfigError,
+    RetrievalConfig,
     config_from_dict,
     default_conf_dir,
     flatten,
     load_config,
     save_config,
+    saved_section,
     with_values,
 )
+from ncf.retrievers import RETRIEVERS
 
 
 @pytest.fixture
@@ -89,6 +92,63 @@ def test_profile_rating_offset_must_leave_every_kept_rating_a_positive_weight():
         load_config(["retrieval.profile_rating_offset=4.0"])
     with pytest.raises(ConfigError, match=r"min_rating 0.5"):
         load_config(["retrieval.min_rating=null", "retrieval.profile_rating_offset=1.0"])
+
+
+def test_each_retriever_has_its_own_section():
+    retrieval = load_config(["retrieval.retriever=itemknn", "retrieval.itemknn.neighbours=7"]).retrieval
+    assert retrieval.retriever == "itemknn" and retrieval.itemknn.neighbours == 7
+    assert set(RETRIEVERS) <= set(RetrievalConfig.model_fields)
+    assert (retrieval.ease.regularization, retrieval.ease.max_items) == (250.0, 2000)
+    assert (retrieval.als.factors, retrieval.sequence.weight) == (64, 0.0)
+    with pytest.raises(ConfigError, match=r"retrieval\.itemknn\.neighbours"):
+        load_config(["retrieval.itemknn.neighbours=0"])
+    with pytest.raises(ConfigError, match=r"retrieval\.ease\.lamda: unknown key"):
+        config_from_dict(load_config().model_dump() | {"retrieval": load_config().retrieval.model_dump() | {
+            "ease": {"regularization": 1.0, "max_items": None, "lamda": 2.0}}})
+
+
+def test_an_unknown_retriever_names_the_registered_ones():
+    assert load_config(["retrieval.retriever=none"]).retrieval.retriever == "none"
+    with pytest.raises(ConfigError, match=r"retrieval\.retriever: .*'knn' is not a registered retriever: "
+                                          + ", ".join(RETRIEVERS) + r" \(or none\)"):
+        load_config(["retrieval.retriever=knn"])
+
+
+def test_the_flat_retrieval_keys_of_earlier_versions_still_load(conf_copy: Path):
+    """`retrieval.ease_lambda` and its kind became `retrieval.ease.regularization` and so on: overrides, presets
+    and configs saved with registered models that use the old names mean the new keys."""
+    old = load_config(["retrieval.ease_lambda=75", "retrieval.ease_max_items=500", "retrieval.als_factors=8",
+                       "retrieval.als_regularization=2", "retrieval.als_iterations=3",
+                       "retrieval.sequence_weight=0.4", "retrieval.sequence_window=4", "retrieval.sequence_last=5",
+                       "retrieval.sequence_decay=0.9"])
+    assert old == load_config(["retrieval.ease.regularization=75", "retrieval.ease.max_items=500",
+                               "retrieval.als.factors=8", "retrieval.als.regularization=2",
+                               "retrieval.als.iterations=3", "retrieval.sequence.weight=0.4",
+                               "retrieval.sequence.window=4", "retrieval.sequence.last=5",
+                               "retrieval.sequence.decay=0.9"])
+    (conf_copy / "presets" / "old.yaml").write_text("retrieval:\n  ease_lambda: 100.0\n  sequence_weight: 0.7\n")
+    preset = load_config(conf_dir=conf_copy, preset="old").retrieval
+    assert (preset.ease.regularization, preset.sequence.weight, preset.sequence.window) == (100.0, 0.7, 10)
+    # A retrieval section as registered models saved it before sections (and before the sequence signal and
+    # item-kNN existed): the new keys with the values that reproduce it.
+    saved = {"retriever": "ease", "min_rating": 4.0, "recency_half_life": None, "recency_unit": "rank",
+             "ease_lambda": 100.0, "ease_max_items": 8000, "als_factors": 64, "als_regularization": 10.0,
+             "als_iterations": 15, "n_candidates": 100, "rating_weight": 0.25, "interaction_weight": 0.5,
+             "choose_on_validation": True, "n_candidates_grid": [50], "rating_weight_grid": [0.0],
+             "interaction_weight_grid": [0.0]}
+    section = RetrievalConfig.model_validate(saved_section("retrieval", saved))
+    assert (section.ease.regularization, section.ease.max_items, section.als.factors) == (100.0, 8000, 64)
+    assert section.sequence.weight == 0.0 and section.profile_rating_offset is None
+    with_sequence = RetrievalConfig.model_validate(saved_section("retrieval", saved | {
+        "sequence_weight": 0.7, "sequence_window": 10, "sequence_last": 10, "sequence_decay": 0.7}))
+    assert with_sequence.sequence.weight == 0.7
+
+
+def test_a_tuning_space_searches_a_retrievers_keys():
+    config = load_config(["tune.space={retrieval: {ease.regularization: {loguniform: [10, 1000]}}}"])
+    assert "retrieval.ease.regularization" in config.tune.searched_keys()
+    with pytest.raises(ConfigError, match=r"tune.space.retrieval.ease.lamda is not"):
+        load_config(["tune.space={retrieval: {ease.lamda: {loguniform: [10, 1000]}}}"])
 
 
 def test_dataset_by_name():

@@ -14,6 +14,7 @@ from ncf.reranking import (
     CandidateRetriever,
     Reranking,
     Retrieved,
+    blend,
     blended_pairs,
     choose_reranking,
     fit_retriever,
@@ -21,7 +22,9 @@ from ncf.reranking import (
     rerank,
     top_k,
 )
-from ncf.retrieval import ALS, EASE, Sequence, blend, interaction_matrix
+from ncf.retrievers import ALS, EASE, RETRIEVERS
+from ncf.retrievers.profiles import interaction_matrix
+from ncf.retrievers.sequence import Sequence
 from ncf.training import LocalReporter, build_model, rated_keys, sample_unrated, train_loop
 
 pytestmark = pytest.mark.unit
@@ -100,22 +103,49 @@ def test_users_without_a_profile_get_the_most_rated_movies():
     ratings = Ratings(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 2, 1]), np.array([5.0, 4.0, 4.5, 5.0, 2.0]),
                       np.zeros(5, dtype=np.int64))
     ease = EASE(lam=1.0, max_items=None).fit(interaction_matrix(ratings, 3, 4, min_rating=4.0))
-    retriever = CandidateRetriever(ease, ratings, 4.0, 3, 4)
-    assert retriever.no_profile.tolist() == [False, False, True]  # user 2 rated nothing >= 4
+    retriever = CandidateRetriever(ease, load_config().retrieval, ratings, 3, 4)
+    assert np.diff(retriever.known.retriever.indptr).tolist() == [2, 2, 0]  # user 2 rated nothing >= 4
     scores = retriever.score(np.array([2]))
     np.testing.assert_allclose(scores[0], np.log1p([1.0, 3.0, 1.0, 0.0]))  # movie 1 is rated most
+
+
+@pytest.mark.parametrize("name", list(RETRIEVERS))
+def test_the_ratings_of_a_user_never_fitted_are_scored_as_a_profile(tiny_config: Config, tiny_movielens: MovieLens,
+                                                                   name: str):
+    """The retrieval stage (retriever and sequence signal) fitted without user u scores u's ratings, passed as a
+    new profile, as it scores a fitted user: from them, not the most rated movies; a fitted user's ratings passed
+    the same way score exactly as the user does."""
+    train = tiny_movielens.splits.train
+    n_users, n_movies = tiny_movielens.n_users, tiny_movielens.n_movies
+    newcomer = int(np.bincount(train.user).argmax())
+    others = train.take(np.flatnonzero(train.user != newcomer))
+    config = small(tiny_config, f"retrieval.retriever={name}", "retrieval.sequence.weight=0.5")
+    stage = fit_retriever(config.retrieval, others, n_users, n_movies)
+    theirs = train.take(np.flatnonzero(train.user == newcomer))
+    as_new = Ratings(np.zeros(len(theirs), np.int64), theirs.movie, theirs.rating, theirs.timestamp)
+    scores = stage.score_profiles(stage.profiles(as_new, 1))[0]
+    assert stage.score(np.array([newcomer]))[0] == pytest.approx(
+        blend(stage.fallback[None], {"s": np.zeros((1, n_movies))}, {"s": 0.5})[0])  # fitted without any rating
+    popular = np.argsort(-stage.fallback, kind="stable")
+    assert not np.array_equal(np.argsort(-scores, kind="stable")[:10], popular[:10])
+    fitted = others.user[0]
+    again = others.take(np.flatnonzero(others.user == fitted))
+    again = Ratings(np.zeros(len(again), np.int64), again.movie, again.rating, again.timestamp)
+    np.testing.assert_allclose(stage.score_profiles(stage.profiles(again, 1)), stage.score(np.array([fitted])),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_the_sequence_signal_is_blended_into_the_retrievers_scores(tiny_config: Config, tiny_movielens: MovieLens):
     train = tiny_movielens.splits.train
     n_users, n_movies = tiny_movielens.n_users, tiny_movielens.n_movies
     plain = fit_retriever(small(tiny_config).retrieval, train, n_users, n_movies)
-    config = small(tiny_config, "retrieval.sequence_weight=0.5", "retrieval.sequence_window=3",
-                   "retrieval.sequence_last=4", "retrieval.sequence_decay=0.8")
+    config = small(tiny_config, "retrieval.sequence.weight=0.5", "retrieval.sequence.window=3",
+                   "retrieval.sequence.last=4", "retrieval.sequence.decay=0.8")
     blended = fit_retriever(config.retrieval, train, n_users, n_movies)
     users = np.arange(n_users)
-    sequence = Sequence(3, 4, 0.8).fit(train, n_users, n_movies)
-    np.testing.assert_allclose(blended.score(users), blend(plain.score(users), {"s": sequence.score(users)},
+    sequence = Sequence(3, 4, 0.8).fit(train, n_movies)
+    recent = sequence.profiles(train, n_users, n_movies)
+    np.testing.assert_allclose(blended.score(users), blend(plain.score(users), {"s": sequence.score(recent)},
                                                            {"s": 0.5}), rtol=1e-5, atol=1e-5)
     assert plain.sequence is None
 
@@ -124,7 +154,7 @@ def test_ease_evidence_is_the_terms_of_its_score():
     ratings = Ratings(np.array([0, 0, 0, 1, 1, 2, 2, 2]), np.array([0, 1, 2, 0, 3, 1, 2, 3]),
                       np.full(8, 5.0), np.zeros(8, dtype=np.int64))
     x = interaction_matrix(ratings, 3, 4, min_rating=4.0)
-    retriever = CandidateRetriever(EASE(lam=0.5, max_items=None).fit(x), ratings, 4.0, 3, 4)
+    retriever = CandidateRetriever(EASE(lam=0.5, max_items=None).fit(x), load_config().retrieval, ratings, 3, 4)
     movies, shares = retriever.evidence(user=1, movie=1)
     score = retriever.score(np.array([1]))[0, 1]
     positive = sum(w for w in retriever.retriever.weights[[0, 3], 1] if w > 0)
@@ -138,7 +168,7 @@ def test_als_evidence_is_the_users_liked_movies_closest_to_the_movie():
     ratings = Ratings(np.array([0, 0, 0, 0, 1, 1, 1, 2, 2]), np.array([0, 1, 2, 3, 0, 1, 4, 2, 4]),
                       np.array([5.0, 4.0, 4.5, 2.0, 5.0, 5.0, 5.0, 4.0, 4.0]), np.zeros(9, dtype=np.int64))
     als = ALS(factors=3, regularization=0.1, iterations=10, seed=0).fit(interaction_matrix(ratings, 3, 5, 4.0))
-    retriever = CandidateRetriever(als, ratings, 4.0, 3, 5)
+    retriever = CandidateRetriever(als, load_config().retrieval, ratings, 3, 5)
     movies, shares = retriever.evidence(user=0, movie=4)
     assert set(movies) <= {0, 1, 2}  # only what the profile holds: never the disliked movie, nor movie 4 itself
     unit = als.item_factors / np.linalg.norm(als.item_factors, axis=1, keepdims=True)

@@ -19,16 +19,10 @@ from ncf.metrics import (
     sampled_ranking_metrics,
 )
 from ncf.ranking import SeenItems
-from ncf.retrieval import (
-    ALS,
-    EASE,
-    Retriever,
-    Sequence,
-    blend,
-    interaction_matrix,
-    load_retriever,
-    recency_age,
-)
+from ncf.reranking import blend
+from ncf.retrievers import ALS, EASE, RETRIEVERS, ItemKNN, Retriever, load_retriever
+from ncf.retrievers.profiles import interaction_matrix, recency_age
+from ncf.retrievers.sequence import Sequence
 
 pytestmark = pytest.mark.unit
 
@@ -59,7 +53,7 @@ def test_ease_matches_its_closed_form():
     assert model.weights.dtype == np.float32
     assert np.array_equal(model.items, np.arange(5))
     np.testing.assert_allclose(model.weights, b, atol=1e-5)
-    np.testing.assert_allclose(model.score(np.array([2, 0])), X[[2, 0]] @ b, atol=1e-5)
+    np.testing.assert_allclose(model.score(sp.csr_matrix(X[[2, 0]])), X[[2, 0]] @ b, atol=1e-5)
 
 
 def test_ease_keeps_only_the_most_rated_items():
@@ -67,21 +61,28 @@ def test_ease_keeps_only_the_most_rated_items():
     kept = np.array([0, 2, 4])
     assert np.array_equal(model.items, kept)
     assert model.weights.shape == (3, 3) and model.item_matrix_bytes() == 9 * 4
-    scores = model.score(np.arange(4))
+    scores = model.score(sp.csr_matrix(X))
     assert scores.shape == (4, 5)
     assert np.isneginf(scores[:, [1, 3]]).all()
     np.testing.assert_allclose(scores[:, kept], X[:, kept] @ ease_by_hand(X[:, kept], 1.0), atol=1e-5)
 
 
-def test_ease_scores_a_separate_profile_and_round_trips(tmp_path):
+def test_ease_scores_a_weighted_profile_and_round_trips(tmp_path):
     profiles = sp.csr_matrix(X * np.array([[0.5], [1.0], [0.25], [2.0]]))
-    model = EASE(lam=3.0, max_items=None).fit(sp.csr_matrix(X), profiles=profiles)
-    np.testing.assert_allclose(model.score(np.array([0])), profiles[[0]].toarray() @ ease_by_hand(X, 3.0), atol=1e-5)
+    model = EASE(lam=3.0, max_items=None).fit(sp.csr_matrix(X))
+    np.testing.assert_allclose(model.score(profiles[[0]]), profiles[[0]].toarray() @ ease_by_hand(X, 3.0), atol=1e-5)
     loaded = load_retriever(model.save(tmp_path / "ease").parent)
     assert isinstance(loaded, EASE) and isinstance(loaded, Retriever)
-    np.testing.assert_array_equal(loaded.score(np.arange(4)), model.score(np.arange(4)))
+    np.testing.assert_array_equal(loaded.score(profiles), model.score(profiles))
     with pytest.raises(ValueError, match="'ease' retriever, not 'als'"):
         ALS.load(tmp_path / "ease")
+
+
+def test_a_retriever_file_saved_with_the_users_profiles_still_loads(tmp_path):
+    """Files written before profiles were an input also hold each fitted user's profile (EASE) or factors (ALS)."""
+    ease = EASE(lam=3.0, max_items=None).fit(sp.csr_matrix(X))
+    np.savez(tmp_path / "retriever.npz", kind=np.asarray("ease"), **ease.arrays(), profiles_data=np.ones(2))
+    np.testing.assert_array_equal(load_retriever(tmp_path).score(sp.csr_matrix(X)), ease.score(sp.csr_matrix(X)))
 
 
 # ----------------------------------------------------------------------------- ALS
@@ -96,27 +97,91 @@ def test_als_is_deterministic_given_the_seed(tmp_path):
     x = random_interactions()
     settings = {"factors": 4, "regularization": 0.1, "iterations": 5}
     first, second = ALS(**settings, seed=3).fit(x), ALS(**settings, seed=3).fit(x)
-    np.testing.assert_array_equal(first.user_factors, second.user_factors)
     np.testing.assert_array_equal(first.item_factors, second.item_factors)
     assert not np.allclose(ALS(**settings, seed=4).fit(x).item_factors, first.item_factors)
-    users = np.array([5, 0, 29])
-    scores = first.score(users)
+    profiles = x[[5, 0, 29]]
+    scores = first.score(profiles)
     assert scores.shape == (3, 20) and scores.dtype == np.float32
-    np.testing.assert_allclose(scores, first.user_factors[users] @ first.item_factors.T)
     loaded = load_retriever(first.save(tmp_path).parent)
     assert isinstance(loaded, ALS) and (loaded.factors, loaded.seed) == (4, 3)
-    np.testing.assert_array_equal(loaded.score(users), scores)
+    np.testing.assert_array_equal(loaded.score(profiles), scores)
+
+
+def test_als_solves_a_profiles_factors_as_implicit_recalculates_them():
+    """The user factors of a profile are `implicit`'s own least-squares solve against the fixed item factors,
+    for plain and for weighted confidences."""
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    x = random_interactions()
+    als = ALS(factors=4, regularization=0.5, iterations=5, seed=0).fit(x)
+    reference = AlternatingLeastSquares(factors=4, regularization=0.5, dtype=np.float32)
+    reference.item_factors = als.item_factors
+    weighted = x[[3, 7]].multiply(np.array([[1.0], [2.5]])).tocsr()
+    for profiles in (x[[3, 7]], weighted):
+        expected = np.asarray(reference.recalculate_user([0, 1], profiles))
+        np.testing.assert_allclose(als.user_factors(profiles), expected, rtol=1e-3, atol=1e-5)
 
 
 def test_als_fits_what_users_rated():
     # Two blocks of users who rate two disjoint blocks of items: ALS scores a user's own block higher.
     block = np.kron(np.eye(2), np.ones((10, 5)))
     model = ALS(factors=4, regularization=0.1, iterations=10, seed=0).fit(sp.csr_matrix(block))
-    scores = model.score(np.array([0, 15]))
+    scores = model.score(sp.csr_matrix(block[[0, 15]]))
     assert scores[0, :5].min() > scores[0, 5:].max()
     assert scores[1, 5:].min() > scores[1, :5].max()
 
 
+# ----------------------------------------------------------------------------- item-kNN
+
+
+def test_itemknn_ranks_by_its_neighbours_as_computed_by_hand(tmp_path):
+    """sim(i, j) = x_i.x_j / (|x_i||x_j| + shrink); each item keeps its 2 most similar; score = profile @ W."""
+    shrink = 1.0
+    norms = np.sqrt(X.sum(axis=0))  # 1.732, 1.414, 1.732, 1, 2
+    sim = (X.T @ X) / (norms[:, None] * norms[None, :] + shrink)
+    np.fill_diagonal(sim, 0.0)
+    # Item 0 co-occurs 1x with 1, 2x with 2, 0x with 3, 3x with 4: sims 1/(sqrt(6)+1), 2/4, 0, 3/(sqrt(12)+1).
+    assert sim[0, [1, 2, 3, 4]] == pytest.approx([1 / (sqrt(6) + 1), 0.5, 0.0, 3 / (sqrt(12) + 1)])
+    w = np.zeros_like(sim)
+    for i in range(5):  # no ties at the cut in this matrix
+        keep = np.argsort(-sim[i])[:2]
+        w[i, keep] = sim[i, keep]
+    model = ItemKNN(neighbours=2, shrink=shrink).fit(sp.csr_matrix(X))
+    np.testing.assert_allclose(model.similar.toarray(), w, rtol=1e-6)
+    profile = sp.csr_matrix(np.array([[1.0, 0.0, 0.0, 2.0, 0.0]]))  # liked 0, and 3 twice as much
+    scores = model.score(profile)
+    np.testing.assert_allclose(scores, profile.toarray() @ w, rtol=1e-6)
+    # Item 0 keeps 4 (0.672) and 2 (0.5); item 3 keeps 1 (1/(sqrt(2)+1) = 0.414) and 2 (1/(sqrt(3)+1) = 0.366),
+    # not 4 (1/3). So 2 scores 0.5 + 2 x 0.366, 1 scores 2 x 0.414, 4 scores 0.672.
+    assert scores[0, [2, 1, 4]] == pytest.approx([0.5 + 2 / (sqrt(3) + 1), 2 / (sqrt(2) + 1), 3 / (sqrt(12) + 1)])
+    assert np.argsort(-scores[0], kind="stable")[:3].tolist() == [2, 1, 4]
+    movies, shares = model.evidence(profile, 2)  # the two terms of its score, the larger first
+    assert movies.tolist() == [3, 0] and shares == pytest.approx([2 / (sqrt(3) + 1), 0.5])
+    loaded = load_retriever(model.save(tmp_path).parent)
+    assert isinstance(loaded, ItemKNN) and loaded.neighbours == 2
+    np.testing.assert_array_equal(loaded.score(profile), scores)
+
+
+# ----------------------------------------------------------------------------- every retriever
+
+
+@pytest.mark.parametrize("name", list(RETRIEVERS))
+def test_a_profile_never_fitted_gets_scores_of_its_own(name):
+    """Two blocks of users who like two disjoint blocks of movies; the retriever is fitted on the first 8 users
+    of each block only. A new profile holding 2 movies of a block ranks that block's other movies first, whatever
+    is most popular (the other block here), and its own movies' evidence explains them."""
+    block = np.kron(np.eye(2), np.ones((10, 5)))
+    block[:, 5] = 1.0  # movie 5, in the second block, is everyone's: the most popular
+    fitted = np.r_[block[:8], block[10:18]]
+    retriever = RETRIEVERS[name].from_settings(RETRIEVERS[name].Settings.model_validate(
+        {"ease": {"regularization": 1.0, "max_items": None}, "als": {"factors": 4, "regularization": 0.1,
+                                                                        "iterations": 10},
+         "itemknn": {"neighbours": 4, "shrink": 1.0}}[name]), seed=0).fit(sp.csr_matrix(fitted))
+    profile = sp.csr_matrix(np.array([[1.0, 1.0, 0, 0, 0, 0, 0, 0, 0, 0]]))
+    scores = retriever.score(profile)[0]
+    assert scores[[2, 3, 4]].min() > scores[5:].max()
+    movies, _ = retriever.evidence(profile, 2)
+    assert set(movies.tolist()) <= {0, 1} and len(movies)
 # ----------------------------------------------------------------------------- interactions
 
 
@@ -162,7 +227,8 @@ def test_sequence_counts_what_follows_each_movie_and_scores_the_users_latest():
     # User 0 rates 0, then 1 and 2 in the same second; user 1 rates 2, then 1.
     ratings = Ratings(np.array([0, 0, 0, 1, 1]), np.array([2, 0, 1, 1, 2]), np.array([5.0, 1.0, 3.0, 4.0, 2.0]),
                       np.array([20, 10, 20, 9, 5]))
-    sequence = Sequence(window=2, last=2, decay=0.5).fit(ratings, n_users=2, n_movies=4)
+    sequence = Sequence(window=2, last=2, decay=0.5).fit(ratings, n_movies=4)
+    recent = sequence.profiles(ratings, n_users=2, n_movies=4)
     counts = np.zeros((4, 4))
     counts[0, 1] = counts[0, 2] = 1  # every rating counts, whatever its value
     counts[1, 2] = counts[2, 1] = 1  # the same second: both ways
@@ -171,13 +237,13 @@ def test_sequence_counts_what_follows_each_movie_and_scores_the_users_latest():
     np.testing.assert_allclose(sequence.transitions.toarray(), expected, rtol=1e-6)
     # Ratings with fewer than 2 newer ones, weight 0.5 ** (how many are newer): user 0's 1 and 2 (none newer; 0 has
     # two newer: left out), user 1's 1, then 2.
-    np.testing.assert_allclose(sequence.recent.toarray(), [[0, 1, 1, 0], [0, 1, 0.5, 0]])
-    np.testing.assert_allclose(sequence.score(np.array([1, 0])),
+    np.testing.assert_allclose(recent.toarray(), [[0, 1, 1, 0], [0, 1, 0.5, 0]])
+    np.testing.assert_allclose(sequence.score(recent[[1, 0]]),
                                np.log1p(np.array([[0, 1, 0.5, 0], [0, 1, 1, 0]]) @ expected), rtol=1e-6)
     # Evidence: the terms of a score, strongest first; user 1's score of movie 2 comes from movie 1 alone.
-    movies, shares = sequence.evidence(user=1, movie=2)
+    movies, shares = sequence.evidence(recent[1], movie=2)
     assert movies.tolist() == [1] and shares == pytest.approx([1.0 * expected[1, 2]])
-    movies, shares = sequence.evidence(user=1, movie=3)  # no rating is ever followed by movie 3
+    movies, shares = sequence.evidence(recent[1], movie=3)  # no rating is ever followed by movie 3
     assert len(movies) == len(shares) == 0
 
 

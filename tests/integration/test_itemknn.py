@@ -1,0 +1,54 @@
+"""A retriever added through the registry alone: `make train ARGS="--set retrieval.retriever=itemknn"` trains,
+registers and serves item-kNN, and it has its own baseline row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from jobs import train as train_job
+from ncf.config import Config
+from ncf.integrations import mlflow_tracking
+from serving.model_version import ServedVersion
+
+pytestmark = pytest.mark.integration
+
+
+def test_itemknn_trains_registers_and_serves(tiny_config: Config, tiny_training_args: list[str], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # reports/metrics.json lands here
+    data = tiny_config.data
+    args = ["--launcher", "local", *tiny_training_args, "--set", "retrieval.retriever=itemknn",
+            "--set", f"data.dir={data.dir}", "--set", f"data.prepared_dir={data.prepared_dir}",
+            "--set", f"data.datasets.ml-latest-small.sha256={json.dumps(data.published.sha256)}",
+            "--set", f"train.checkpoint_dir={tmp_path / 'checkpoints'}"]
+    assert train_job.main(args) == 0
+
+    report = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert 0 < report["models"]["itemknn"]["full_ndcg_at_10"] <= 1  # its own row of the metric table
+
+    version = MlflowClient().get_model_version_by_alias(mlflow_tracking.MODEL_NAME, mlflow_tracking.CHAMPION)
+    model = mlflow.pyfunc.load_model(f"models:/{mlflow_tracking.MODEL_NAME}@{mlflow_tracking.CHAMPION}")
+    recommender = model.unwrap_python_model().recommender
+    assert recommender.candidates.name == "itemknn"
+    user = int(np.argmax(recommender.ratings_per_user()))
+    user_id = int(recommender.ids.user_ids[user])
+    top = model.predict(pd.DataFrame({"user_id": [user_id]}), params={"k": 10})
+    assert top["rank"].tolist() == list(range(1, 11))
+    assert not set(top["movie_id"]) & set(recommender.ids.movie_ids[recommender.ratings_of(user).movie].tolist())
+
+    # Served as /recommend and /explain serve it: the same list, and the retriever's evidence for a movie.
+    served = ServedVersion(recommender, version, cache_users=4)
+    answer = json.loads(served.recommendations_json(user_id, served.rank([user])[user], 10, cold_start=False))
+    assert [item["movie_id"] for item in answer["items"]] == top["movie_id"].tolist()
+    retrieved = recommender.candidates.score(np.array([user]))[0]
+    best = int(top["movie_id"][np.argmax(retrieved[recommender.movie_indices(top["movie_id"])])])
+    explained = served.explain(user_id, best)
+    assert explained["retriever"] == "itemknn" and explained["retrieved_because_you_rated"]
