@@ -24,6 +24,7 @@ def test_itemknn_trains_registers_and_serves(tiny_config: Config, tiny_training_
                                              monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)  # reports/metrics.json lands here
+    monkeypatch.delenv("NCF_DATA_DIR", raising=False)  # it would win over data.dir
     data = tiny_config.data
     args = ["--launcher", "local", *tiny_training_args, "--set", "retrieval.retriever=itemknn",
             "--set", f"data.dir={data.dir}", "--set", f"data.prepared_dir={data.prepared_dir}",
