@@ -207,11 +207,13 @@ class Recommender:
         return blended_pairs(self.model, self.candidates, self.reranking, users, candidates)
 
     def recommend(self, user_ids, k: int = 10) -> pd.DataFrame:
-        """Top-k movies each user has not rated, best first; unknown users raise UnknownIdError."""
+        """Top-k movies each user has not rated, best first (`rank_profiles` of their stored ratings), with what the
+        model says of each pair: the pyfunc's answer. Unknown users raise UnknownIdError."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        top, _ = self.top_k(self.user_indices(user_ids), k)
+        known = self.user_indices(user_ids)
+        top, _ = self.top_k(known, k)
         n = top.shape[1]
-        users = np.repeat(self.user_indices(user_ids), n)
+        users = np.repeat(known, n)
         out = self.scorer.explain(users, top.ravel())
         return pd.DataFrame({
             "user_id": np.repeat(user_ids, n), "rank": np.tile(np.arange(1, n + 1), len(user_ids)),
