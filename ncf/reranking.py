@@ -306,7 +306,7 @@ def choose_reranking(model: NCF, retriever: CandidateRetriever, seen: SeenItems,
     """
     users, rows, movies = relevant_targets(target, sample)
     width = max(cfg.n_candidates_grid)
-    candidates, retrieved = top_k_unseen(retriever.score, users, seen, width)
+    candidates, retrieved = retrieve(retriever, own_profiles(retriever, users, seen), width)
     signals = model_signals(model)(users, candidates)
     grids = {"rating": cfg.rating_weight_grid, "interaction": cfg.interaction_weight_grid}
     heads = list(signals)
