@@ -6,12 +6,13 @@
 The alias (default `champion`) is resolved once, so every actor ranks with the same version even if
 the alias moves meanwhile. Users (by index) are cut into parts of `--users-per-part` consecutive
 users; a pool of `--actors` Ray Data actors (`map_batches` with a callable class), each loading the
-version once, ranks one part at a time exactly as serving does (`Recommender.top_k`: retrieval then
-re-ranking) and writes it to `<out>/parts/part-NNNNN.parquet` atomically (a hidden temporary file
-renamed into place). Each part file carries, in its Parquet metadata, the model, version, k and
-part layout that made it: a re-run skips the parts already written, a folder made by another
-version, k or layout is refused (`--force` rebuilds it). At the end `<out>/summary.json` holds the
-users, parts, seconds and users/s. On a multi-node cluster `--out` must be storage every node sees.
+version once, ranks one part at a time exactly as serving does (`Recommender.rank_profiles` of the
+users' stored ratings: retrieval then re-ranking) and writes it to `<out>/parts/part-NNNNN.parquet`
+atomically (a hidden temporary file renamed into place). Each part file carries, in its Parquet
+metadata, the model, version, k and part layout that made it: a re-run skips the parts already
+written, a folder made by another version, k or layout is refused (`--force` rebuilds it). At the
+end `<out>/summary.json` holds the users, parts, seconds and users/s. On a multi-node cluster
+`--out` must be storage every node sees.
 
 Rows: user_id, rank (1 = best), movie_id, score (the served ranking's score), predicted_rating,
 strength, user_weight, movie_weight; a user with fewer than k unseen movies gets fewer rows.
@@ -56,7 +57,7 @@ def part_path(parts_dir: Path, part: int) -> Path:
 def top_k_table(recommender, users: np.ndarray, k: int) -> pa.Table:
     """The rows of each user's (by index) k best unseen movies, ranked as served, with what the model says
     of each pair."""
-    top, scores = recommender.top_k(users, k)
+    top, scores = recommender.rank_profiles(recommender.profiles_of(users), k)
     n = top.shape[1]
     kept = np.isfinite(scores).ravel()  # -inf: past the end of a user's unseen movies
     user, movie = np.repeat(users, n)[kept], top.ravel()[kept]

@@ -1,11 +1,12 @@
 """A trained model plus everything needed to recommend with it, in raw MovieLens ids.
 
-`Recommender` is what the registered MLflow model carries and what Ray Serve loads:
-weights, config, id maps, the movie table, every user's known ratings, the fitted
-candidate retriever and the re-ranking chosen on validation (`reranking.json`), with the indexes
-built from them once (ratings grouped by user, popularity, genres). It answers pair predictions,
-top-k over unseen movies (retrieval then re-ranking, `ncf.reranking.top_k`: the one ranking path of
-evaluation, the pyfunc, Serve and batch jobs) and explanations.
+`Recommender` is what the registered MLflow model carries and what Ray Serve loads: the
+item side (weights, the fitted candidate retriever, id maps, the movie table), the re-ranking
+chosen on validation (`reranking.json`) and the ratings it was trained on, with the indexes
+built from them once (ratings grouped by user, popularity, genres). Users' ratings are an input:
+`rank_profiles` ranks any `Profiles` (retrieval then re-ranking, `ncf.reranking.rank_profiles`),
+a known user's stored ratings or ratings the model never saw, and is the one ranking call of
+evaluation, the pyfunc, Serve and batch jobs. It also answers pair predictions and explanations.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import yaml
 from ncf.config import Config, ModelConfig, RetrievalConfig, saved_section
 from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
-from ncf.ranking import SeenItems
-from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, top_k
+from ncf.ranking import NEW_USER, Profiles, SeenItems
+from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, rank_profiles
 from ncf.retrievers import FILE_NAME, load_retriever
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
@@ -90,10 +91,11 @@ class Recommender:
         self.reranking = reranking
         # The catalogue's half of every scoring pass, for ranking the whole catalogue (no retriever).
         self.movie_side = self.model.movie_side() if self.candidates is None else None
-        # Grouped by user: user u's ratings are rows seen.indptr[u]:seen.indptr[u + 1] (the CSR of `seen`).
-        self.rated = history.take(np.argsort(history.user, kind="stable"))
-        self.seen = SeenItems(self.rated.user, self.rated.movie, ids.n_users)
+        self.known = Profiles.of_ratings(history, ids.n_users)  # every known user's profile: row u is user u
+        self.seen = self.known.seen()
         self.popularity = np.bincount(history.movie, minlength=ids.n_movies)
+        # Without a retriever, how a user the model has no embedding for is ranked.
+        self.popularity_scores = np.log1p(self.popularity.astype(np.float32))
         self.by_popularity = np.argsort(-self.popularity, kind="stable")
         self.movie_means = (np.bincount(history.movie, weights=history.rating, minlength=ids.n_movies)
                             / np.maximum(self.popularity, 1))
@@ -164,10 +166,22 @@ class Recommender:
 
     def ratings_of(self, user: int) -> Ratings:
         """The known ratings of one user (by index)."""
-        return self.rated.take(np.arange(self.seen.indptr[user], self.seen.indptr[user + 1]))
+        return self.known.of(user)
 
     def ratings_per_user(self) -> np.ndarray:
-        return self.seen.counts()
+        return self.known.counts()
+
+    def profiles_of(self, users: np.ndarray) -> Profiles:
+        """Known users' (by index) profiles: their stored ratings, gathered without a loop over users."""
+        return self.known.take(np.asarray(users, dtype=np.int64))
+
+    def profile(self, movie_ids, ratings, timestamps=None, user_id: int | None = None) -> Profiles:
+        """One user's profile from raw movie ids and their ratings (`Profiles.one`); unknown movie ids raise
+        UnknownIdError. With the raw id of a user the model knows, its ranking is re-ranked with the user's
+        embedding; any other user (a new one) is ranked by the retrieval stage alone."""
+        user = self.user_index(user_id) if user_id is not None else None
+        return Profiles.one(self.movie_indices(np.asarray(movie_ids, dtype=np.int64).reshape(-1)), ratings,
+                            timestamps, NEW_USER if user is None else user)
 
     # ------------------------------------------------------------------ answers
 
@@ -181,25 +195,38 @@ class Recommender:
             "user_weight": out["user_weight"], "movie_weight": out["movie_weight"],
         }, columns=PAIR_COLUMNS)
 
-    def top_k(self, users: np.ndarray, k: int, seen: SeenItems | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Movie indices of each user's k best unseen movies (users x k) and their scores, best first
-        (-inf past the end of a user's unseen movies)."""
-        return top_k(self.model, self.candidates, self.reranking, users, seen or self.seen, k, self.movie_side)
+    def rank_profiles(self, profiles: Profiles, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The one ranking call: movie indices of each profile's k best movies outside its own (profiles x k) and
+        their scores, best first (-inf past the end of what a profile leaves to offer). Retrieval from the
+        profile's ratings, re-ranked by the NCF where the profile's user has an embedding; a user without one (a
+        new user: no fold-in yet) gets the retrieval stage's order; a profile with nothing to score, the most
+        rated movies (`ncf.reranking.rank_profiles`)."""
+        return rank_profiles(self.model, self.candidates, self.reranking, profiles, k, self.movie_side,
+                             self.popularity_scores)
+
+    def top_k(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`rank_profiles` of known users (by index), each with their stored ratings."""
+        return self.rank_profiles(self.profiles_of(users), k)
 
     def rank(self, users: np.ndarray, seen: SeenItems, k: int) -> np.ndarray:
-        """The evaluation's ranker: movies unseen in `seen`, ranked as served."""
-        return self.top_k(users, k, seen)[0]
+        """The evaluation's ranker: each user's stored ratings ranked as served, so `seen` (what is left out) must
+        be their movies: the ratings the model was trained on."""
+        if not np.array_equal(seen.counts(), self.known.counts()):
+            raise ValueError("the recommender leaves out each user's stored movies: `seen` must be its history's")
+        return self.top_k(users, k)[0]
 
     def score_pairs(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Given candidates ([U, C]) scored as the served ranking orders them (the sampled protocol)."""
         return blended_pairs(self.model, self.candidates, self.reranking, users, candidates)
 
     def recommend(self, user_ids, k: int = 10) -> pd.DataFrame:
-        """Top-k movies each user has not rated, best first; unknown users raise UnknownIdError."""
+        """Top-k movies each user has not rated, best first (`rank_profiles` of their stored ratings), with what the
+        model says of each pair: the pyfunc's answer. Unknown users raise UnknownIdError."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        top, _ = self.top_k(self.user_indices(user_ids), k)
+        known = self.user_indices(user_ids)
+        top, _ = self.top_k(known, k)
         n = top.shape[1]
-        users = np.repeat(self.user_indices(user_ids), n)
+        users = np.repeat(known, n)
         out = self.scorer.explain(users, top.ravel())
         return pd.DataFrame({
             "user_id": np.repeat(user_ids, n), "rank": np.tile(np.arange(1, n + 1), len(user_ids)),
@@ -217,18 +244,19 @@ class Recommender:
         matches = self.lower_titles.str.contains(query.lower(), regex=False).to_numpy()
         return self.by_popularity[matches[self.by_popularity]][:limit]
 
-    def retrieval_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's movies that made the retriever propose `movie`, strongest first, with their shares."""
+    def retrieval_evidence(self, profile: Profiles, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The profile's movies (its first row) that made the retriever propose `movie`, strongest first, with
+        their shares."""
         if self.candidates is None:
             return np.empty(0, np.int64), np.empty(0)
-        return self.candidates.evidence(user, movie)
+        return self.candidates.evidence(profile, movie)
 
-    def sequence_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's recent movies that `movie` often follows in others' histories (the sequence signal), strongest
-        first, with their terms of its score; none without a sequence signal."""
+    def sequence_evidence(self, profile: Profiles, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The profile's recent movies (its first row) that `movie` often follows in others' histories (the
+        sequence signal), strongest first, with their terms of its score; none without a sequence signal."""
         if self.candidates is None:
             return np.empty(0, np.int64), np.empty(0)
-        return self.candidates.sequence_evidence(user, movie)
+        return self.candidates.sequence_evidence(profile, movie)
 
     @torch.no_grad()
     def movie_similarity(self, movie: int, others: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from ncf.data import Ratings
 from ncf.evaluation import relevant_targets
 from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
 from ncf.model import NCF, MovieSide, forward_batched
-from ncf.ranking import SeenItems, top_k_unseen
+from ncf.ranking import Profiles, SeenItems, top_k_unseen
 from ncf.retrievers import NO_RETRIEVER, Retriever
 from ncf.retrievers.profiles import fit_on_ratings, user_profiles
 from ncf.retrievers.sequence import Sequence
@@ -78,66 +78,67 @@ def blend(retriever_scores: np.ndarray, signals: Mapping[str, np.ndarray], weigh
 
 
 @dataclass(frozen=True)
-class Profiles:
-    """Users' ratings as the retrieval stage reads them, one row per user: the profile its retriever scores and,
-    with a sequence signal, the recent profile the signal scores (`CandidateRetriever.profiles`)."""
+class ProfileMatrices:
+    """`Profiles` as the retrieval stage reads them, one row per profile: the matrix its retriever scores and,
+    with a sequence signal, the recent profile the signal scores (`CandidateRetriever.matrices`)."""
 
     retriever: sp.csr_matrix
     recent: sp.csr_matrix | None
-
-    def rows(self, users: np.ndarray) -> Profiles:
-        users = np.asarray(users)
-        return Profiles(self.retriever[users], None if self.recent is None else self.recent[users])
 
 
 class CandidateRetriever:
     """The retrieval stage: a fitted retriever (`ncf.retrievers`), with the most rated movies for profiles it
     cannot score (no rating >= `min_rating`): without them those users' candidates would be arbitrary. With a
     `sequence` (`ncf.retrievers.sequence.Sequence`, fitted on the same ratings), a profile's scores are the blend
-    z(retriever) + sequence.weight * z(sequence) over the catalogue (`blend`). It scores any users' profiles
-    (`score_profiles`); `score` and `evidence` read the profiles of the ratings it was built with."""
+    z(retriever) + sequence.weight * z(sequence) over the catalogue (`blend`). It scores any `Profiles`
+    (`score_profiles`); `known` are the profiles of the ratings it was built with, which `score` reads by user."""
 
     def __init__(self, retriever: Retriever, cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies: int,
                  sequence: Sequence | None = None):
         self.retriever, self.cfg, self.n_movies = retriever, cfg, n_movies
         self.sequence, self.sequence_weight = sequence, cfg.sequence.weight
         self.fallback = np.log1p(np.bincount(ratings.movie, minlength=n_movies).astype(np.float32))
-        self.known = self.profiles(ratings, n_users)
+        self.known = Profiles.of_ratings(ratings, n_users)
 
     @property
     def name(self) -> str:
         return self.retriever.name
 
-    def profiles(self, ratings: Ratings, n_users: int) -> Profiles:
-        """The profiles of `ratings`' users (indices below `n_users`), as this stage scores them."""
-        return Profiles(user_profiles(ratings, n_users, self.n_movies, self.cfg, self.retriever),
-                        None if self.sequence is None else self.sequence.profiles(ratings, n_users, self.n_movies))
+    def matrices(self, profiles: Profiles) -> ProfileMatrices:
+        """What this stage scores of `profiles`: the retriever's profile rows (`user_profiles`: min_rating,
+        recency and rating weights) and the sequence signal's recent rows."""
+        rows, ratings = len(profiles), profiles.ratings
+        return ProfileMatrices(user_profiles(ratings, rows, self.n_movies, self.cfg, self.retriever),
+                               None if self.sequence is None else self.sequence.profiles(ratings, rows, self.n_movies))
 
     def score_profiles(self, profiles: Profiles) -> np.ndarray:
-        """[profiles, n_movies] float32: the retriever's scores (the most rated movies' for an empty profile),
-        blended with the sequence signal's."""
-        scores = np.asarray(self.retriever.score(profiles.retriever), dtype=np.float32)
-        empty = np.diff(profiles.retriever.indptr) == 0
+        """[profiles, n_movies] float32: the retriever's scores (the most rated movies' for a profile with nothing
+        it can score), blended with the sequence signal's."""
+        matrices = self.matrices(profiles)
+        scores = np.asarray(self.retriever.score(matrices.retriever), dtype=np.float32)
+        empty = np.diff(matrices.retriever.indptr) == 0
         if empty.any():
             scores[empty] = self.fallback
         if self.sequence is None:
             return scores
-        return blend(scores, {"sequence": self.sequence.score(profiles.recent)},
+        return blend(scores, {"sequence": self.sequence.score(matrices.recent)},
                      {"sequence": self.sequence_weight}).astype(np.float32)
 
     def score(self, users: np.ndarray) -> np.ndarray:
-        return self.score_profiles(self.known.rows(users))
+        """The scores of known users' profiles (by index)."""
+        return self.score_profiles(self.known.take(users))
 
-    def evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's profile movies behind `movie`'s retrieval score, strongest first, with their shares
-        (`Retriever.evidence`)."""
-        return self.retriever.evidence(self.known.retriever[user], movie)
+    def evidence(self, profile: Profiles, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The profile's movies (its first row) behind `movie`'s retrieval score, strongest first, with their
+        shares (`Retriever.evidence`)."""
+        return self.retriever.evidence(self.matrices(profile).retriever[0], movie)
 
-    def sequence_evidence(self, user: int, movie: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's recent movies behind `movie`'s sequence score (`Sequence.evidence`); none without one."""
+    def sequence_evidence(self, profile: Profiles, movie: int) -> tuple[np.ndarray, np.ndarray]:
+        """The profile's recent movies (its first row) behind `movie`'s sequence score (`Sequence.evidence`); none
+        without a sequence signal."""
         if self.sequence is None:
             return np.empty(0, np.int64), np.empty(0)
-        return self.sequence.evidence(self.known.recent[user], movie)
+        return self.sequence.evidence(self.matrices(profile).recent[0], movie)
 
 
 def fit_retriever(cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies: int,
@@ -198,13 +199,31 @@ def rerank(candidates: np.ndarray, retrieved: np.ndarray, signals: dict[str, np.
     return items[:, :k], np.concatenate([scores, tail], axis=1)[:, :k]
 
 
+def retrieve(retriever: CandidateRetriever, profiles: Profiles, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each profile's `width` best-scored movies outside its own, best first, and their scores."""
+    return top_k_unseen(lambda rows: retriever.score_profiles(profiles.take(rows)), np.arange(len(profiles)),
+                        profiles.seen(), width)
+
+
+def own_profiles(retriever: CandidateRetriever | None, users: np.ndarray, seen: SeenItems) -> Profiles:
+    """The profiles of known `users` for a ranking by user index: the ratings `retriever` was built with, whose
+    movies `seen` must hold (a ranking leaves out a profile's own movies); without a retriever, only what they
+    rated (`seen`), all the model alone reads."""
+    if retriever is None:
+        return Profiles.of_seen(seen, users)
+    if not np.array_equal(seen.counts(), retriever.known.counts()):
+        raise ValueError("a ranking by user index leaves out each user's own movies: `seen` must be the movies of "
+                         "the ratings the retriever was built with")
+    return retriever.known.take(users)
+
+
 class Retrieved:
     """The retriever's top `width` unseen movies of fixed users and their scores, retrieved once: validation
     re-ranks the same users' candidates every epoch, and only the model changes between epochs."""
 
     def __init__(self, retriever: CandidateRetriever, users: np.ndarray, seen: SeenItems, width: int):
         self.users, self.width = np.asarray(users, dtype=np.int64), width
-        self.candidates, self.scores = top_k_unseen(retriever.score, self.users, seen, width)
+        self.candidates, self.scores = retrieve(retriever, own_profiles(retriever, self.users, seen), width)
 
     def rows(self, users: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Candidates and scores if `users` and `width` are exactly those retrieved for (a narrower top-k
@@ -214,30 +233,65 @@ class Retrieved:
         return self.candidates, self.scores
 
 
+def rank_profiles(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking, profiles: Profiles, k: int,
+                  movie_side: MovieSide | None = None, popularity: np.ndarray | None = None, chunk: int = 256,
+                  retrieved: Retrieved | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The one ranking: each profile's k best movies outside its own (indices [P, k]) and their scores, best first;
+    -inf where a profile leaves fewer than k movies to offer.
+
+    With a retriever: its top `reranking.width(k)` for the profile's ratings (`CandidateRetriever.score_profiles`:
+    the most rated movies only for a profile with nothing it can score), then, where the profile's user has an
+    embedding, re-ranked with the NCF heads' signals (`rerank`). A user the model has no embedding for (a new
+    user's profile) is ranked without them: retriever and sequence order, no fold-in of new users. Without a
+    retriever: the model alone over the whole catalogue; `popularity`'s order for users it has no embedding for.
+    `retrieved`: the retrieval already done for these profiles' users (used when it covers them)."""
+    known = profiles.known()
+    if retriever is None:
+        if popularity is None and not known.all():
+            raise ValueError("without a retriever, only the profiles of users with an embedding can be ranked")
+
+        def catalogue(rows: np.ndarray) -> torch.Tensor:
+            """The model's scores of the rows' users; popularity for those it has no embedding for."""
+            embedded, users = known[rows], profiles.users[rows]
+            if embedded.all():
+                return model.score_users(torch.as_tensor(users), movie_side=movie_side)
+            scores = torch.as_tensor(popularity, dtype=torch.float32).repeat(len(rows), 1)
+            if embedded.any():
+                scores[torch.from_numpy(embedded)] = model.score_users(
+                    torch.as_tensor(users[embedded]), movie_side=movie_side).float()
+            return scores
+
+        return top_k_unseen(catalogue, np.arange(len(profiles)), profiles.seen(), k)
+    signals = model_signals(model)
+    width = reranking.width(k)
+    cached = retrieved.rows(profiles.users, width) if retrieved is not None else None
+    items, scores = [], []
+    for start in range(0, len(profiles), chunk):
+        rows = np.arange(start, min(start + chunk, len(profiles)))
+        candidates, scored = ((cached[0][rows], cached[1][rows]) if cached
+                              else retrieve(retriever, profiles.take(rows), width))
+        n = min(reranking.n_candidates, candidates.shape[1])
+        embedded = known[rows]
+        chunk_items = np.zeros((len(rows), min(k, candidates.shape[1])), dtype=np.int64)
+        chunk_scores = np.zeros(chunk_items.shape)
+        for part, heads in ((embedded, True), (~embedded, False)):  # with the heads' signals where there is an
+            if part.any():                                           # embedding, the retriever's order elsewhere
+                part_signals = signals(profiles.users[rows][part], candidates[part][:, :n]) if heads else {}
+                chunk_items[part], chunk_scores[part] = rerank(candidates[part], scored[part], part_signals,
+                                                               reranking, k)
+        items.append(chunk_items)
+        scores.append(chunk_scores)
+    return np.concatenate(items), np.concatenate(scores)
+
+
 def top_k(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking, users: np.ndarray,
           seen: SeenItems, k: int, movie_side: MovieSide | None = None, chunk: int = 256,
           retrieved: Retrieved | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's k best unseen movies (indices [U, k]) and their scores, best first: retrieval then
-    re-ranking, or the model alone over the whole catalogue without a retriever. Scores are -inf
-    where a user has fewer than k unseen movies to offer. `retrieved`: the retrieval already done for these
-    users (used when it covers them)."""
+    """`rank_profiles` of known users by index, each profile the ratings `retriever` was built with (`seen`: their
+    movies; `own_profiles`): what training's validation and the choice of the re-ranking rank."""
     users = np.asarray(users, dtype=np.int64)
-    if retriever is None:
-        return top_k_unseen(lambda batch: model.score_users(torch.as_tensor(batch), movie_side=movie_side),
-                            users, seen, k)
-    signals = model_signals(model)
-    width = reranking.width(k)
-    cached = retrieved.rows(users, width) if retrieved is not None else None
-    items, scores = [], []
-    for start in range(0, len(users), chunk):
-        batch = users[start: start + chunk]
-        candidates, scored = ((cached[0][start: start + chunk], cached[1][start: start + chunk]) if cached
-                              else top_k_unseen(retriever.score, batch, seen, width))
-        n = min(reranking.n_candidates, candidates.shape[1])
-        got = rerank(candidates, scored, signals(batch, candidates[:, :n]), reranking, k)
-        items.append(got[0])
-        scores.append(got[1])
-    return np.concatenate(items), np.concatenate(scores)
+    return rank_profiles(model, retriever, reranking, own_profiles(retriever, users, seen), k, movie_side,
+                         chunk=chunk, retrieved=retrieved)
 
 
 def choose_reranking(model: NCF, retriever: CandidateRetriever, seen: SeenItems, target: Ratings, n_movies: int,
@@ -252,7 +306,7 @@ def choose_reranking(model: NCF, retriever: CandidateRetriever, seen: SeenItems,
     """
     users, rows, movies = relevant_targets(target, sample)
     width = max(cfg.n_candidates_grid)
-    candidates, retrieved = top_k_unseen(retriever.score, users, seen, width)
+    candidates, retrieved = retrieve(retriever, own_profiles(retriever, users, seen), width)
     signals = model_signals(model)(users, candidates)
     grids = {"rating": cfg.rating_weight_grid, "interaction": cfg.interaction_weight_grid}
     heads = list(signals)

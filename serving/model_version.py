@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from pydantic_core import to_json
 
 from ncf.config import MODEL_URI
+from ncf.data import Ratings
 from ncf.recommender import Recommender
 from serving.schemas import MAX_K, Item, Movie, RecommendationsOut
 
@@ -99,7 +100,7 @@ class ServedVersion:
         if len(todo) == 0:
             return found
         rec = self.recommender
-        movies, scores = rec.top_k(todo, MAX_K)
+        movies, scores = rec.rank_profiles(rec.profiles_of(todo), MAX_K)  # their stored ratings as profiles
         k = movies.shape[1]
         pairs = rec.scorer.explain(np.repeat(todo, k), movies.ravel())
         for row, user in enumerate(todo):
@@ -142,11 +143,12 @@ class ServedVersion:
 
     def explain(self, user_id: int, movie_id: int) -> dict:
         """The pair's prediction and attention weights, the user's liked movies closest to it in the model,
-        and the rated movies that made the retriever propose it."""
+        and the rated movies of the user's profile (their stored ratings) that made the retriever propose it."""
         rec = self.recommender
         user, movie = int(rec.user_indices([user_id])[0]), int(rec.movie_indices([movie_id])[0])
         out = rec.scorer.explain(np.asarray([user]), np.asarray([movie]))
-        rated = rec.ratings_of(user)
+        profile = rec.profiles_of([user])
+        rated = profile.of(0)
         liked = rated.take(np.flatnonzero((rated.rating >= min(LIKED, rated.rating.max())) & (rated.movie != movie)))
         similarity = rec.movie_similarity(movie, liked.movie) if len(liked) else np.empty(0)
         closest = np.argsort(-similarity, kind="stable")[:BECAUSE_N]
@@ -163,15 +165,13 @@ class ServedVersion:
                                                                 "similarity": float(similarity[i])} for i in closest],
             "shared_genres": shared,
             "retriever": rec.candidates.name if rec.candidates is not None else None,
-            "retrieved_because_you_rated": self.evidence(user, *rec.retrieval_evidence(user, movie)),
-            "rated_next_after": self.evidence(user, *rec.sequence_evidence(user, movie)),
+            "retrieved_because_you_rated": self.evidence(rated, *rec.retrieval_evidence(profile, movie)),
+            "rated_next_after": self.evidence(rated, *rec.sequence_evidence(profile, movie)),
         }
 
-    def evidence(self, user: int, movies: np.ndarray, shares: np.ndarray) -> list[dict]:
-        """The first BECAUSE_N of the user's rated `movies` behind a score, each with its rating and share."""
-        rec = self.recommender
+    def evidence(self, rated: Ratings, movies: np.ndarray, shares: np.ndarray) -> list[dict]:
+        """The first BECAUSE_N of the profile's `rated` movies behind a score, each with its rating and share."""
         movies, shares = movies[:BECAUSE_N], shares[:BECAUSE_N]
-        rated = rec.ratings_of(user)
         rating_of = dict(zip(rated.movie.tolist(), rated.rating.tolist(), strict=True))
         return [self.movie(m) | {"rating": float(rating_of[int(m)]), "weight": float(w)}
                 for m, w in zip(movies, shares, strict=True)]

@@ -174,7 +174,8 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
     """The pyfunc face of `ncf.recommender.Recommender` (the registered model).
 
     Input with `user_id` and `movie_id`: one row per pair. Input with `user_id`
-    only: the top-k (param `k`, default 10) unseen movies of each user. Unknown
+    only: the top-k (param `k`, default 10) unseen movies of each user, ranked by
+    `Recommender.rank_profiles` with the user's stored ratings as profile. Unknown
     ids raise an error that lists them; there is no silent fallback (the HTTP
     service answers unknown users with popular movies, flagged as cold start).
     """

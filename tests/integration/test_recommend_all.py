@@ -92,9 +92,9 @@ def test_every_user_gets_k_distinct_unseen_movies_ranked_as_served(first_run, ch
     assert not {(u, m) for u, m in zip(users.tolist(), recommender.movie_indices(rows["movie_id"]).tolist(),
                                        strict=True)} & seen, "a recommended movie the user has rated"
 
-    # A few users' rows are the recommender's own top-k, with what the model says of each pair.
+    # A few users' rows are the recommender's own ranking of their profiles, with what the model says of each pair.
     some = recommender.ids.user_ids[[0, 17, 59]]
-    top, scores = recommender.top_k(recommender.user_indices(some), K)
+    top, scores = recommender.rank_profiles(recommender.profiles_of(recommender.user_indices(some)), K)
     mine = rows[rows["user_id"].isin(some)].sort_values(["user_id", "rank"])
     assert mine["movie_id"].tolist() == recommender.ids.movie_ids[top.ravel()].tolist()
     np.testing.assert_allclose(mine["score"], scores.ravel(), rtol=1e-5)

@@ -271,7 +271,7 @@ def test_explain_gives_weights_and_the_users_closest_liked_movies(http: httpx.Cl
     assert body["retriever"] == champion.candidates.name
     evidence = body["retrieved_because_you_rated"]
     assert 1 <= len(evidence) <= 5
-    movies, shares = champion.retrieval_evidence(user, movie)
+    movies, shares = champion.retrieval_evidence(champion.profiles_of([user]), movie)
     assert [e["movie_id"] for e in evidence] == champion.ids.movie_ids[movies[:5]].tolist()
     np.testing.assert_allclose([e["weight"] for e in evidence], shares[:5], rtol=1e-5)
     for e in evidence:
@@ -279,7 +279,7 @@ def test_explain_gives_weights_and_the_users_closest_liked_movies(http: httpx.Cl
     # The sequence signal's evidence: the user's latest ratings, whatever their value, that others followed with it.
     rated_next = body["rated_next_after"]
     assert 1 <= len(rated_next) <= 5
-    movies, shares = champion.sequence_evidence(user, movie)
+    movies, shares = champion.sequence_evidence(champion.profiles_of([user]), movie)
     assert [e["movie_id"] for e in rated_next] == champion.ids.movie_ids[movies[:5]].tolist()
     np.testing.assert_allclose([e["weight"] for e in rated_next], shares[:5], rtol=1e-5)
     assert all(own[e["movie_id"]] == e["rating"] for e in rated_next)

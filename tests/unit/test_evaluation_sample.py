@@ -20,6 +20,7 @@ from ncf.evaluation import (
     sampled_users,
     seen_in_training,
 )
+from ncf.ranking import SeenItems
 from ncf.reranking import choose_reranking, fit_retriever
 from ncf.training import Validation, build_model
 
@@ -86,7 +87,7 @@ def test_validation_and_the_reranking_choice_rank_the_sample(tiny_config: Config
     assert Validation(everyone, tiny_movielens, rank=0)(model)["val_full_users"] == eligible > 15
     train = tiny_movielens.splits.train
     retriever = fit_retriever(config.retrieval, train, tiny_movielens.n_users, tiny_movielens.n_movies)
-    seen = seen_in_training(tiny_movielens)
+    seen = SeenItems(train.user, train.movie, tiny_movielens.n_users)  # what the retriever was fitted on
     _, metrics, grid = choose_reranking(model, retriever, seen, tiny_movielens.splits.validation,
                                         tiny_movielens.n_movies, config.retrieval, sample=config.evaluation)
     assert metrics["full_users"] == 15 and {row["full_users"] for row in grid} == {15}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ncf.config import Config, load_config
+from ncf.config import Config, RetrievalConfig, load_config
 from ncf.data import MovieLens, Ratings
 from ncf.evaluation import full_ranking_against
-from ncf.ranking import SeenItems, top_k_unseen
+from ncf.ranking import Profiles, SeenItems, top_k_unseen
 from ncf.reranking import (
     CandidateRetriever,
     Reranking,
@@ -34,6 +34,13 @@ SMALL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts
 
 def small(tiny_config: Config, *overrides: str) -> Config:
     return load_config([f"data.dir={tiny_config.data.dir}", *SMALL, *overrides])
+
+
+def retrieval_keeping(min_rating: float) -> RetrievalConfig:
+    """The default retrieval settings, keeping ratings >= `min_rating`, each profile entry 1 (no recency or
+    rating weights)."""
+    return load_config([]).retrieval.model_copy(update={"min_rating": min_rating, "recency_half_life": None,
+                                                        "profile_rating_offset": None})
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +110,8 @@ def test_users_without_a_profile_get_the_most_rated_movies():
     ratings = Ratings(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 2, 1]), np.array([5.0, 4.0, 4.5, 5.0, 2.0]),
                       np.zeros(5, dtype=np.int64))
     ease = EASE(lam=1.0, max_items=None).fit(interaction_matrix(ratings, 3, 4, min_rating=4.0))
-    retriever = CandidateRetriever(ease, load_config().retrieval, ratings, 3, 4)
-    assert np.diff(retriever.known.retriever.indptr).tolist() == [2, 2, 0]  # user 2 rated nothing >= 4
-    scores = retriever.score(np.array([2]))
+    retriever = CandidateRetriever(ease, retrieval_keeping(4.0), ratings, 3, 4)
+    scores = retriever.score(np.array([2]))  # user 2 rated nothing >= 4
     np.testing.assert_allclose(scores[0], np.log1p([1.0, 3.0, 1.0, 0.0]))  # movie 1 is rated most
 
 
@@ -123,7 +129,7 @@ def test_the_ratings_of_a_user_never_fitted_are_scored_as_a_profile(tiny_config:
     stage = fit_retriever(config.retrieval, others, n_users, n_movies)
     theirs = train.take(np.flatnonzero(train.user == newcomer))
     as_new = Ratings(np.zeros(len(theirs), np.int64), theirs.movie, theirs.rating, theirs.timestamp)
-    scores = stage.score_profiles(stage.profiles(as_new, 1))[0]
+    scores = stage.score_profiles(Profiles.of_ratings(as_new, 1))[0]
     assert stage.score(np.array([newcomer]))[0] == pytest.approx(
         blend(stage.fallback[None], {"s": np.zeros((1, n_movies))}, {"s": 0.5})[0])  # fitted without any rating
     popular = np.argsort(-stage.fallback, kind="stable")
@@ -131,7 +137,7 @@ def test_the_ratings_of_a_user_never_fitted_are_scored_as_a_profile(tiny_config:
     fitted = others.user[0]
     again = others.take(np.flatnonzero(others.user == fitted))
     again = Ratings(np.zeros(len(again), np.int64), again.movie, again.rating, again.timestamp)
-    np.testing.assert_allclose(stage.score_profiles(stage.profiles(again, 1)), stage.score(np.array([fitted])),
+    np.testing.assert_allclose(stage.score_profiles(Profiles.of_ratings(again, 1)), stage.score(np.array([fitted])),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -144,9 +150,9 @@ def test_the_sequence_signal_is_blended_into_the_retrievers_scores(tiny_config: 
     blended = fit_retriever(config.retrieval, train, n_users, n_movies)
     users = np.arange(n_users)
     sequence = Sequence(3, 4, 0.8).fit(train, n_movies)
-    recent = sequence.profiles(train, n_users, n_movies)
-    np.testing.assert_allclose(blended.score(users), blend(plain.score(users), {"s": sequence.score(recent)},
-                                                           {"s": 0.5}), rtol=1e-5, atol=1e-5)
+    recent = sequence.score(sequence.profiles(train, n_users, n_movies))
+    np.testing.assert_allclose(blended.score(users), blend(plain.score(users), {"s": recent}, {"s": 0.5}),
+                               rtol=1e-5, atol=1e-5)
     assert plain.sequence is None
 
 
@@ -154,8 +160,8 @@ def test_ease_evidence_is_the_terms_of_its_score():
     ratings = Ratings(np.array([0, 0, 0, 1, 1, 2, 2, 2]), np.array([0, 1, 2, 0, 3, 1, 2, 3]),
                       np.full(8, 5.0), np.zeros(8, dtype=np.int64))
     x = interaction_matrix(ratings, 3, 4, min_rating=4.0)
-    retriever = CandidateRetriever(EASE(lam=0.5, max_items=None).fit(x), load_config().retrieval, ratings, 3, 4)
-    movies, shares = retriever.evidence(user=1, movie=1)
+    retriever = CandidateRetriever(EASE(lam=0.5, max_items=None).fit(x), retrieval_keeping(4.0), ratings, 3, 4)
+    movies, shares = retriever.evidence(retriever.known.take([1]), movie=1)
     score = retriever.score(np.array([1]))[0, 1]
     positive = sum(w for w in retriever.retriever.weights[[0, 3], 1] if w > 0)
     assert set(movies) <= {0, 3} and shares.sum() == pytest.approx(positive)
@@ -168,13 +174,13 @@ def test_als_evidence_is_the_users_liked_movies_closest_to_the_movie():
     ratings = Ratings(np.array([0, 0, 0, 0, 1, 1, 1, 2, 2]), np.array([0, 1, 2, 3, 0, 1, 4, 2, 4]),
                       np.array([5.0, 4.0, 4.5, 2.0, 5.0, 5.0, 5.0, 4.0, 4.0]), np.zeros(9, dtype=np.int64))
     als = ALS(factors=3, regularization=0.1, iterations=10, seed=0).fit(interaction_matrix(ratings, 3, 5, 4.0))
-    retriever = CandidateRetriever(als, load_config().retrieval, ratings, 3, 5)
-    movies, shares = retriever.evidence(user=0, movie=4)
+    retriever = CandidateRetriever(als, retrieval_keeping(4.0), ratings, 3, 5)
+    movies, shares = retriever.evidence(retriever.known.take([0]), movie=4)
     assert set(movies) <= {0, 1, 2}  # only what the profile holds: never the disliked movie, nor movie 4 itself
     unit = als.item_factors / np.linalg.norm(als.item_factors, axis=1, keepdims=True)
     np.testing.assert_allclose(shares, unit[movies] @ unit[4], rtol=1e-5)
     assert len(movies) and (shares > 0).all() and (np.diff(shares) <= 0).all()
-    assert 0 not in retriever.evidence(user=0, movie=0)[0]  # a movie is not its own evidence
+    assert 0 not in retriever.evidence(retriever.known.take([0]), movie=0)[0]  # a movie is not its own evidence
 
 
 def test_choose_reranking_picks_the_best_grid_point_on_validation(model_and_retriever, tiny_movielens):
