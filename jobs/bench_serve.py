@@ -57,7 +57,7 @@ from jobs.train import run as train
 from ncf.config import ServeConfig, load_config, override_parser
 from ncf.files import write_atomically
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import free_port
+from ncf.ports import free_port
 from serving.app import NO_TELEMETRY, running
 from serving.model_version import ModelNotFoundError, Ranking, ServedVersion, load_version, resolve_version
 

@@ -32,20 +32,20 @@ import ray
 import torch
 
 from ncf.config import Config, load_config, override_parser
-from ncf.data import epoch_batches, load_movielens, resolve_data_dir
+from ncf.data import resolve_data_dir
 from ncf.files import write_atomically
-from ncf.integrations.ray_train import fit_with_ray, init_ray
+from ncf.integrations.ray_cluster import init_ray
+from ncf.integrations.ray_train import fit_with_ray
 from ncf.metrics import rmse
 from ncf.model import NCF, count_flops_per_sample, forward_batched
-from ncf.training import (
-    LocalReporter,
-    TrainResult,
-    build_model,
-    load_checkpoint,
-    make_optimizer,
-    train_loop,
-    train_step,
-)
+from ncf.prepared import load_movielens
+from ncf.training.batches import epoch_batches
+from ncf.training.checkpoints import load_checkpoint
+from ncf.training.loop import train_loop, train_step
+from ncf.training.optimizer import make_optimizer
+from ncf.training.reporting import LocalReporter
+from ncf.training.state import TrainResult, build_model
+from ncf.training.validation import Validation
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
 RAY_ROUNDS = 2  # turns of in-process and Ray Train runs
@@ -144,7 +144,8 @@ def bench_cpu(config: Config) -> dict:
     flops_per_sample = 3 * count_flops_per_sample(config.model)  # a training step: forward + backward ~ 3x forward
     flops_epoch = flops_per_sample * n_train
     variant_configs = in_process_variants(config)
-    variants = {name: train_loop(trial, data, LocalReporter(verbose=False)) for name, trial in variant_configs.items()}
+    variants = {name: train_loop(trial, data, LocalReporter(verbose=False), Validation(trial, data, rank=0))
+                for name, trial in variant_configs.items()}
     breakdown = train_pass_breakdown(config, data, flops_per_sample)
     # The limits are the faster of two measurements, before and after the in-process runs (a shared machine
     # slows some): the fractions below are not flattered by a slow moment.
@@ -156,7 +157,7 @@ def bench_cpu(config: Config) -> dict:
     # slows both alike; Ray's own processes, which share the cores with the workers, count against Ray.
     runs: dict[str, list[list[dict]]] = {"in_process": [], "ray_1_worker": [], "ray_2_workers": []}
     for _ in range(RAY_ROUNDS):
-        local = train_loop(config, data, LocalReporter(verbose=False))
+        local = train_loop(config, data, LocalReporter(verbose=False), Validation(config, data, rank=0))
         runs["in_process"].append(local.history)
         init_ray()
         runs["ray_1_worker"].append(ray_history(config, workers=1, cpus=2))

@@ -20,12 +20,14 @@ from pathlib import Path
 import mlflow
 
 from jobs.publish import RunSummary, finish_run, gate, log_data_tags, write_report
-from ncf.config import Config, load_config, override_parser
-from ncf.data import load_movielens, resolve_data_dir
+from ncf.config import Config, ConfigError, load_config, override_parser
+from ncf.data import resolve_data_dir
 from ncf.files import WriteError, check_writable
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
-from ncf.training import CheckpointError, fit_in_process
+from ncf.prepared import load_movielens
+from ncf.training.checkpoints import CheckpointError
+from ncf.training.loop import fit_in_process
 
 REPORT_PATH = Path("reports") / "metrics.json"  # under the working directory
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         run(load_config(args.overrides, preset=args.preset), launcher=args.launcher)
-    except (WriteError, CheckpointError) as err:  # a path that cannot be written or read back: no traceback
+    # A path that cannot be written or read back, a config the cluster cannot run: the error alone, no traceback.
+    except (WriteError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -21,7 +21,7 @@ from jobs import tune as tune_job
 from jobs.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import init_ray
+from ncf.integrations.ray_cluster import init_ray
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ from ncf.evaluation import (
     seen_in_training,
 )
 from ncf.reranking import choose_reranking, fit_retriever
-from ncf.training import Validation, build_model
+from ncf.training.state import build_model
+from ncf.training.validation import Validation
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from jobs.publish import RunSummary, gate
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
