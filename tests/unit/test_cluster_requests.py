@@ -1,0 +1,25 @@
+"""What a request asks of the Ray cluster beyond what it has (`ray_cluster.shortfall`); the refusal itself, on a
+real cluster: tests/integration/test_cluster_requests.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from ncf.config import load_config
+from ncf.integrations.ray_cluster import shortfall
+
+
+@pytest.mark.parametrize(("workers", "per_worker", "offered", "short"), [
+    (2, {"CPU": 1.0}, {"CPU": 2.0}, {}),
+    (2, {"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 4.0}),  # the README example with the old default: never started
+    (64, {"CPU": 2 / 64}, {"CPU": 2.0}, {}),  # the cluster's CPUs shared out: always fits
+    (1, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 16.0}, {"GPU": 1.0}),
+    (1, {"CPU": 2.0, "GPU": 0.0}, {"CPU": 16.0}, {}),  # nothing asked of a resource the cluster lacks
+])
+def test_shortfall(workers, per_worker, offered, short):
+    assert shortfall(workers, per_worker, offered) == short
+
+
+def test_cpus_per_worker_defaults_to_the_cluster_shared_out_and_old_configs_load():
+    assert load_config().train.cpus_per_worker is None
+    assert load_config(["train.cpus_per_worker=2"]).train.cpus_per_worker == 2
