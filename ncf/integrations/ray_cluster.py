@@ -44,6 +44,12 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
 
 
+def shared_out(cpus: float, workers: int) -> float:
+    """The CPUs each of `workers` holds when they share `cpus` out: at least one (a worker on a sliver of a CPU is
+    no worker; more workers than CPUs is a request the cluster cannot hold)."""
+    return max(1.0, cpus / workers)
+
+
 def shortfall(workers: int, per_worker: dict[str, float], offered: dict[str, float]) -> dict[str, float]:
     """The resources `workers` x `per_worker` asks for beyond what the cluster `offered` in all: {name: asked}."""
     asked = {name: workers * amount for name, amount in per_worker.items() if amount > 0}

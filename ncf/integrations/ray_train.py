@@ -20,7 +20,7 @@ from mlflow.entities import RunTag
 from ncf.config import Config, ConfigError, TrainConfig, config_from_dict
 from ncf.files import check_writable
 from ncf.integrations import mlflow_tracking, ray_data
-from ncf.integrations.ray_cluster import cluster_cpus, init_ray, require
+from ncf.integrations.ray_cluster import cluster_cpus, init_ray, require, shared_out
 from ncf.prepared import load_movielens
 from ncf.training.checkpoints import CheckpointError, load_checkpoint
 from ncf.training.loop import lower_is_better, train_loop
@@ -202,8 +202,8 @@ def storage_location(train: TrainConfig, environ: Mapping[str, str] | None = Non
 
 def worker_resources(train: TrainConfig) -> dict[str, float]:
     """The CPUs each Ray Train worker holds: `train.cpus_per_worker`, or (null) the cluster's CPUs shared out
-    among the `train.num_workers` workers."""
-    return {"CPU": train.cpus_per_worker or cluster_cpus() / train.num_workers}
+    among the `train.num_workers` workers, at least one each (`shared_out`)."""
+    return {"CPU": train.cpus_per_worker or shared_out(cluster_cpus(), train.num_workers)}
 
 
 def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list | None = None):
@@ -220,7 +220,7 @@ def make_trainer(config: Config, run_id: str | None, name: str, callbacks: list 
     cfg = config.train
     storage = storage_location(cfg)
     per_worker = worker_resources(cfg)
-    cpus = "null (the cluster's CPUs shared out)" if cfg.cpus_per_worker is None else f"{cfg.cpus_per_worker:g}"
+    cpus = f"{cfg.cpus_per_worker:g}" if cfg.cpus_per_worker else "null (the cluster's CPUs shared out, >= 1 each)"
     require(cfg.num_workers, per_worker | {"GPU": 1.0 if cfg.use_gpu else 0.0},
             f"train.num_workers={cfg.num_workers} x train.cpus_per_worker={cpus}"
             + (" with one GPU each (train.use_gpu)" if cfg.use_gpu else ""))
