@@ -27,10 +27,11 @@ import scipy.sparse as sp
 
 from ncf.baselines import MostPopular
 from ncf.config import RetrievalConfig, load_config
-from ncf.data import MovieLens, Ratings, load_movielens, resolve_data_dir
+from ncf.data import MovieLens, Ratings, resolve_data_dir
 from ncf.evaluation import full_ranking_against, score_ranker
 from ncf.files import write_atomically
 from ncf.metrics import leave_one_out, paired_bootstrap, sampled_ranking_metrics
+from ncf.prepared import load_movielens
 from ncf.ranking import ScoreFn, SeenItems
 from ncf.reranking import CandidateRetriever
 from ncf.retrievers import ALS, EASE, Retriever

@@ -29,10 +29,13 @@ import time
 from pathlib import Path
 
 from ncf.config import Config, load_config, override_parser, with_values
-from ncf.data import load_movielens, resolve_data_dir
+from ncf.data import resolve_data_dir
 from ncf.files import write_atomically
-from ncf.integrations.ray_train import init_ray
-from ncf.training import LocalReporter, train_loop
+from ncf.integrations.ray_cluster import init_ray
+from ncf.prepared import load_movielens
+from ncf.training.loop import train_loop
+from ncf.training.reporting import LocalReporter
+from ncf.training.validation import Validation
 from workflows.benchmarks import markdown_table, ray_history
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root
@@ -50,8 +53,11 @@ def measure(config: Config, data_dir: Path, setup: str) -> dict:
     launcher, loader, workers, cpus = SETUPS[setup]
     trial = with_values(config, {"data.loader": loader})
     started = time.perf_counter()
-    history = (train_loop(trial, load_movielens(trial.data, data_dir), LocalReporter(verbose=False)).history
-               if launcher == "local" else ray_history(trial, data_dir, workers, cpus))
+    if launcher == "local":
+        data = load_movielens(trial.data, data_dir)
+        history = train_loop(trial, data, LocalReporter(verbose=False), Validation(trial, data, rank=0)).history
+    else:
+        history = ray_history(trial, data_dir, workers, cpus)
     last = history[-1]
     rss = [last[f"worker/{rank}/peak_rss_gb"] for rank in range(workers)]  # rank 0 also validates
     print(f"  {setup} on {config.data.name}: {last['train_samples'] / last['train_seconds']:,.0f} samples/s, "

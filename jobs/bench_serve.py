@@ -51,7 +51,7 @@ from starlette.responses import Response
 from ncf.config import ServeConfig, load_config, override_parser
 from ncf.files import write_atomically
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import free_port
+from ncf.ports import free_port
 from serving.model_version import ModelNotFoundError, Ranking, ServedVersion, load_version, resolve_version
 from serving.routes import NO_TELEMETRY
 from serving.runtime import running

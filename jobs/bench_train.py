@@ -31,19 +31,18 @@ import ray
 import torch
 
 from ncf.config import Config, load_config, override_parser, with_values
-from ncf.data import epoch_batches, load_movielens, resolve_data_dir
+from ncf.data import resolve_data_dir
 from ncf.files import write_atomically
-from ncf.integrations.ray_train import init_ray
+from ncf.integrations.ray_cluster import init_ray
 from ncf.metrics import rmse
 from ncf.model import NCF, count_flops_per_sample, forward_batched
-from ncf.training import (
-    LocalReporter,
-    TrainResult,
-    build_model,
-    make_optimizer,
-    train_loop,
-    train_step,
-)
+from ncf.prepared import load_movielens
+from ncf.training.batches import epoch_batches
+from ncf.training.loop import train_loop, train_step
+from ncf.training.optimizer import make_optimizer
+from ncf.training.reporting import LocalReporter
+from ncf.training.state import TrainResult, build_model
+from ncf.training.validation import Validation
 from workflows.benchmarks import markdown_table, ray_history
 
 OUT_DIR = Path("docs") / "benchmarks"  # run from the repository root (`make bench-train`)
@@ -133,7 +132,8 @@ def bench_cpu(config: Config, data_dir: Path) -> dict:
     flops_per_sample = 3 * count_flops_per_sample(config.model)  # a training step: forward + backward ~ 3x forward
     flops_epoch = flops_per_sample * n_train
     variant_configs = in_process_variants(config)
-    variants = {name: train_loop(trial, data, LocalReporter(verbose=False)) for name, trial in variant_configs.items()}
+    variants = {name: train_loop(trial, data, LocalReporter(verbose=False), Validation(trial, data, rank=0))
+                for name, trial in variant_configs.items()}
     breakdown = train_pass_breakdown(config, data, flops_per_sample)
     # The limits are the faster of two measurements, before and after the in-process runs (a shared machine
     # slows some): the fractions below are not flattered by a slow moment.
@@ -145,7 +145,7 @@ def bench_cpu(config: Config, data_dir: Path) -> dict:
     # slows both alike; Ray's own processes, which share the cores with the workers, count against Ray.
     runs: dict[str, list[list[dict]]] = {"in_process": [], "ray_1_worker": [], "ray_2_workers": []}
     for _ in range(RAY_ROUNDS):
-        local = train_loop(config, data, LocalReporter(verbose=False))
+        local = train_loop(config, data, LocalReporter(verbose=False), Validation(config, data, rank=0))
         runs["in_process"].append(local.history)
         init_ray()
         runs["ray_1_worker"].append(ray_history(config, data_dir, workers=1, cpus=2))

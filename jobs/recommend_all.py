@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 
 from ncf.files import WriteError, atomic_path, check_writable, write_atomically
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import init_ray
+from ncf.integrations.ray_cluster import init_ray
 from serving.model_version import ModelNotFoundError, resolve_version
 
 OUT_ROOT = Path("reports") / "recommendations"  # under the working directory, like the other reports

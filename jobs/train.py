@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import sys
 
-from ncf.config import load_config, override_parser
+from ncf.config import ConfigError, load_config, override_parser
 from ncf.files import WriteError
-from ncf.training import CheckpointError
+from ncf.training.checkpoints import CheckpointError
 from workflows.training_run import train_and_publish
 
 
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         train_and_publish(load_config(args.overrides, preset=args.preset), launcher=args.launcher)
-    except (WriteError, CheckpointError) as err:  # a path that cannot be written or read back: no traceback
+    # A path that cannot be written or read back, a config the cluster cannot run: the error alone, no traceback.
+    except (WriteError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

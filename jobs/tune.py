@@ -28,12 +28,15 @@ from mlflow import MlflowClient
 from ray import tune
 
 from ncf import plots
-from ncf.config import Config, config_from_dict, load_config, override_parser, save_config, with_values
-from ncf.data import MovieLens, load_movielens, resolve_data_dir
+from ncf.config import Config, ConfigError, config_from_dict, load_config, override_parser, save_config, with_values
+from ncf.data import MovieLens, resolve_data_dir
 from ncf.files import WriteError, check_writable, write_atomically
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import Storage, init_ray, storage_location
-from ncf.training import CheckpointError, copy_checkpoint, fit_in_process
+from ncf.integrations.ray_cluster import init_ray
+from ncf.integrations.ray_train import Storage, storage_location
+from ncf.prepared import load_movielens
+from ncf.training.checkpoints import CheckpointError, copy_checkpoint
+from ncf.training.loop import fit_in_process
 from workflows.champion import gate
 from workflows.publish import finish_run, headline, log_data_tags
 from workflows.sweep_report import SweepOutcome, epoch_savings, format_board, leaderboard
@@ -41,6 +44,7 @@ from workflows.sweep_trials import (
     TrialRuns,
     concurrent_trials,
     find_child_run,
+    require_trial_fits,
     run_trial,
     search_space,
     sweep_metric,
@@ -116,6 +120,7 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
     if resume and parent_id is None:
         raise SweepError(f"sweep {path.uri} has no MLflow run in {mlflow_tracking.tracking_uri()}")
     init_ray()
+    require_trial_fits(config)
     # Keeping one checkpoint per trial makes Tune save its state often (cheap here); no warning about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if parent_id and "champion.decision" in MlflowClient().get_run(parent_id).data.tags:
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except SweepInterrupted as stop:
         print(stop, file=sys.stderr, flush=True)
         return INTERRUPTED
-    except (SweepError, WriteError, CheckpointError) as problem:
+    except (SweepError, WriteError, CheckpointError, ConfigError) as problem:
         print(problem, file=sys.stderr, flush=True)
         return 2
     print(f"wrote {args.report}")

@@ -137,7 +137,7 @@ class TrainConfig(Section):
     interaction_loss_weight: float = Field(ge=0)
     checkpoint_dir: str
     num_workers: int = Field(gt=0)
-    cpus_per_worker: float = Field(gt=0)
+    cpus_per_worker: float | None = Field(gt=0)  # None: the cluster's CPUs shared out among the workers
     use_gpu: bool
     mixed_precision: bool
     bf16_on_cpu: bool

@@ -1,9 +1,10 @@
-"""MovieLens data: locate or download + verify the files, encode ids, split, load, batch.
+"""MovieLens data: locate or download + verify the files, encode ids, split.
 
 Every dataset of the MovieLens family (`data.name`) is read by the typed readers of `ncf.datasets`;
-`load_movielens` gets it through its prepared copy (`ncf.prepared`: typed Parquet, built once, rebuilt
-when a source file or the data config changes). Everything downstream works on contiguous integer
-indices held in tensors; the `IdMaps` that translate raw MovieLens ids travel with every saved model.
+`ncf.prepared.load_movielens` gets it through its prepared copy (typed Parquet, built once from this
+module's encoding and splits, rebuilt when a source file or the data config changes). Everything
+downstream works on contiguous integer indices held in tensors; the `IdMaps` that translate raw MovieLens
+ids travel with every saved model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -378,43 +378,3 @@ class MovieLens:
     @property
     def n_movies(self) -> int:
         return self.ids.n_movies
-
-
-def load_movielens(cfg: DataConfig, folder: Path | None = None) -> MovieLens:
-    """Dataset `data.name`, verified, encoded and split with `data.split`, read from its prepared copy
-    (`ncf.prepared`), which is built first when it is missing or stale (a source file or the data config
-    changed). `folder` bypasses the lookup of the source files (tests)."""
-    from ncf import prepared  # the prepared copy is built from this module's encoding and splits
-
-    return prepared.load(cfg, Path(folder) if folder else resolve_data_dir(cfg))
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def epoch_batches(
-    tensors: tuple[torch.Tensor, ...],
-    batch_size: int,
-    *,
-    epoch: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle: bool = True,
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """This rank's batches of one epoch, sliced from in-memory tensors.
-
-    Every rank draws the same seeded permutation and takes every `world_size`-th
-    sample, truncated so all ranks run the same number of steps (DDP needs that).
-    """
-    n = len(tensors[0])
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=generator)
-    else:
-        order = torch.arange(n)
-    per_rank = n // world_size
-    mine = order[rank: per_rank * world_size: world_size]
-    for start in range(0, per_rank, batch_size):
-        index = mine[start: start + batch_size]
-        yield tuple(t[index] for t in tensors)

@@ -17,7 +17,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 from ncf.config import Config  # noqa: E402
 from ncf.data import MovieLens  # noqa: E402
 from ncf.model import NCF  # noqa: E402
-from ncf.training import Phase  # noqa: E402
+from ncf.training.state import Phase
 
 
 def learning_curves(history: list[dict[str, float]]) -> plt.Figure:

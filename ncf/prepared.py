@@ -14,7 +14,7 @@ splits) and writes, in `<data.prepared_dir>/<data.name>` (default `<data.cache_d
 It is reused while nothing changed, and rebuilt when the data config that shaped it (dataset, split,
 expected checksums and sizes) changes or a source file does: each file's size and times are compared with
 the manifest's, and a file whose stat changed is hashed again (same digest: still valid). It is written
-in a temporary folder and renamed into place, so no reader ever sees a half-written copy. `load` reads it
+in a temporary folder and renamed into place, so no reader ever sees a half-written copy. `load_movielens` reads it
 into the `MovieLens` object training, evaluation and serving use.
 
 Pure computing code: no Ray, no MLflow.
@@ -51,6 +51,7 @@ from ncf.data import (
     encode_ratings,
     fold_split_indices,
     genre_matrix,
+    resolve_data_dir,
     split_indices,
 )
 from ncf.datasets import (
@@ -369,8 +370,11 @@ def read(folder: Path, manifest: dict | None = None, splits: Collection[str] = S
     return MovieLens(ids, movies, genres, genre_names, wanted, checksums)
 
 
-def load(cfg: DataConfig, source: Path, attempts: int = 3) -> MovieLens:
-    """Dataset `data.name` from its prepared copy, prepared first when missing or stale."""
+def load_movielens(cfg: DataConfig, folder: Path | None = None, attempts: int = 3) -> MovieLens:
+    """Dataset `data.name`, verified, encoded and split with `data.split`, read from its prepared copy, which is
+    built first when it is missing or stale (a source file or the data config changed). `folder` holds the
+    source files; by default they are found as `ncf.data.resolve_data_dir` finds them."""
+    source = Path(folder) if folder else resolve_data_dir(cfg)
     for attempt in range(attempts):
         prepared = prepare(cfg, source)
         try:

@@ -15,21 +15,23 @@ by the integration and browser tests.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from ncf.config import Config, load_config
-from ncf.data import DataError, MovieLens, load_movielens, resolve_data_dir
-from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import free_port
+from ncf.data import DataError, MovieLens, resolve_data_dir
+from ncf.ports import free_port
+from ncf.prepared import load_movielens
 from ncf.recommender import Recommender
 from ncf.reranking import fit_retriever
-from ncf.training import LocalReporter, train_loop
+from ncf.training.loop import train_loop
+from ncf.training.reporting import LocalReporter
+from ncf.training.validation import Validation
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -58,7 +60,9 @@ def _mlflow_follows_the_environment() -> Iterator[None]:
     an earlier module's store."""
     yield
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
+    if uri and "mlflow" in sys.modules:  # imported only by the modules that use it: the unit layer never does
+        import mlflow
+
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
 
@@ -140,8 +144,11 @@ class Store:
 
     def register_tiny_model(self, seed: int) -> str:
         """Train a tiny model with this seed, log and register it (not promoted); returns its version."""
+        import mlflow
+
+        from ncf.integrations import mlflow_tracking
         config = load_config([*TINY_MODEL, f"train.seed={seed}"])
-        result = train_loop(config, self.data, LocalReporter(verbose=False))
+        result = train_loop(config, self.data, LocalReporter(verbose=False), Validation(config, self.data, rank=0))
         retriever = fit_retriever(config.retrieval, self.data.splits.train_and_validation(), self.data.n_users,
                                   self.data.n_movies)
         with tempfile.TemporaryDirectory(prefix="ncf-recommender-") as tmp:
@@ -152,6 +159,9 @@ class Store:
 
     def recommender(self, version: str) -> Recommender:
         """The registered version as the app loads it, for comparing answers."""
+        import mlflow
+
+        from ncf.integrations import mlflow_tracking
         model = mlflow.pyfunc.load_model(f"models:/{mlflow_tracking.MODEL_NAME}/{version}")
         return model.unwrap_python_model().recommender
 
@@ -159,6 +169,8 @@ class Store:
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) -> Iterator[Store]:
     """A temporary MLflow store (MLFLOW_TRACKING_URI points at it) whose champion is a tiny model."""
+    from ncf.integrations import mlflow_tracking  # here, not above: the unit layer imports no MLflow code
+
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri

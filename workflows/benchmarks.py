@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ncf.config import Config, with_values
 from ncf.integrations.ray_train import fit_with_ray
-from ncf.training import load_checkpoint
+from ncf.training.checkpoints import load_checkpoint
 
 
 def ray_history(config: Config, data_dir: Path, workers: int, cpus: float, use_gpu: bool = False) -> list[dict]:

@@ -7,7 +7,7 @@ import mlflow
 
 from ncf.config import Config
 from ncf.integrations import mlflow_tracking
-from ncf.training import lower_is_better
+from ncf.training.loop import lower_is_better
 from workflows.publish import RunSummary
 
 

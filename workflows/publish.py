@@ -45,7 +45,8 @@ from ncf.model import NCF
 from ncf.ranking import SeenItems
 from ncf.recommender import RERANKING, NCFScorer, Recommender
 from ncf.reranking import Reranking, choose_reranking, fit_retriever, top_k
-from ncf.training import build_model, load_checkpoint, model_from_checkpoint
+from ncf.training.checkpoints import load_checkpoint, model_from_checkpoint
+from ncf.training.state import build_model
 
 SERVED, MODEL_ALONE = "ncf", "ncf model alone"
 HEADLINE = ("full_ndcg_at_10", "full_hit_rate_at_10", "full_recall_at_10", "full_coverage")

@@ -23,8 +23,11 @@ from ray import tune
 from ncf.config import Config, Distribution, config_from_dict, flatten, with_values
 from ncf.data import MovieLens
 from ncf.integrations import mlflow_tracking
+from ncf.integrations.ray_cluster import require
 from ncf.integrations.ray_train import Storage, TuneReporter, make_trainer
-from ncf.training import format_epoch, lower_is_better, train_loop
+from ncf.training.loop import lower_is_better, train_loop
+from ncf.training.reporting import format_epoch
+from ncf.training.validation import Validation
 
 
 def sweep_metric(config: Config) -> tuple[str, str]:
@@ -86,7 +89,8 @@ def run_trial(params: dict, base: dict, data: MovieLens, data_dir: Path, storage
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
         device = "cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu"
         # Arrays from the object store are read-only; a model buffer made from them could not load a checkpoint.
-        train_loop(config, copy.deepcopy(data), TuneReporter(device))
+        data = copy.deepcopy(data)
+        train_loop(config, data, TuneReporter(device), Validation(config, data, rank=0))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -106,6 +110,16 @@ def trial_resources(config: Config) -> dict[str, float]:
     # The TorchTrainer's workers hold the CPUs and GPUs; a driver holding a CPU would starve them.
     # Tune needs a non-empty request: some memory, a resource every Ray node has.
     return {"CPU": 0, "memory": DRIVER_MEMORY}
+
+
+def require_trial_fits(config: Config) -> None:
+    """A ConfigError naming the tune.* keys, before the sweep starts, when the cluster cannot hold one trial
+    (Tune would leave every trial pending for ever)."""
+    t = config.tune
+    gpus = t.gpus_per_worker if t.workers_per_trial == 1 else float(t.gpus_per_worker > 0)  # TorchTrainer: whole
+    require(t.workers_per_trial, {"CPU": t.cpus_per_worker, "GPU": gpus},
+            f"tune.workers_per_trial={t.workers_per_trial} x tune.cpus_per_worker={t.cpus_per_worker:g}"
+            + (f" and {gpus:g} GPU (tune.gpus_per_worker)" if gpus else ""))
 
 
 def concurrent_trials(config: Config) -> int:

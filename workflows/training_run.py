@@ -9,11 +9,12 @@ from pathlib import Path
 import mlflow
 
 from ncf.config import Config
-from ncf.data import load_movielens, resolve_data_dir
+from ncf.data import resolve_data_dir
 from ncf.files import check_writable
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
-from ncf.training import fit_in_process
+from ncf.prepared import load_movielens
+from ncf.training.loop import fit_in_process
 from workflows.champion import gate
 from workflows.publish import RunSummary, finish_run, log_data_tags, write_report
 

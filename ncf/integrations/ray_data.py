@@ -27,9 +27,13 @@ from ncf import prepared
 from ncf.config import Config, ConfigError, EvaluationConfig
 from ncf.data import MovieLens, Ratings, Splits
 from ncf.evaluation import Ranker
+from ncf.integrations.ray_cluster import init_ray
 from ncf.ranking import SeenItems
 from ncf.recommender import Recommender
-from ncf.training import Batch, Phase, Reporter, Validation, figures_of_every_rank
+from ncf.training.batches import Batch
+from ncf.training.reporting import Reporter, figures_of_every_rank
+from ncf.training.state import Phase
+from ncf.training.validation import Validation
 
 DATASETS = {Phase.SEARCH: "train", Phase.REFIT: "train_and_validation"}  # Ray Train dataset names
 COLUMNS = {"user": torch.int64, "movie": torch.int64, "rating": torch.float32}  # what batches carry, as typed
@@ -160,8 +164,6 @@ def actor_pool_ranker(recommender: Recommender, cfg: EvaluationConfig) -> Ranker
     order: full ranking of a large test split spread over a cluster. The recommender goes into the object
     store once; each call prints a progress line per block done."""
     import ray
-
-    from ncf.integrations.ray_train import init_ray  # imported here: ray_train imports this module
 
     init_ray()
     shipped = ray.put(recommender)

@@ -1,12 +1,11 @@
-"""Ray glue for the one training loop: joining a cluster, where Ray Train and Tune store checkpoints
-(`storage_location`), the Ray Train launcher (TorchTrainer, Train V2) and the reporters a Ray Train
-worker or a Ray Tune trial hands the loop."""
+"""Ray glue for the one training loop: where Ray Train and Tune store checkpoints (`storage_location`), the
+Ray Train launcher (TorchTrainer, Train V2; the cluster itself: `ncf.integrations.ray_cluster`) and the
+reporters a Ray Train worker or a Ray Tune trial hands the loop."""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -19,10 +18,14 @@ import torch
 from mlflow.entities import RunTag
 
 from ncf.config import Config, ConfigError, TrainConfig, config_from_dict
-from ncf.data import load_movielens
 from ncf.files import check_writable
 from ncf.integrations import mlflow_tracking, ray_data
-from ncf.training import CheckpointError, format_epoch, load_checkpoint, lower_is_better, train_loop
+from ncf.integrations.ray_cluster import cluster_cpus, init_ray, require, shared_out
+from ncf.prepared import load_movielens
+from ncf.training.checkpoints import CheckpointError, load_checkpoint
+from ncf.training.loop import lower_is_better, train_loop
+from ncf.training.reporting import format_epoch
+from ncf.training.validation import Validation
 
 EpochCallback = Callable[[dict[str, float]], None]
 logger = logging.getLogger(__name__)
@@ -133,39 +136,12 @@ def train_worker(params: dict) -> None:
         data, validation = ray_data.worker_data(config, Path(params["prepared"]), reporter.rank)
         batches = ray_data.ShardBatches(config, reporter)
     else:
-        data, batches, validation = load_movielens(config.data, Path(params["data_dir"])), None, None
-    train_loop(config, data, reporter, batches, validation)
+        data, batches = load_movielens(config.data, Path(params["data_dir"])), None
+        validation = Validation(config, data, reporter.rank)
+    train_loop(config, data, reporter, validation, batches)
     if on_epoch:
         on_epoch.flush()  # the epochs' metrics buffered while the store was unreachable
         tagging.join()
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (others share this machine: never assume a fixed port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_ray() -> None:
-    """Join the cluster at RAY_ADDRESS (`auto`: the one `ray start` started here), else start a private one.
-
-    A private cluster gets RAY_ADDRESS pinned for its own processes: Ray Train's placement-group
-    cleaner finds "its" cluster through that variable, and on a machine running other Ray clusters it
-    would otherwise ask the wrong one and never free a stopped multi-worker trial's CPUs (the next
-    trial then waits forever).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    dashboard_port = free_port()
-    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             runtime_env={"env_vars": {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}})
 
 
 class Storage(NamedTuple):
@@ -225,11 +201,18 @@ def storage_location(train: TrainConfig, environ: Mapping[str, str] | None = Non
     return Storage(pyarrow.fs.S3FileSystem(**options), path)
 
 
+def worker_resources(train: TrainConfig) -> dict[str, float]:
+    """The CPUs each Ray Train worker holds: `train.cpus_per_worker`, or (null) the cluster's CPUs shared out
+    among the `train.num_workers` workers, at least one each (`shared_out`)."""
+    return {"CPU": train.cpus_per_worker or shared_out(cluster_cpus(), train.num_workers)}
+
+
 def make_trainer(config: Config, data_dir: Path, run_id: str | None, name: str, callbacks: list | None = None,
                  storage: Storage | None = None):
     """A TorchTrainer over `train_worker`: workers, GPUs, checkpoints and restarts from config; every worker
     reads the dataset in `data_dir` (the folder the driver resolved, `ncf.data.resolve_data_dir`).
 
+    Workers that the cluster cannot hold are a ConfigError naming the keys, before anything starts (`require`).
     `callbacks` are Ray Train callbacks (a Tune trial passes `TuneReportCallback`). Checkpoints go to
     `storage` (default `storage_location(config.train)`), where a restarted worker group resumes from the
     latest one. With
@@ -240,6 +223,11 @@ def make_trainer(config: Config, data_dir: Path, run_id: str | None, name: str, 
 
     cfg = config.train
     storage = storage or storage_location(cfg)
+    per_worker = worker_resources(cfg)
+    cpus = f"{cfg.cpus_per_worker:g}" if cfg.cpus_per_worker else "null (the cluster's CPUs shared out, >= 1 each)"
+    require(cfg.num_workers, per_worker | {"GPU": 1.0 if cfg.use_gpu else 0.0},
+            f"train.num_workers={cfg.num_workers} x train.cpus_per_worker={cpus}"
+            + (" with one GPU each (train.use_gpu)" if cfg.use_gpu else ""))
     streamed = ray_data.training_datasets(config, data_dir) if config.data.loader == "ray_data" else None
     # Rank 0 prints each epoch once; Ray Train's print patch would echo every line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -251,7 +239,7 @@ def make_trainer(config: Config, data_dir: Path, run_id: str | None, name: str, 
         datasets=streamed.datasets if streamed else None,
         dataset_config=DataConfig(datasets_to_split=list(streamed.datasets)) if streamed else None,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker=per_worker),
         run_config=RunConfig(
             name=name,
             storage_path=storage.path,

@@ -25,7 +25,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from ncf.integrations.ray_train import free_port
+from ncf.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 MLFLOW_SCRIPT = ROOT / "platform" / "mlflow-server.sh"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ncf.integrations.ray_train import free_port
+from ncf.ports import free_port
 
 pytestmark = pytest.mark.integration
 

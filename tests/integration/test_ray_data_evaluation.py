@@ -11,7 +11,9 @@ from ncf.data import MovieLens
 from ncf.evaluation import evaluate_per_user
 from ncf.recommender import Recommender
 from ncf.reranking import fit_retriever
-from ncf.training import LocalReporter, train_loop
+from ncf.training.loop import train_loop
+from ncf.training.reporting import LocalReporter
+from ncf.training.validation import Validation
 from workflows.publish import served_ranker
 
 pytestmark = pytest.mark.integration
@@ -24,7 +26,8 @@ SMALL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts
 def recommender(tiny_config: Config, tiny_movielens: MovieLens) -> Recommender:
     """A one-epoch model with an EASE retriever on the tiny dataset: retrieval and re-ranking, as served."""
     config = load_config([f"data.dir={tiny_config.data.dir}", *SMALL])
-    model = train_loop(config, tiny_movielens, LocalReporter(verbose=False)).model
+    model = train_loop(config, tiny_movielens, LocalReporter(verbose=False),
+                       Validation(config, tiny_movielens, rank=0)).model
     retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(), tiny_movielens.n_users,
                               tiny_movielens.n_movies)
     return Recommender.from_training(model, config, tiny_movielens, retriever)

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 
 from ncf.config import load_config
-from ncf.integrations.ray_train import free_port
+from ncf.ports import free_port
 from serving.deployment import APP_NAME, DEPLOYMENT_NAME
 from serving.runtime import running
 

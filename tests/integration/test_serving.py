@@ -22,7 +22,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import free_port
+from ncf.ports import free_port
 from ncf.ranking import top_k_unseen
 from ncf.recommender import Recommender
 from serving.deployment import build_app

@@ -19,12 +19,12 @@ import ray
 from mlflow import MlflowClient
 
 from ncf.config import load_config
-from ncf.data import load_movielens
 from ncf.evaluation import evaluate
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
+from ncf.prepared import load_movielens
 from ncf.recommender import NCFScorer
-from ncf.training import load_checkpoint, model_from_checkpoint
+from ncf.training.checkpoints import load_checkpoint, model_from_checkpoint
 from workflows.training_run import train_and_publish
 
 pytestmark = pytest.mark.integration

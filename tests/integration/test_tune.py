@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from jobs import tune as tune_job
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import init_ray
+from ncf.integrations.ray_cluster import init_ray
 from workflows.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
 from workflows.training_run import train_and_publish
 

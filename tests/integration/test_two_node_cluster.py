@@ -43,8 +43,8 @@ from services import (
 
 from ncf.config import Config, load_config
 from ncf.integrations import mlflow_tracking
-from ncf.integrations.ray_train import free_port
-from ncf.training import load_checkpoint
+from ncf.ports import free_port
+from ncf.training.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.integration
 

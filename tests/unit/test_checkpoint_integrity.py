@@ -12,16 +12,16 @@ import pytest
 
 from ncf.config import Config, load_config
 from ncf.data import MovieLens
-from ncf.training import (
+from ncf.training.checkpoints import (
     CHECKPOINT_FILE,
     PREVIOUS_CHECKPOINT,
     CheckpointError,
-    LocalReporter,
     checksum_path,
-    fit_in_process,
     load_checkpoint,
-    train_loop,
 )
+from ncf.training.loop import fit_in_process, train_loop
+from ncf.training.reporting import LocalReporter
+from ncf.training.validation import Validation
 
 pytestmark = pytest.mark.unit
 
@@ -85,7 +85,8 @@ def test_a_checkpoint_without_its_checksum_is_refused(two_epochs, tmp_path):
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_resume_falls_back_to_the_previous_checkpoint(tiny_movielens, two_epochs, tmp_path, capfd, corrupt):
-    straight = train_loop(config(3), tiny_movielens, LocalReporter(verbose=False))
+    straight = train_loop(config(3), tiny_movielens, LocalReporter(verbose=False),
+                          Validation(config(3), tiny_movielens, rank=0))
     folder = copy_of(two_epochs, tmp_path)
     corrupt(folder / CHECKPOINT_FILE)
     history: list[dict] = []

@@ -13,16 +13,9 @@ import pytest
 import torch
 
 from ncf.config import Config, with_values
-from ncf.data import (
-    DataError,
-    IdMaps,
-    MovieLens,
-    Ratings,
-    epoch_batches,
-    genre_matrix,
-    load_movielens,
-    split_ratings,
-)
+from ncf.data import DataError, IdMaps, MovieLens, Ratings, genre_matrix, split_ratings
+from ncf.prepared import load_movielens
+from ncf.training.batches import epoch_batches
 
 # ----------------------------------------------------------------------------- one reading path, validation
 

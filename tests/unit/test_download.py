@@ -13,7 +13,7 @@ import pytest
 
 from ncf.config import Config, DataConfig, with_values
 from ncf.data import DataError, download_dataset, resolve_data_dir, sha256_normalised
-from ncf.integrations.ray_train import free_port
+from ncf.ports import free_port
 
 README = b"A synthetic MovieLens-format dataset for the tests.\n"
 

@@ -22,7 +22,8 @@ from ncf.evaluation import (
 )
 from ncf.ranking import SeenItems
 from ncf.reranking import choose_reranking, fit_retriever
-from ncf.training import Validation, build_model
+from ncf.training.state import build_model
+from ncf.training.validation import Validation
 
 pytestmark = pytest.mark.unit
 

@@ -16,8 +16,9 @@ import pytest
 from jobs import prepare as prepare_job
 from ncf import prepared
 from ncf.config import Config, DataConfig, with_values
-from ncf.data import DataError, MovieLens, load_movielens
+from ncf.data import DataError, MovieLens
 from ncf.datasets import read_dataset, read_fold
+from ncf.prepared import load_movielens
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FOLDS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")

@@ -12,7 +12,7 @@ from ncf.data import MovieLens, Ratings
 from ncf.ranking import NEW_USER, Profiles, SeenItems
 from ncf.recommender import Recommender
 from ncf.reranking import fit_retriever
-from ncf.training import build_model
+from ncf.training.state import build_model
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from ncf.data import MovieLens
 from ncf.ranking import top_k_unseen
 from ncf.recommender import PAIR_COLUMNS, RERANKING, TOP_K_COLUMNS, Recommender, UnknownIdError
 from ncf.reranking import Reranking, fit_retriever
-from ncf.training import build_model
+from ncf.training.state import build_model
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,11 @@ from ncf.reranking import (
 from ncf.retrievers import ALS, EASE, RETRIEVERS
 from ncf.retrievers.profiles import interaction_matrix
 from ncf.retrievers.sequence import Sequence
-from ncf.training import LocalReporter, build_model, rated_keys, sample_unrated, train_loop
+from ncf.training.batches import rated_keys, sample_unrated
+from ncf.training.loop import train_loop
+from ncf.training.reporting import LocalReporter
+from ncf.training.state import build_model
+from ncf.training.validation import Validation
 
 pytestmark = pytest.mark.unit
 
@@ -223,7 +227,8 @@ def test_each_objectives_loss_falls(tiny_config, tiny_movielens, objective, arch
     config = small(tiny_config, f"model.objective={objective}", f"model.architecture={architecture}",
                    "train.monitor=val_full_ndcg_at_10", "train.max_epochs=4", "train.patience=10",
                    "train.refit=false", "train.learning_rate=0.005")
-    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False),
+                        Validation(config, tiny_movielens, rank=0))
     losses = [m["train_loss"] for m in result.history]
     assert losses[-1] < losses[0], losses
     assert all(0 <= m["val_full_ndcg_at_10"] <= 1 for m in result.history)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from ncf import training
 from ncf.baselines import GlobalMean, MostPopular, UserItemBias
 from ncf.config import Config, ConfigError, load_config
 from ncf.data import MovieLens
@@ -18,18 +17,13 @@ from ncf.metrics import rmse
 from ncf.model import forward_batched
 from ncf.recommender import NCFScorer
 from ncf.retrievers import RETRIEVERS
-from ncf.training import (
-    CHECKPOINT_FILE,
-    LocalReporter,
-    Phase,
-    SparseDenseAdam,
-    TrainResult,
-    build_model,
-    make_optimizer,
-    model_from_checkpoint,
-    train_loop,
-    train_step,
-)
+from ncf.training import loop as training_loop
+from ncf.training.checkpoints import CHECKPOINT_FILE, model_from_checkpoint
+from ncf.training.loop import train_loop, train_step
+from ncf.training.optimizer import SparseDenseAdam, make_optimizer
+from ncf.training.reporting import LocalReporter
+from ncf.training.state import Phase, TrainResult, build_model
+from ncf.training.validation import Validation
 
 SAMPLED = {"sampled_hr_at_10", "sampled_ndcg_at_10"}  # the paper's protocol, asked for separately
 SMALL_MODEL = ("model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]",
@@ -58,7 +52,7 @@ def refit_run(tiny_movielens: MovieLens) -> tuple[TrainResult, LocalReporter]:
     """Three search epochs (no early stop possible), then the refit on train + validation."""
     reporter = LocalReporter(verbose=False)
     config = small_config("train.max_epochs=3", "train.patience=3", "train.refit=true")
-    return train_loop(config, tiny_movielens, reporter), reporter
+    return train_loop(config, tiny_movielens, reporter, Validation(config, tiny_movielens, rank=0)), reporter
 
 
 def test_search_phase_learns_and_tracks_validation(refit_run):
@@ -104,7 +98,7 @@ def test_refit_model_is_not_the_search_model(refit_run, tiny_movielens):
 def test_without_refit_the_best_weights_are_returned(tiny_movielens, tmp_path):
     config = small_config("train.max_epochs=3", "train.patience=3", "train.refit=false")
     reporter = LocalReporter(checkpoint_dir=tmp_path, verbose=False)
-    result = train_loop(config, tiny_movielens, reporter)
+    result = train_loop(config, tiny_movielens, reporter, Validation(config, tiny_movielens, rank=0))
     assert len(result.history) == 3 and not refit_entries(result.history)
     assert validation_rmse(result.model, tiny_movielens) == pytest.approx(result.best_value, abs=1e-5)
     assert (tmp_path / CHECKPOINT_FILE).is_file()
@@ -117,7 +111,8 @@ def test_early_stopping_and_lr_plateau(tiny_movielens):
     # A high learning rate overfits 60 users within a couple of epochs.
     config = small_config("train.max_epochs=10", "train.patience=2", "train.refit=false",
                           "train.learning_rate=0.01", "train.lr_plateau_patience=0", "train.lr_plateau_factor=0.5")
-    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False),
+                        Validation(config, tiny_movielens, rank=0))
     history = result.history
     assert len(history) < 10
     assert [m["improved"] for m in history[-2:]] == [0.0, 0.0]
@@ -133,16 +128,16 @@ def test_resume_continues_from_the_checkpoint(tiny_movielens, tmp_path, sparse):
     moments included: restarting them would change every later step)."""
     deterministic = ("model.dropouts=[0.0, 0.0]", "train.refit=false", "train.patience=4",
                      f"model.sparse_embeddings={str(sparse).lower()}")
-    straight = train_loop(small_config("train.max_epochs=4", *deterministic), tiny_movielens,
-                          LocalReporter(verbose=False))
+    four, two = small_config("train.max_epochs=4", *deterministic), small_config("train.max_epochs=2", *deterministic)
+    straight = train_loop(four, tiny_movielens, LocalReporter(verbose=False), Validation(four, tiny_movielens, rank=0))
 
     first = LocalReporter(checkpoint_dir=tmp_path, resume=False, verbose=False)
-    head = train_loop(small_config("train.max_epochs=2", *deterministic), tiny_movielens, first)
+    head = train_loop(two, tiny_movielens, first, Validation(two, tiny_movielens, rank=0))
     assert [m["epoch"] for m in first.history] == [1, 2]
     assert (tmp_path / CHECKPOINT_FILE).is_file()
 
     second = LocalReporter(checkpoint_dir=tmp_path, resume=True, verbose=False)
-    resumed = train_loop(small_config("train.max_epochs=4", *deterministic), tiny_movielens, second)
+    resumed = train_loop(four, tiny_movielens, second, Validation(four, tiny_movielens, rank=0))
     assert [m["epoch"] for m in second.history] == [3, 4]  # not re-trained from epoch 1
     assert [m["epoch"] for m in resumed.history] == [1, 2, 3, 4]
     assert resumed.history[:2] == head.history
@@ -165,15 +160,16 @@ def test_max_steps_per_epoch_caps_each_epoch(tiny_movielens):
     config = small_config("train.max_epochs=2", "train.patience=2", "train.refit=false",
                           "train.max_steps_per_epoch=3", "train.batch_size=16")
     assert len(tiny_movielens.splits.train) > 3 * 16
-    history = train_loop(config, tiny_movielens, LocalReporter(verbose=False)).history
+    history = train_loop(config, tiny_movielens, LocalReporter(verbose=False),
+                         Validation(config, tiny_movielens, rank=0)).history
     assert [entry["train_samples"] for entry in history] == [3 * 16, 3 * 16]
 
 
 def test_a_long_epoch_says_how_far_it_has_got(tiny_movielens, monkeypatch, capsys):
-    monkeypatch.setattr(training, "PROGRESS_SECONDS", 0.0)  # a line after every step
+    monkeypatch.setattr(training_loop, "PROGRESS_SECONDS", 0.0)  # a line after every step
     config = small_config("train.max_epochs=1", "train.refit=false", "train.max_steps_per_epoch=3",
                           "train.batch_size=16")
-    train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    train_loop(config, tiny_movielens, LocalReporter(verbose=False), Validation(config, tiny_movielens, rank=0))
     lines = [line for line in capsys.readouterr().out.splitlines() if "epoch in progress" in line]
     assert [line.split(":")[1].split(",")[:2] for line in lines] == [
         [f" {step} steps", f" {16 * step} samples on rank 0"] for step in (1, 2, 3)]
@@ -187,7 +183,8 @@ def test_max_steps_per_epoch_is_positive_or_null():
 def test_sparse_embeddings_train(tiny_movielens):
     config = small_config("model.sparse_embeddings=true", "train.max_epochs=4", "train.patience=4",
                           "train.refit=false", "train.weight_decay=1e-4")
-    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+    result = train_loop(config, tiny_movielens, LocalReporter(verbose=False),
+                        Validation(config, tiny_movielens, rank=0))
     losses = [m["train_loss"] for m in result.history]
     assert losses[-1] < 0.8 * losses[0]
     assert result.history[-1]["val_rmse"] < result.history[0]["val_rmse"]
@@ -208,7 +205,8 @@ def test_bf16_on_cpu_sets_the_precision_of_the_training_steps_only(tiny_movielen
     try:
         config = small_config("train.max_epochs=3", "train.patience=3", "train.refit=false",
                               f"train.bf16_on_cpu={str(bf16_on_cpu).lower()}")
-        result = train_loop(config, tiny_movielens, LocalReporter(verbose=False))
+        result = train_loop(config, tiny_movielens, LocalReporter(verbose=False),
+                            Validation(config, tiny_movielens, rank=0))
     finally:
         hook.remove()
     assert dtypes == {torch.bfloat16 if bf16_on_cpu else torch.float32}
@@ -268,18 +266,20 @@ def test_sparse_embeddings_refuse_nccl_data_parallel():
 
 def test_resume_false_ignores_an_existing_checkpoint(tiny_movielens, tmp_path):
     config = small_config("train.max_epochs=1", "train.refit=false")
-    train_loop(config, tiny_movielens, LocalReporter(checkpoint_dir=tmp_path, verbose=False))
+    train_loop(config, tiny_movielens, LocalReporter(checkpoint_dir=tmp_path, verbose=False),
+               Validation(config, tiny_movielens, rank=0))
     again = LocalReporter(checkpoint_dir=tmp_path, resume=False, verbose=False)
-    train_loop(config, tiny_movielens, again)
+    train_loop(config, tiny_movielens, again, Validation(config, tiny_movielens, rank=0))
     assert [m["epoch"] for m in again.history] == [1]
 
 
 def test_resuming_a_finished_refit_does_no_more_work(tiny_movielens, tmp_path):
     config = small_config("train.max_epochs=2", "train.patience=2", "train.refit=true")
-    done = train_loop(config, tiny_movielens, LocalReporter(checkpoint_dir=tmp_path, verbose=False))
+    done = train_loop(config, tiny_movielens, LocalReporter(checkpoint_dir=tmp_path, verbose=False),
+                      Validation(config, tiny_movielens, rank=0))
     assert refit_entries(done.history)
     second = LocalReporter(checkpoint_dir=tmp_path, resume=True, verbose=False)
-    again = train_loop(config, tiny_movielens, second)
+    again = train_loop(config, tiny_movielens, second, Validation(config, tiny_movielens, rank=0))
     assert second.history == []
     assert again.history == done.history
     users, movies, _ = tiny_movielens.splits.test.tensors()

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from ncf.config import Config
-from ncf.data import MovieLens
 from ncf.files import WriteError, check_writable, write_atomically
-from ncf.training import CHECKPOINT_FILE, fit_in_process, load_checkpoint
-from workflows.publish import RunSummary, write_report
+from ncf.training.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from ncf.training.loop import fit_in_process
 
 pytestmark = pytest.mark.unit
 
@@ -66,7 +65,8 @@ def test_a_checkpoint_on_a_full_disk_names_the_path_and_keeps_the_previous_one(t
     setup = f"""
         from pathlib import Path
         import torch
-        from ncf.training import TrainState, save_checkpoint
+        from ncf.training.checkpoints import save_checkpoint
+        from ncf.training.state import TrainState
         model = torch.nn.Linear(64, 64)
         optimizer = torch.optim.Adam(model.parameters())
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
@@ -126,14 +126,14 @@ def test_a_read_only_report_folder_names_the_path(root_owned_folder: Path):
     assert list(root_owned_folder.iterdir()) == []
 
 
-def test_a_report_folder_under_a_file_is_refused_before_anything_is_written(tiny_movielens: MovieLens, tmp_path):
+def test_a_report_folder_under_a_file_is_refused_before_anything_is_written(tmp_path):
+    """(The train and tune jobs refusing it: tests/integration/test_unwritable_outputs.py.)"""
     (tmp_path / "reports").write_text("a file where the reports folder should be")
     report = tmp_path / "reports" / "metrics.json"
     with pytest.raises(WriteError, match=rf"cannot create the report folder {tmp_path / 'reports'}: "):
         check_writable(report.parent, "report")
-    summary = RunSummary("run", {"ncf": {"rmse": 0.9}}, {"best_val_rmse": 0.9}, "1", "ncf-movielens")
     with pytest.raises(WriteError, match=rf"cannot create the report folder {tmp_path / 'reports'}"):
-        write_report(summary, tiny_movielens, report)
+        write_atomically(report, "{}", "report")
     assert leftovers(tmp_path) == []
 
 

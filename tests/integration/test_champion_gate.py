@@ -12,7 +12,7 @@ from ncf.integrations import mlflow_tracking
 from workflows.champion import gate
 from workflows.publish import RunSummary
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

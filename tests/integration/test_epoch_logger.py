@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from ncf.integrations.mlflow_tracking import EpochLogger
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 class FlakyStore:
