@@ -32,11 +32,11 @@ from ncf.evaluation import full_ranking_against, score_ranker
 from ncf.files import write_atomically
 from ncf.metrics import leave_one_out, paired_bootstrap, sampled_ranking_metrics
 from ncf.prepared import load_movielens
-from ncf.ranking import ScoreFn, SeenItems
-from ncf.reranking import CandidateRetriever
+from ncf.ranking import CandidateRetriever, ScoreFn
 from ncf.retrievers import ALS, EASE, Retriever
-from ncf.retrievers.profiles import interaction_matrix
+from ncf.retrievers.matrices import interaction_matrix
 from ncf.retrievers.sequence import Sequence
+from ncf.user_ratings import SeenItems
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "benchmarks" / "retrieval.md"
@@ -244,7 +244,7 @@ def choose_als(val: Slice) -> tuple[dict, list[str]]:
 
 def choose_sequence(val: Slice, ease_setting: dict) -> tuple[dict, list[str]]:
     """The sequence signal's settings, blended into the chosen EASE as the served retriever blends them
-    (`ncf.reranking.CandidateRetriever`), on validation: one row per window x most recent ratings, with its
+    (`ncf.ranking.CandidateRetriever`), on validation: one row per window x most recent ratings, with its
     best decay and weight."""
     ease = build(ease_setting, val)()
     rows, best = [], None

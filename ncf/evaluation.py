@@ -21,9 +21,10 @@ from ncf.metrics import (
     sampled_ranking_metrics,
     seed_ranking_metrics,
 )
-from ncf.ranking import ScoreFn, SeenItems, top_k_unseen
+from ncf.ranking import ScoreFn, top_k_unseen
 from ncf.retrievers import RETRIEVERS
-from ncf.retrievers.profiles import fit_on_ratings, user_profiles
+from ncf.retrievers.matrices import fit_on_ratings, user_profiles
+from ncf.user_ratings import SeenItems
 
 FULL_RANKING_THRESHOLD = 4.0
 

@@ -3,14 +3,15 @@
 A retriever fitted on who rated what (`ncf.retrievers`) proposes each user's best unseen
 movies; the NCF re-ranks the first `n_candidates` of them by the blend of standardised
 scores (`blend`) with its heads' signals. Training (validation every
-epoch), evaluation, the registered model and Ray Serve all rank through `top_k`, so
-what is measured is what is served. The blend's settings are chosen on the validation
-slice by `choose_reranking`, with a model and a retriever that were fitted without it.
+epoch), evaluation, the registered model, Ray Serve and batch jobs all rank through
+`rank_profiles` (`top_k` by user index), so what is measured is what is served; its input,
+users' ratings, is `ncf.user_ratings`. The blend's settings are chosen on the validation
+slice by `ncf.reranking_search.choose_reranking`, with a model and a retriever that were
+fitted without it.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -18,17 +19,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ncf.config import EvaluationConfig, RetrievalConfig
+from ncf.config import RetrievalConfig
 from ncf.data import Ratings
-from ncf.evaluation import relevant_targets
-from ncf.metrics import K, full_ranking_per_user, full_ranking_summary
 from ncf.model import NCF, MovieSide, forward_batched
-from ncf.ranking import Profiles, SeenItems, top_k_unseen
 from ncf.retrievers import NO_RETRIEVER, Retriever
-from ncf.retrievers.profiles import fit_on_ratings, user_profiles
+from ncf.retrievers.matrices import fit_on_ratings, user_profiles
 from ncf.retrievers.sequence import Sequence
+from ncf.user_ratings import Profiles, SeenItems
 
 HEAD_SIGNALS = {"rating": "rating", "interaction": "logit"}  # head -> the ModelOutput field re-ranking reads
+# Scores a batch of user indices against the whole catalogue: [len(users), n_movies].
+ScoreFn = Callable[[np.ndarray], np.ndarray | torch.Tensor]
 
 
 @dataclass
@@ -157,6 +158,21 @@ def candidate_retriever(retriever: Retriever, cfg: RetrievalConfig, ratings: Rat
     s = cfg.sequence
     sequence = Sequence(s.window, s.last, s.decay).fit(ratings, n_movies) if s.weight else None
     return CandidateRetriever(retriever, cfg, ratings, n_users, n_movies, sequence)
+
+
+def top_k_unseen(score: ScoreFn, users: np.ndarray, seen: SeenItems, k: int, chunk: int = 16) -> tuple[
+        np.ndarray, np.ndarray]:
+    """Indices and scores of each user's k best movies not yet rated, in order."""
+    items, values = [], []
+    for start in range(0, len(users), chunk):
+        batch = np.asarray(users[start: start + chunk])
+        raw = score(batch)
+        scores = raw.float().clone() if isinstance(raw, torch.Tensor) else torch.tensor(raw, dtype=torch.float32)
+        seen.mask_rows(scores, batch)
+        top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1)
+        items.append(top.indices.numpy())
+        values.append(top.values.numpy())
+    return np.concatenate(items), np.concatenate(values)
 
 
 # Users [U], candidate movies [U, N] -> each head's signal on every candidate, [U, N] per head.
@@ -292,31 +308,3 @@ def top_k(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking
     users = np.asarray(users, dtype=np.int64)
     return rank_profiles(model, retriever, reranking, own_profiles(retriever, users, seen), k, movie_side,
                          chunk=chunk, retrieved=retrieved)
-
-
-def choose_reranking(model: NCF, retriever: CandidateRetriever, seen: SeenItems, target: Ratings, n_movies: int,
-                     cfg: RetrievalConfig, k: int = K, sample: EvaluationConfig | None = None) -> tuple[
-                         Reranking, dict[str, float], list[dict]]:
-    """The grid point of `cfg`'s grids with the best full-ranking NDCG@k against `target` (the validation
-    slice; `model` and `retriever` must not have seen it) over `sample`'s users (all without one), its
-    metrics, and every grid point's figures.
-
-    Candidates and head signals are computed once for the largest N; each grid point only re-blends.
-    Weights of heads the model lacks are not searched. Ties keep the earlier grid point.
-    """
-    users, rows, movies = relevant_targets(target, sample)
-    width = max(cfg.n_candidates_grid)
-    candidates, retrieved = retrieve(retriever, own_profiles(retriever, users, seen), width)
-    signals = model_signals(model)(users, candidates)
-    grids = {"rating": cfg.rating_weight_grid, "interaction": cfg.interaction_weight_grid}
-    heads = list(signals)
-    table, best = [], None
-    for n in cfg.n_candidates_grid:
-        for weights in itertools.product(*(grids[h] for h in heads)):
-            reranking = Reranking(n, dict(zip(heads, weights, strict=True)))
-            top, _ = rerank(candidates, retrieved, signals, reranking, k)
-            metrics = full_ranking_summary(full_ranking_per_user(top, rows, movies, n_movies), top, n_movies)
-            table.append({"n_candidates": n, **{f"{h}_weight": w for h, w in reranking.weights.items()}, **metrics})
-            if best is None or metrics[f"full_ndcg_at_{k}"] > best[1][f"full_ndcg_at_{k}"]:
-                best = (reranking, metrics)
-    return best[0], best[1], table

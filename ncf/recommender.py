@@ -4,7 +4,7 @@
 item side (weights, the fitted candidate retriever, id maps, the movie table), the re-ranking
 chosen on validation (`reranking.json`) and the ratings it was trained on, with the indexes
 built from them once (ratings grouped by user, popularity, genres). Users' ratings are an input:
-`rank_profiles` ranks any `Profiles` (retrieval then re-ranking, `ncf.reranking.rank_profiles`),
+`rank_profiles` ranks any `Profiles` (retrieval then re-ranking, `ncf.ranking.rank_profiles`),
 a known user's stored ratings or ratings the model never saw, and is the one ranking call of
 evaluation, the pyfunc, Serve and batch jobs. It also answers pair predictions and explanations.
 """
@@ -23,9 +23,9 @@ import yaml
 from ncf.config import Config, ModelConfig, RetrievalConfig, saved_section
 from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
-from ncf.ranking import NEW_USER, Profiles, SeenItems
-from ncf.reranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, rank_profiles
+from ncf.ranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, rank_profiles
 from ncf.retrievers import FILE_NAME, load_retriever
+from ncf.user_ratings import NEW_USER, Profiles, SeenItems
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
 RERANKING = "reranking.json"  # the re-ranking chosen on validation (folders saved before it: the config's)
@@ -200,7 +200,7 @@ class Recommender:
         their scores, best first (-inf past the end of what a profile leaves to offer). Retrieval from the
         profile's ratings, re-ranked by the NCF where the profile's user has an embedding; a user without one (a
         new user: no fold-in yet) gets the retrieval stage's order; a profile with nothing to score, the most
-        rated movies (`ncf.reranking.rank_profiles`)."""
+        rated movies (`ncf.ranking.rank_profiles`)."""
         return rank_profiles(self.model, self.candidates, self.reranking, profiles, k, self.movie_side,
                              self.popularity_scores)
 

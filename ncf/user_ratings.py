@@ -1,9 +1,9 @@
-"""Users' ratings as the input of a ranking (`Profiles`), and top-k over the movies a user has not rated: shared
-by evaluation and serving."""
+"""Users' ratings as the input of a ranking: `Profiles` (one row of ratings per user, a user the model never saw
+included) and `SeenItems` (each user's rated movies, which a ranking leaves out). The ranking itself is
+`ncf.ranking`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,8 +11,6 @@ import torch
 
 from ncf.data import Ratings
 
-# Scores a batch of user indices against the whole catalogue: [len(users), n_movies].
-ScoreFn = Callable[[np.ndarray], np.ndarray | torch.Tensor]
 NEW_USER = -1  # a profile's user index when the model has no embedding for its user
 
 
@@ -50,7 +48,7 @@ class SeenItems:
 
 @dataclass(frozen=True)
 class Profiles:
-    """Users' ratings, the input of every ranking (`ncf.reranking.rank_profiles`), one row per user: row i's
+    """Users' ratings, the input of every ranking (`ncf.ranking.rank_profiles`), one row per user: row i's
     ratings are `ratings.take(slice(indptr[i], indptr[i + 1]))` (`ratings.user` holds the row), and `users[i]` is
     the model's index of its user, `NEW_USER` where the model has no embedding for it (a user it never saw).
 
@@ -116,18 +114,3 @@ class Profiles:
     def known(self) -> np.ndarray:
         """Mask of the rows whose user the model has an embedding for."""
         return self.users != NEW_USER
-
-
-def top_k_unseen(score: ScoreFn, users: np.ndarray, seen: SeenItems, k: int, chunk: int = 16) -> tuple[
-        np.ndarray, np.ndarray]:
-    """Indices and scores of each user's k best movies not yet rated, in order."""
-    items, values = [], []
-    for start in range(0, len(users), chunk):
-        batch = np.asarray(users[start: start + chunk])
-        raw = score(batch)
-        scores = raw.float().clone() if isinstance(raw, torch.Tensor) else torch.tensor(raw, dtype=torch.float32)
-        seen.mask_rows(scores, batch)
-        top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1)
-        items.append(top.indices.numpy())
-        values.append(top.values.numpy())
-    return np.concatenate(items), np.concatenate(values)

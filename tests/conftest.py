@@ -27,8 +27,8 @@ from ncf.config import Config, load_config
 from ncf.data import DataError, MovieLens, resolve_data_dir
 from ncf.ports import free_port
 from ncf.prepared import load_movielens
+from ncf.ranking import fit_retriever
 from ncf.recommender import Recommender
-from ncf.reranking import fit_retriever
 from ncf.training.loop import train_loop
 from ncf.training.reporting import LocalReporter
 from ncf.training.validation import Validation

@@ -42,11 +42,12 @@ from ncf.files import write_atomically
 from ncf.integrations import mlflow_tracking
 from ncf.metrics import paired_bootstrap
 from ncf.model import NCF
-from ncf.ranking import SeenItems
+from ncf.ranking import Reranking, fit_retriever, top_k
 from ncf.recommender import RERANKING, NCFScorer, Recommender
-from ncf.reranking import Reranking, choose_reranking, fit_retriever, top_k
+from ncf.reranking_search import choose_reranking
 from ncf.training.checkpoints import load_checkpoint, model_from_checkpoint
 from ncf.training.state import build_model
+from ncf.user_ratings import SeenItems
 
 SERVED, MODEL_ALONE = "ncf", "ncf model alone"
 HEADLINE = ("full_ndcg_at_10", "full_hit_rate_at_10", "full_recall_at_10", "full_coverage")

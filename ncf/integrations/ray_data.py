@@ -28,12 +28,12 @@ from ncf.config import Config, ConfigError, EvaluationConfig
 from ncf.data import MovieLens, Ratings, Splits
 from ncf.evaluation import Ranker
 from ncf.integrations.ray_cluster import init_ray
-from ncf.ranking import SeenItems
 from ncf.recommender import Recommender
 from ncf.training.batches import Batch
 from ncf.training.reporting import Reporter, figures_of_every_rank
 from ncf.training.state import Phase
 from ncf.training.validation import Validation
+from ncf.user_ratings import SeenItems
 
 DATASETS = {Phase.SEARCH: "train", Phase.REFIT: "train_and_validation"}  # Ray Train dataset names
 COLUMNS = {"user": torch.int64, "movie": torch.int64, "rating": torch.float32}  # what batches carry, as typed

@@ -2,12 +2,12 @@
 
 The NCF model regresses ratings, which ranks the catalogue below popularity; a retriever fitted on
 who-rated-what ranks far better. The served recommender re-ranks each user's top-N unseen retrieved movies
-by a blend of the standardised retriever score and the NCF's (`ncf.reranking`).
+by a blend of the standardised retriever score and the NCF's (`ncf.ranking`).
 
 Every retriever implements `ncf.retrievers.base.Retriever` in its own module and is listed once, here:
 its config section (`retrieval.<name>`), the check of `retrieval.retriever`, the baseline rows of the metric
 table and loading a saved retriever all follow this registry. What the retrievers read is built from ratings
-by `ncf.retrievers.profiles`; the sequence signal blended into their scores is `ncf.retrievers.sequence`.
+by `ncf.retrievers.matrices`; the sequence signal blended into their scores is `ncf.retrievers.sequence`.
 A pure computing package (numpy, scipy, `implicit` to fit ALS): no Ray, no MLflow.
 """
 

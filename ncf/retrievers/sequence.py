@@ -7,7 +7,7 @@ import scipy.sparse as sp
 
 from ncf.data import Ratings
 from ncf.retrievers.base import strongest_first
-from ncf.retrievers.profiles import recency_age
+from ncf.retrievers.matrices import recency_age
 
 
 class Sequence:

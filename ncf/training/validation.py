@@ -12,14 +12,14 @@ from ncf.data import MovieLens
 from ncf.evaluation import full_ranking_against, relevant_targets
 from ncf.metrics import K
 from ncf.model import NCF, forward_batched
-from ncf.ranking import SeenItems
-from ncf.reranking import Reranking, Retrieved, fit_retriever, top_k
+from ncf.ranking import Reranking, Retrieved, fit_retriever, top_k
 from ncf.training.reporting import same_on_all_ranks
+from ncf.user_ratings import SeenItems
 
 
 class Validation:
     """The validation figures of every epoch: rating error (models with a rating head) and the
-    full-catalogue ranking of the validation slice by what would be served (`ncf.reranking.top_k`,
+    full-catalogue ranking of the validation slice by what would be served (`ncf.ranking.top_k`,
     with a retriever fitted on train alone) over `evaluation`'s users, `val_full_users` of them. Computed on
     rank 0 and shared with every rank."""
 

@@ -9,8 +9,8 @@ import pytest
 from ncf.config import Config, load_config
 from ncf.data import MovieLens
 from ncf.evaluation import evaluate_per_user
+from ncf.ranking import fit_retriever
 from ncf.recommender import Recommender
-from ncf.reranking import fit_retriever
 from ncf.training.loop import train_loop
 from ncf.training.reporting import LocalReporter
 from ncf.training.validation import Validation

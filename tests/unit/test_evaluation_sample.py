@@ -20,10 +20,11 @@ from ncf.evaluation import (
     sampled_users,
     seen_in_training,
 )
-from ncf.ranking import SeenItems
-from ncf.reranking import choose_reranking, fit_retriever
+from ncf.ranking import fit_retriever
+from ncf.reranking_search import choose_reranking
 from ncf.training.state import build_model
 from ncf.training.validation import Validation
+from ncf.user_ratings import SeenItems
 
 pytestmark = pytest.mark.unit
 

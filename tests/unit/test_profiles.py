@@ -1,5 +1,5 @@
 """Users' ratings are an input: `Recommender.rank_profiles` ranks any profile, a known user's stored ratings or
-ratings the model never saw, through the one ranking path (`ncf.reranking.rank_profiles`)."""
+ratings the model never saw, through the one ranking path (`ncf.ranking.rank_profiles`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 
 from ncf.config import load_config
 from ncf.data import MovieLens, Ratings
-from ncf.ranking import NEW_USER, Profiles, SeenItems
+from ncf.ranking import fit_retriever
 from ncf.recommender import Recommender
-from ncf.reranking import fit_retriever
 from ncf.training.state import build_model
+from ncf.user_ratings import NEW_USER, Profiles, SeenItems
 
 pytestmark = pytest.mark.unit
 

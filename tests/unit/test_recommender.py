@@ -11,9 +11,8 @@ import yaml
 
 from ncf.config import ADDED_KEYS, load_config
 from ncf.data import MovieLens
-from ncf.ranking import top_k_unseen
+from ncf.ranking import Reranking, fit_retriever, top_k_unseen
 from ncf.recommender import PAIR_COLUMNS, RERANKING, TOP_K_COLUMNS, Recommender, UnknownIdError
-from ncf.reranking import Reranking, fit_retriever
 from ncf.training.state import build_model
 
 

@@ -18,11 +18,11 @@ from ncf.metrics import (
     sample_negatives,
     sampled_ranking_metrics,
 )
-from ncf.ranking import SeenItems
-from ncf.reranking import blend
+from ncf.ranking import blend
 from ncf.retrievers import ALS, EASE, RETRIEVERS, ItemKNN, Retriever, load_retriever
-from ncf.retrievers.profiles import interaction_matrix, recency_age
+from ncf.retrievers.matrices import interaction_matrix, recency_age
 from ncf.retrievers.sequence import Sequence
+from ncf.user_ratings import SeenItems
 
 pytestmark = pytest.mark.unit
 

@@ -9,27 +9,28 @@ import torch
 from ncf.config import Config, RetrievalConfig, load_config
 from ncf.data import MovieLens, Ratings
 from ncf.evaluation import full_ranking_against
-from ncf.ranking import Profiles, SeenItems, top_k_unseen
-from ncf.reranking import (
+from ncf.ranking import (
     CandidateRetriever,
     Reranking,
     Retrieved,
     blend,
     blended_pairs,
-    choose_reranking,
     fit_retriever,
     model_signals,
     rerank,
     top_k,
+    top_k_unseen,
 )
+from ncf.reranking_search import choose_reranking
 from ncf.retrievers import ALS, EASE, RETRIEVERS
-from ncf.retrievers.profiles import interaction_matrix
+from ncf.retrievers.matrices import interaction_matrix
 from ncf.retrievers.sequence import Sequence
 from ncf.training.batches import rated_keys, sample_unrated
 from ncf.training.loop import train_loop
 from ncf.training.reporting import LocalReporter
 from ncf.training.state import build_model
 from ncf.training.validation import Validation
+from ncf.user_ratings import Profiles, SeenItems
 
 pytestmark = pytest.mark.unit
 
