@@ -2,7 +2,7 @@
 
     python -m jobs.synth --shape ml-25m --out DIR [--seed 0]
 
-Writes DIR/ratings.csv and DIR/movies.csv that `ncf.datasets.read_dataset("ml-25m", DIR)` reads. The
+Writes DIR/ratings.csv and DIR/movies.csv that `ncf.movielens_files.ratings.read_dataset("ml-25m", DIR)` reads. The
 totals match the shape exactly (ratings rows, distinct users, movies rows). Like the real data: user
 activity and movie popularity follow power laws, every user has at least 20 ratings (fewer only for
 shapes too small for that), no (user, movie) pair repeats, each user's ratings are written in

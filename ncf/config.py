@@ -51,7 +51,7 @@ class DatasetSizes(Section):
 class PublishedDataset(Section):
     """What GroupLens publishes for one dataset: the archive, the SHA-256 of its files (LF line endings)
     where known, the published sizes (null where the dataset changes over time, or for a folder that is
-    not the published dataset). How each dataset is read is code: `ncf.datasets.DATASETS`."""
+    not the published dataset). How each dataset is read is code: `ncf.movielens_files.specs.DATASETS`."""
 
     url: str
     sha256: dict[str, str]
@@ -78,7 +78,9 @@ class DataConfig(Section):
         if self.name not in self.datasets:
             raise ValueError(f"data.name '{self.name}' is none of data.datasets: {', '.join(self.datasets)}")
         if self.split.protocol == "fold":
-            from ncf.datasets import DATASETS  # each format's folds are part of its reader; imported only here
+            from ncf.movielens_files.specs import (
+                DATASETS,  # each format's folds are part of its reader; imported only here
+            )
 
             folds = DATASETS[self.name].folds if self.name in DATASETS else ()
             if not folds:

@@ -1,6 +1,6 @@
 """MovieLens data: locate or download + verify the files, encode ids, split.
 
-Every dataset of the MovieLens family (`data.name`) is read by the typed readers of `ncf.datasets`;
+Every dataset of the MovieLens family (`data.name`) is read by the typed readers of `ncf.movielens_files`;
 `ncf.prepared.load_movielens` gets it through its prepared copy (typed Parquet, built once from this
 module's encoding and splits, rebuilt when a source file or the data config changes). Everything
 downstream works on contiguous integer indices held in tensors; the `IdMaps` that translate raw MovieLens
@@ -28,10 +28,10 @@ import pandas as pd
 import torch
 
 from ncf.config import DataConfig, SplitConfig
-from ncf.datasets import (  # DataError, NO_GENRES and the digests are re-exported: the data layer's vocabulary
-    NO_GENRES,
-    DataError,
-    get_spec,
+
+# DataError, NO_GENRES and the digests are re-exported: the data layer's vocabulary
+from ncf.movielens_files.specs import NO_GENRES, DataError, get_spec
+from ncf.movielens_files.verification import (
     sha256_normalised,  # noqa: F401
     sizes_are_the_check,
     verify,
@@ -88,7 +88,7 @@ def download_dataset(cfg: DataConfig) -> Path:
 
     The files are written with LF line endings so the cache matches the checksums. Where the parsed
     files have no known checksum, every line is parsed and the sizes compared with the published ones
-    before the folder is kept (`ncf.datasets.verify`); the log says which verification was done.
+    before the folder is kept (`ncf.movielens_files.verification.verify`); the log says which verification was done.
     """
     published = cfg.published
     target = Path(cfg.cache_dir).expanduser() / cfg.name
@@ -194,7 +194,7 @@ def genre_matrix(movies: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
 
 def encode_ids(ratings: pd.DataFrame, movies: pd.DataFrame) -> tuple[IdMaps, pd.DataFrame]:
     """Id maps (users: those who rated; movies: the whole catalogue) and the movies sorted by id, so that
-    row i is movie index i. `ratings` and `movies` are the typed frames of `ncf.datasets`."""
+    row i is movie index i. `ratings` and `movies` are the typed frames of `ncf.movielens_files`."""
     movies = movies.sort_values("movieId", kind="stable").reset_index(drop=True)
     users = np.unique(ratings["userId"].to_numpy()).astype(np.int64)
     return IdMaps(users, movies["movieId"].to_numpy().astype(np.int64)), movies

@@ -1,6 +1,6 @@
 """Prepared data: a dataset parsed, validated, encoded and split once, kept as typed Parquet.
 
-`prepare` makes one pass over the source files (`ncf.datasets`' typed readers, `ncf.data`'s encoding and
+`prepare` makes one pass over the source files (`ncf.movielens_files`' typed readers, `ncf.data`'s encoding and
 splits) and writes, in `<data.prepared_dir>/<data.name>` (default `<data.cache_dir>/prepared/<name>`):
 
     train.parquet, validation.parquet, test.parquet   user int32, movie int32 (indices), rating float32,
@@ -54,14 +54,12 @@ from ncf.data import (
     resolve_data_dir,
     split_indices,
 )
-from ncf.datasets import (
-    DataError,
+from ncf.movielens_files.ratings import read_dataset, read_fold
+from ncf.movielens_files.specs import DataError, get_spec
+from ncf.movielens_files.verification import (
     check_fold,
     check_sizes,
-    get_spec,
     how_verified,
-    read_dataset,
-    read_fold,
     sha256_normalised,
     sizes_are_the_check,
 )

@@ -1,4 +1,4 @@
-"""Data: verified loading through the one reading path (ncf.datasets' typed readers, the prepared copy),
+"""Data: verified loading through the one reading path (ncf.movielens_files' typed readers, the prepared copy),
 malformed input named by file and line, the exact split protocols, ids, genres, batches (on the tiny
 synthetic dataset; the figures of the real data are checked in tests/integration/test_real_data.py)."""
 

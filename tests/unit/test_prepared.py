@@ -17,7 +17,7 @@ from jobs import prepare as prepare_job
 from ncf import prepared
 from ncf.config import Config, DataConfig, with_values
 from ncf.data import DataError, MovieLens
-from ncf.datasets import read_dataset, read_fold
+from ncf.movielens_files.ratings import read_dataset, read_fold
 from ncf.prepared import load_movielens
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

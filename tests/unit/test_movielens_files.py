@@ -13,10 +13,13 @@ import pandas as pd
 import pytest
 
 from jobs import synth
-from ncf import datasets
 from ncf.config import load_config
 from ncf.data import NO_GENRES, DataError, sha256_normalised
-from ncf.datasets import DATASETS, read_dataset, read_fold, verify
+from ncf.movielens_files import movies as movies_files
+from ncf.movielens_files import ratings as ratings_files
+from ncf.movielens_files.ratings import read_dataset, read_fold
+from ncf.movielens_files.specs import DATASETS, get_spec
+from ncf.movielens_files.verification import verify
 
 pytestmark = pytest.mark.unit
 
@@ -96,7 +99,7 @@ def test_every_configured_dataset_has_a_reader_and_back():
     assert DATASETS["ml-25m"].as_dict()["ratings_file"] == "ratings.csv"
     assert DATASETS["ml-100k"].files("u3") == ["u.data", "u.item", "u.genre", "u3.base", "u3.test"]
     with pytest.raises(DataError, match="unknown MovieLens dataset 'ml-5m'"):
-        datasets.get_spec("ml-5m")
+        get_spec("ml-5m")
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -107,7 +110,7 @@ def test_ml_100k_parses_tabs_latin1_titles_and_genre_flags():
     check_types(ratings, movies)
     pd.testing.assert_frame_equal(ratings, reference_ratings(fixture("ml-100k") / "u.data", "\t", header=False))
     assert (len(ratings), ratings["userId"].nunique(), len(movies)) == (25, 5, 10)
-    assert datasets.read_100k_genres(fixture("ml-100k") / "u.genre")[:5] == [
+    assert movies_files.read_100k_genres(fixture("ml-100k") / "u.genre")[:5] == [
         "unknown", "Action", "Adventure", "Animation", "Children's"]
     title = movies.set_index("movieId")["title"]
     genres = movies.set_index("movieId")["genres"]
@@ -185,7 +188,7 @@ def test_ml_100k_u1_to_u5_tests_partition_u_data():
 
 def test_many_blocks_keep_line_numbers(copy_of, monkeypatch):
     """Ratings are parsed in blocks; line numbers must stay exact across them."""
-    monkeypatch.setattr(datasets, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(ratings_files, "BLOCK_BYTES", 64)
     folder = copy_of("ml-25m")
     ratings, _ = read_dataset("ml-25m", folder)
     pd.testing.assert_frame_equal(ratings, read_dataset("ml-25m", fixture("ml-25m"))[0])
