@@ -105,12 +105,12 @@ class NaiveRecommender:
         user = int(rec.user_indices([user_id])[0])
         everything = np.arange(rec.ids.n_movies)
         if self.scorer == "forward":
-            scores = torch.from_numpy(rec.scorer.explain(np.full(len(everything), user), everything)["rating"])
+            scores = torch.from_numpy(rec.model_alone.explain(np.full(len(everything), user), everything)["rating"])
         else:
-            scores = rec.scorer.score(np.asarray([user]))[0]
+            scores = rec.model_alone.score(np.asarray([user]))[0]
         scores[torch.from_numpy(rec.seen.of(user))] = float("-inf")
         top = torch.topk(scores, k).indices.numpy()
-        out = rec.scorer.explain(np.full(k, user), top)
+        out = rec.model_alone.explain(np.full(k, user), top)
         ranking = Ranking(top, out["rating"], out["strength"], out["user_weight"], out["movie_weight"])
         return Response(served.recommendations_json(user_id, ranking, k, cold_start=False),
                         media_type="application/json")

@@ -61,7 +61,7 @@ def top_k_table(recommender, users: np.ndarray, k: int) -> pa.Table:
     n = top.shape[1]
     kept = np.isfinite(scores).ravel()  # -inf: past the end of a user's unseen movies
     user, movie = np.repeat(users, n)[kept], top.ravel()[kept]
-    out = recommender.scorer.explain(user, movie)
+    out = recommender.model_alone.explain(user, movie)
     return pa.Table.from_pydict({
         "user_id": recommender.ids.user_ids[user],
         "rank": np.tile(np.arange(1, n + 1, dtype=np.int32), len(users))[kept],

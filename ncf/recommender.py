@@ -7,6 +7,11 @@ built from them once (ratings grouped by user, popularity, genres). Users' ratin
 `rank_profiles` ranks any `Profiles` (retrieval then re-ranking, `ncf.ranking.rank_profiles`),
 a known user's stored ratings or ratings the model never saw, and is the one ranking call of
 evaluation, the pyfunc, Serve and batch jobs. It also answers pair predictions and explanations.
+
+One thing, several faces: `ModelAlone` is the trained network without retriever or re-ranking (the metric
+table's `ncf model alone` row, RMSE, pair predictions); `Recommender` is the whole ranking;
+`ncf.integrations.mlflow_tracking.RecommenderPyfunc` is its MLflow pyfunc (the registered model);
+`serving.deployment.RecommenderDeployment` is a Ray Serve replica serving it (deployment name `Recommendations`).
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ class UnknownIdError(ValueError):
     """Ids the model has never seen; the message lists them."""
 
 
-class NCFScorer:
-    """Batched, gradient-free access to a trained model in the `Scorable` shape."""
+class ModelAlone:
+    """The trained network alone, without retriever or re-ranking: batched, gradient-free pair predictions and
+    explanations, and catalogue scores, in the `Scorable` shape. It is the metric table's `ncf model alone` row
+    and its RMSE, and what `Recommender` predicts and explains pairs with."""
 
     def __init__(self, model: NCF):
         self.model = model.eval()
@@ -85,8 +92,8 @@ class Recommender:
         self.ids = ids
         self.movies = movies.reset_index(drop=True)
         self.history = history  # every known rating (train + validation), encoded
-        self.scorer = NCFScorer(self.model)
-        self.predict = self.scorer.predict
+        self.model_alone = ModelAlone(self.model)  # pair predictions and explanations
+        self.predict = self.model_alone.predict
         self.candidates = candidates  # fitted on `history`
         self.reranking = reranking
         # The catalogue's half of every scoring pass, for ranking the whole catalogue (no retriever).
@@ -188,7 +195,7 @@ class Recommender:
     def predict_pairs(self, user_ids, movie_ids) -> pd.DataFrame:
         """One row per pair; unknown user or movie ids raise UnknownIdError (no silent fallback)."""
         users, movies = self.user_indices(user_ids), self.movie_indices(movie_ids)
-        out = self.scorer.explain(users, movies)
+        out = self.model_alone.explain(users, movies)
         return pd.DataFrame({
             "user_id": np.asarray(user_ids, dtype=np.int64), "movie_id": np.asarray(movie_ids, dtype=np.int64),
             "predicted_rating": out["rating"], "strength": out["strength"],
@@ -227,7 +234,7 @@ class Recommender:
         top, _ = self.top_k(known, k)
         n = top.shape[1]
         users = np.repeat(known, n)
-        out = self.scorer.explain(users, top.ravel())
+        out = self.model_alone.explain(users, top.ravel())
         return pd.DataFrame({
             "user_id": np.repeat(user_ids, n), "rank": np.tile(np.arange(1, n + 1), len(user_ids)),
             "movie_id": self.ids.movie_ids[top.ravel()], "title": self.movies["title"].to_numpy()[top.ravel()],

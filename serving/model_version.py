@@ -102,7 +102,7 @@ class ServedVersion:
         rec = self.recommender
         movies, scores = rec.rank_profiles(rec.profiles_of(todo), MAX_K)  # their stored ratings as profiles
         k = movies.shape[1]
-        pairs = rec.scorer.explain(np.repeat(todo, k), movies.ravel())
+        pairs = rec.model_alone.explain(np.repeat(todo, k), movies.ravel())
         for row, user in enumerate(todo):
             unseen = np.isfinite(scores[row])  # fewer than k unseen movies leave -inf at the end
             part = slice(row * k, (row + 1) * k)
@@ -146,7 +146,7 @@ class ServedVersion:
         and the rated movies of the user's profile (their stored ratings) that made the retriever propose it."""
         rec = self.recommender
         user, movie = int(rec.user_indices([user_id])[0]), int(rec.movie_indices([movie_id])[0])
-        out = rec.scorer.explain(np.asarray([user]), np.asarray([movie]))
+        out = rec.model_alone.explain(np.asarray([user]), np.asarray([movie]))
         profile = rec.profiles_of([user])
         rated = profile.of(0)
         liked = rated.take(np.flatnonzero((rated.rating >= min(LIKED, rated.rating.max())) & (rated.movie != movie)))

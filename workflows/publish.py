@@ -43,7 +43,7 @@ from ncf.integrations import mlflow_tracking
 from ncf.metrics import paired_bootstrap
 from ncf.model import NCF
 from ncf.ranking import Reranking, fit_retriever, top_k
-from ncf.recommender import RERANKING, NCFScorer, Recommender
+from ncf.recommender import RERANKING, ModelAlone, Recommender
 from ncf.reranking_search import choose_reranking
 from ncf.training.checkpoints import load_checkpoint, model_from_checkpoint
 from ncf.training.state import build_model
@@ -74,7 +74,7 @@ def log_data_tags(data: MovieLens) -> None:
 
 def log_plots(model: NCF, history: list[dict], data: MovieLens) -> None:
     test = data.splits.test
-    out = NCFScorer(model).explain(test.user, test.movie)
+    out = ModelAlone(model).explain(test.user, test.movie)
     figures = {"learning_curves": plots.learning_curves(history),
                "movie_embeddings": plots.movie_embedding_map(model, data),
                "attention_weights": plots.attention_histogram(out["user_weight"])}
@@ -137,7 +137,7 @@ def evaluate_all(recommender: Recommender, model: NCF, config: Config, data: Mov
     served |= sampled_metrics(recommender.score_pairs, data, sample=sample)
     results = {SERVED: served}
     if recommender.candidates is not None:  # without a retriever the served ranking is the model alone
-        alone = NCFScorer(model)
+        alone = ModelAlone(model)
         results[MODEL_ALONE] = {k: v for k, v in evaluate(alone, data, sample=sample).items()
                                 if k.startswith("full_")}
         results[MODEL_ALONE] |= sampled_metrics(alone.score_pairs, data, sample=sample)

@@ -170,7 +170,7 @@ def log_test_metrics(models: dict[str, dict[str, float]], primary: str = "ncf") 
 # ----------------------------------------------------------------------------- model
 
 
-class RecommenderModel(mlflow.pyfunc.PythonModel):
+class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
     """The pyfunc face of `ncf.recommender.Recommender` (the registered model).
 
     Input with `user_id` and `movie_id`: one row per pair. Input with `user_id`
@@ -195,6 +195,13 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
         return self.recommender.recommend(model_input["user_id"].drop_duplicates().to_numpy(), k)
 
 
+# The pyfunc's name before it was RecommenderPyfunc. Versions registered then hold a pickle of
+# `ncf.integrations.mlflow_tracking.RecommenderModel` (cloudpickle saves the class by import path), resolved
+# against whichever `ncf` the loading process has imported: in Serve and the jobs that is this one, not the
+# copy logged beside the model. Those versions load only while the old name stays importable.
+RecommenderModel = RecommenderPyfunc
+
+
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("long", "user_id"), ColSpec("long", "movie_id", required=False)]),
     params=ParamSchema([ParamSpec("k", "long", 10)]),
@@ -210,7 +217,7 @@ def log_recommender(recommender_dir: Path, config: Config, register: bool = True
     """Log the pyfunc with its artifacts and the `ncf` code, and register it under `model_name(config)`."""
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=RecommenderModel(),
+        python_model=RecommenderPyfunc(),
         artifacts={"recommender": str(recommender_dir)},
         code_paths=[str(PACKAGE_DIR)],  # the whole `ncf` package: the model loads without this repo
         pip_requirements=pip_requirements(),

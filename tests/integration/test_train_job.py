@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from ncf.evaluation import evaluate
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
 from ncf.prepared import load_movielens
-from ncf.recommender import NCFScorer
+from ncf.recommender import ModelAlone
 from ncf.training.checkpoints import load_checkpoint, model_from_checkpoint
 from workflows.training_run import train_and_publish
 
@@ -142,6 +143,14 @@ def test_registered_model_loads_in_fresh_process(trained, store, data_dir, tmp_p
     assert "999999" in out["unknown"]
 
 
+def test_versions_registered_under_the_pyfuncs_former_name_still_load():
+    """A version logged before the pyfunc was renamed holds a pickle of `RecommenderModel` by import path."""
+    logged_then = pickle.dumps(mlflow_tracking.RecommenderPyfunc(), protocol=0).replace(
+        b"\nRecommenderPyfunc\n", b"\nRecommenderModel\n")
+    assert b"RecommenderModel" in logged_then
+    assert isinstance(pickle.loads(logged_then), mlflow_tracking.RecommenderPyfunc)
+
+
 def _checkpoint_registered(storage: Path) -> bool:
     """Whether Ray Train registered a checkpoint of the run: its controller's snapshot names a latest one. A
     checkpoint only written is not resumed from (the controller may register it epochs later on a busy machine):
@@ -189,7 +198,7 @@ def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_d
         checkpoint = fit_with_ray(config, data_dir, run_id=None, into=storage / "final")
         state = load_checkpoint(checkpoint)["state"]
         model = model_from_checkpoint(checkpoint, config, data)
-        return evaluate(NCFScorer(model), data)["rmse"], state
+        return evaluate(ModelAlone(model), data)["rmse"], state
 
     undisturbed, _ = test_rmse(tmp_path / "undisturbed")
 

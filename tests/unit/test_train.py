@@ -15,7 +15,7 @@ from ncf.data import MovieLens
 from ncf.evaluation import TABLE_COLUMNS, evaluate, evaluate_baselines, format_table
 from ncf.metrics import rmse
 from ncf.model import forward_batched
-from ncf.recommender import NCFScorer
+from ncf.recommender import ModelAlone
 from ncf.retrievers import RETRIEVERS
 from ncf.training import loop as training_loop
 from ncf.training.checkpoints import CHECKPOINT_FILE, model_from_checkpoint
@@ -294,7 +294,7 @@ def test_resuming_a_finished_refit_does_no_more_work(tiny_movielens, tmp_path):
 
 def test_evaluate_a_trained_model(refit_run, tiny_movielens):
     result, _ = refit_run
-    scorer = NCFScorer(result.model)
+    scorer = ModelAlone(result.model)
     metrics = evaluate(scorer, tiny_movielens)
     assert set(metrics) == set(TABLE_COLUMNS) - SAMPLED
     assert 0.5 < metrics["rmse"] < 1.5
