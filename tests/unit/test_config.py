@@ -15,13 +15,13 @@ from ncf.config import (
     ConfigError,
     RetrievalConfig,
     config_from_dict,
-    default_conf_dir,
     flatten,
     load_config,
     save_config,
-    saved_section,
     with_values,
 )
+from ncf.config_files import default_conf_dir
+from ncf.config_migration import saved_section
 from ncf.retrievers import RETRIEVERS
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from ncf.config import ADDED_KEYS, load_config
+from ncf.config import load_config
+from ncf.config_migration import ADDED_KEYS
 from ncf.data import MovieLens
 from ncf.ranking import top_k_unseen
 from ncf.recommender import PAIR_COLUMNS, RERANKING, TOP_K_COLUMNS, Recommender, UnknownIdError
