@@ -198,9 +198,11 @@ class RegistryConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """Which users full ranking ranks (all with a relevant held-out movie, or a seeded sample of them) and
-    where the test split's full ranking of the served recommender runs."""
+    """Which held-out ratings are relevant, which users full ranking ranks (all with a relevant held-out movie,
+    or a seeded sample of them) and where the test split's full ranking of the served recommender runs."""
 
+    relevant_rating: float  # full ranking's relevance; /explain's "because you rated" draws from ratings this high
+    seed_relevant_rating: float  # relevance in the deck's per-user ranking of its test movies (precision_at_10 ...)
     users: int | None = Field(gt=0)  # None: every user with a relevant held-out movie
     seed: int
     runner: Literal["local", "ray_data"]

@@ -46,9 +46,9 @@ def test_ray_data_runner_ranks_exactly_like_the_driver(local_ray, recommender: R
             return ranked[name][1]
         return recording
 
-    local, local_per_user = evaluate_per_user(recommender, tiny_movielens, sample=evaluation,
+    local, local_per_user = evaluate_per_user(recommender, tiny_movielens, evaluation=evaluation,
                                               rank=recorded("local", recommender.rank))
-    remote, remote_per_user = evaluate_per_user(recommender, tiny_movielens, sample=evaluation,
+    remote, remote_per_user = evaluate_per_user(recommender, tiny_movielens, evaluation=evaluation,
                                                 rank=recorded("ray_data", served_ranker(recommender, evaluation)))
 
     np.testing.assert_array_equal(ranked["ray_data"][0], ranked["local"][0])
