@@ -254,7 +254,7 @@ def test_presets_apply_over_the_defaults():
 
 
 def test_unknown_preset_and_preset_keys_are_named(conf_copy: Path):
-    with pytest.raises(ConfigError, match="unknown preset 'nope'.*deck, neumf, recommender"):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*deck, neumf, recommender, tiny"):
         load_config(preset="nope")
     (conf_copy / "presets" / "broken.yaml").write_text("model:\n  embeding_dim: 8\n")
     with pytest.raises(ConfigError, match="model.embeding_dim"):

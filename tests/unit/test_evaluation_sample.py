@@ -27,7 +27,6 @@ from ncf.training.validation import Validation
 
 pytestmark = pytest.mark.unit
 
-SMALL = ["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]"]
 
 
 def sample(users: int | None, seed: int = 0) -> EvaluationConfig:
@@ -78,12 +77,12 @@ def test_sampled_figures_are_the_sampled_users_figures_whatever_the_model(tiny_m
 
 
 def test_validation_and_the_reranking_choice_rank_the_sample(tiny_config: Config, tiny_movielens: MovieLens):
-    config = load_config([f"data.dir={tiny_config.data.dir}", *SMALL, "evaluation.users=15"])
+    config = load_config([f"data.dir={tiny_config.data.dir}", "evaluation.users=15"], preset="tiny")
     torch.manual_seed(0)
     model = build_model(config, tiny_movielens).eval()
     figures = Validation(config, tiny_movielens, rank=0)(model)
     assert figures["val_full_users"] == 15
-    everyone = load_config([f"data.dir={tiny_config.data.dir}", *SMALL])
+    everyone = load_config([f"data.dir={tiny_config.data.dir}"], preset="tiny")
     eligible = len(relevant_targets(tiny_movielens.splits.validation, sample(None))[0])
     assert Validation(everyone, tiny_movielens, rank=0)(model)["val_full_users"] == eligible > 15
     train = tiny_movielens.splits.train

@@ -33,11 +33,10 @@ from ncf.training.validation import Validation
 
 pytestmark = pytest.mark.unit
 
-SMALL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]"]
 
 
 def small(tiny_config: Config, *overrides: str) -> Config:
-    return load_config([f"data.dir={tiny_config.data.dir}", *SMALL, *overrides])
+    return load_config([f"data.dir={tiny_config.data.dir}", *overrides], preset="tiny")
 
 
 def retrieval_keeping(min_rating: float) -> RetrievalConfig:
