@@ -24,7 +24,6 @@ from ncf.files import write_atomically
 from ncf.prepared import load_movielens
 from workflows.retrieval_bench import (
     MAX_ITEMS,
-    choose_on_validation,
     sampled_protocol,
     say,
     slices,
@@ -32,6 +31,7 @@ from workflows.retrieval_bench import (
     test_results,
 )
 from workflows.retrieval_bench_report import report
+from workflows.retrieval_grids import choose_on_validation
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "retrieval.md"
 
