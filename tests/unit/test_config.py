@@ -284,3 +284,12 @@ def test_evaluation_defaults_rank_every_user_locally():
 def test_invalid_evaluation_values_name_the_key(override: str, key: str):
     with pytest.raises(ConfigError, match=rf"{key}: "):
         load_config([override])
+
+
+def test_relevance_thresholds_are_config_keys_that_older_saved_configs_complete():
+    """Full ranking's relevance (also what /explain counts as liked) and the deck protocol's come from
+    conf/evaluation.yaml; a config saved before the keys existed reads the values used then."""
+    evaluation = load_config().evaluation
+    assert (evaluation.relevant_rating, evaluation.seed_relevant_rating) == (4.0, 3.0)
+    assert saved_section("evaluation", {}) == {"relevant_rating": 4.0, "seed_relevant_rating": 3.0}
+    assert saved_section("evaluation", {"relevant_rating": 4.5})["relevant_rating"] == 4.5
