@@ -25,16 +25,18 @@ class GlobalMean:
 
 
 class UserItemBias:
-    """mean + b_user + b_movie, fitted by alternating regularised least squares."""
+    """mean + b_user + b_movie, fitted by alternating regularised least squares; predictions are clipped to the
+    scale of the ratings it was fitted on (the dataset's: half stars 0.5-5 or whole stars 1-5)."""
 
     name = "user_item_bias"
 
-    def __init__(self, reg: float = 5.0, iterations: int = 10, rating_range: tuple[float, float] = (0.5, 5.0)):
-        self.reg, self.iterations, self.rating_range = reg, iterations, rating_range
+    def __init__(self, reg: float = 5.0, iterations: int = 10):
+        self.reg, self.iterations = reg, iterations
 
     def fit(self, ratings: Ratings, n_users: int, n_movies: int) -> UserItemBias:
         u, m, r = ratings.user, ratings.movie, ratings.rating
         self.mean = float(r.mean())
+        self.rating_range = float(r.min()), float(r.max())
         self.user_bias, self.movie_bias = np.zeros(n_users), np.zeros(n_movies)
         n_u = np.bincount(u, minlength=n_users)
         n_m = np.bincount(m, minlength=n_movies)

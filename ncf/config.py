@@ -3,28 +3,22 @@
 Each `conf/<section>.yaml` becomes one section of `Config`. Unknown keys and wrong
 types are errors that name the key; `--set section.key=value` overrides any value.
 
-The defaults travel with the code: a source checkout reads `conf/` beside `ncf/`; an
-installed package (`pip install .`, a cluster image) reads the copy shipped inside it
-as package data (`ncf/conf/`). `NCF_CONF_DIR` points at another folder.
+Where the files are and how a preset layers over them: `ncf.config_files`. Configs saved with older
+key names or before keys existed: `ncf.config_migration`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from ncf.config_files import ConfigError, read_defaults
+from ncf.config_migration import current_key, with_current_keys
 from ncf.retrievers import NO_RETRIEVER, RETRIEVERS, retriever_class
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
 
 
 class Section(BaseModel):
@@ -206,9 +200,11 @@ class RegistryConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """Which users full ranking ranks (all with a relevant held-out movie, or a seeded sample of them) and
-    where the test split's full ranking of the served recommender runs."""
+    """Which held-out ratings are relevant, which users full ranking ranks (all with a relevant held-out movie,
+    or a seeded sample of them) and where the test split's full ranking of the served recommender runs."""
 
+    relevant_rating: float  # full ranking's relevance; /explain's "because you rated" draws from ratings this high
+    seed_relevant_rating: float  # relevance in the deck's per-user ranking of its test movies (precision_at_10 ...)
     users: int | None = Field(gt=0)  # None: every user with a relevant held-out movie
     seed: int
     runner: Literal["local", "ray_data"]
@@ -335,43 +331,6 @@ def _is_key(section: type[BaseModel], dotted_key: str) -> bool:
     return True
 
 
-# Keys renamed since models were first registered: each retriever's settings and the sequence signal's were
-# flat `retrieval.<name>_<key>` keys before they became sections of their own. Configs saved with registered
-# models, presets and `--set` overrides that use the old names load as if they used the new ones.
-RENAMED_KEYS: dict[str, str] = {
-    "retrieval.ease_lambda": "retrieval.ease.regularization",
-    "retrieval.ease_max_items": "retrieval.ease.max_items",
-    "retrieval.als_factors": "retrieval.als.factors",
-    "retrieval.als_regularization": "retrieval.als.regularization",
-    "retrieval.als_iterations": "retrieval.als.iterations",
-    "retrieval.sequence_weight": "retrieval.sequence.weight",
-    "retrieval.sequence_window": "retrieval.sequence.window",
-    "retrieval.sequence_last": "retrieval.sequence.last",
-    "retrieval.sequence_decay": "retrieval.sequence.decay",
-}
-
-
-def current_key(dotted_key: str) -> str:
-    """The name `dotted_key` has now (RENAMED_KEYS)."""
-    return RENAMED_KEYS.get(dotted_key, dotted_key)
-
-
-def with_current_keys(tree: dict) -> dict:
-    """A copy of a config tree (sections of values) with every renamed key moved to its current place."""
-    tree = {name: dict(values) if isinstance(values, dict) else values for name, values in tree.items()}
-    for old, new in RENAMED_KEYS.items():
-        section, _, leaf = old.partition(".")
-        if isinstance(tree.get(section), dict) and leaf in tree[section]:
-            value = tree[section].pop(leaf)
-            *parents, last = new.split(".")
-            node = tree
-            for part in parents:
-                node[part] = dict(node.get(part) or {})
-                node = node[part]
-            node[last] = value
-    return tree
-
-
 def _set_path(tree: dict, dotted_key: str, value: object) -> None:
     dotted_key = current_key(dotted_key)
     *parents, leaf = dotted_key.split(".")
@@ -422,90 +381,14 @@ def config_from_dict(tree: dict) -> Config:
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def default_conf_dir() -> Path:
-    """`NCF_CONF_DIR`, else the defaults shipped inside the installed package, else the checkout's `conf/`."""
-    if os.environ.get("NCF_CONF_DIR"):
-        return Path(os.environ["NCF_CONF_DIR"]).expanduser()
-    shipped = PACKAGE_DIR / "conf"
-    return shipped if shipped.is_dir() else PACKAGE_DIR.parent / "conf"
-
-
-PRESETS_DIR = "presets"
-
-
-def preset_names(conf_dir: Path | None = None) -> list[str]:
-    return sorted(p.stem for p in (Path(conf_dir or default_conf_dir()) / PRESETS_DIR).glob("*.yaml"))
-
-
-def _merge(tree: dict, layer: dict, where: str) -> None:
-    """`layer`'s values over `tree`'s, section by section; a key `tree` lacks is an error naming it."""
-    for key, value in layer.items():
-        if key not in tree:
-            raise ConfigError(f"unknown config key '{where}{key}'")
-        if isinstance(value, dict) and isinstance(tree[key], dict) and key != "space":
-            _merge(tree[key], value, f"{where}{key}.")
-        else:
-            tree[key] = value
-
-
 def load_config(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | None = None,
                 preset: str | None = None) -> Config:
     """Read every section from `conf_dir` (default: `default_conf_dir()`), apply the preset
     (`<conf_dir>/presets/<preset>.yaml`, sections of values over the defaults), then the overrides; validate."""
-    conf_dir = Path(conf_dir or default_conf_dir())
-    tree: dict = {}
-    for section in SECTIONS:
-        tree[section] = _read_yaml(conf_dir / f"{section}.yaml", f"section '{section}'") or {}
-    tree = with_current_keys(tree)
-    if preset:
-        path = conf_dir / PRESETS_DIR / f"{preset}.yaml"
-        if not path.exists():
-            raise ConfigError(f"unknown preset '{preset}': no {path} (presets: {', '.join(preset_names(conf_dir))})")
-        layer = _read_yaml(path, f"preset '{preset}'") or {}
-        if not isinstance(layer, dict):
-            raise ConfigError(f"{path} must map sections to values")
-        _merge(tree, with_current_keys(layer), f"(preset {preset}) ")
-        tree["preset"] = preset
+    tree = read_defaults(SECTIONS, conf_dir, preset)
     for text in overrides:
         _set_path(tree, *parse_override(text))
     return config_from_dict(tree)
-
-
-# Keys added to the config since models were first registered, each with the value that reproduces the
-# behaviour before it: a saved config without the key loads with that value (`saved_section`). Sections added
-# since (`evaluation`) shape how a run is evaluated, not the model: a loaded model never reads them.
-ADDED_KEYS: dict[str, dict[str, Any]] = {
-    "model": {"sparse_embeddings": False},
-    "retrieval": {"profile_rating_offset": None, "sequence": {"weight": 0.0, "window": 10, "last": 10, "decay": 0.7},
-                  "itemknn": {"neighbours": 100, "shrink": 10.0}},
-}
-
-
-def _completed(added: dict, saved: dict) -> dict:
-    """`saved` with what `added` holds and it lacks, section by nested section."""
-    out = dict(saved)
-    for key, value in added.items():
-        if key not in out:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = _completed(value, out[key])
-    return out
-
-
-def saved_section(name: str, saved: dict) -> dict:
-    """Section `name` of a config saved with a model, its renamed keys moved (RENAMED_KEYS) and completed with
-    the keys added since (ADDED_KEYS), so registered models keep loading as the config grows. Independent of
-    conf/: a registered model loads from its own copy of the package, which carries no config files."""
-    return _completed(ADDED_KEYS.get(name, {}), with_current_keys({name: saved})[name])
-
-
-def _read_yaml(path: Path, what: str) -> object:
-    if not path.exists():
-        raise ConfigError(f"missing config file {path} ({what})")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -533,7 +416,7 @@ def override_parser(description: str) -> argparse.ArgumentParser:
     """The command line every entry point shares: `--preset name` and `--set section.key=value` overrides."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default=None, metavar="NAME",
-                   help="apply conf/presets/NAME.yaml over the defaults (deck, neumf, recommender)")
+                   help="apply conf/presets/NAME.yaml over the defaults (deck, neumf, recommender, tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set model.embedding_dim=64 (repeatable)")
     return p

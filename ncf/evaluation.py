@@ -26,8 +26,6 @@ from ncf.retrievers import RETRIEVERS
 from ncf.retrievers.matrices import fit_on_ratings, user_profiles
 from ncf.user_ratings import SeenItems
 
-FULL_RANKING_THRESHOLD = 4.0
-
 
 class Scorable(Protocol):
     """A model as evaluation sees it: pair predictions (or None), catalogue scores (or None) and,
@@ -55,12 +53,11 @@ def sampled_users(eligible: np.ndarray, sample: EvaluationConfig | None) -> np.n
     return np.sort(np.random.default_rng(sample.seed).choice(eligible, size=sample.users, replace=False))
 
 
-def relevant_targets(target: Ratings, sample: EvaluationConfig | None = None,
-                     threshold: float = FULL_RANKING_THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Users with a relevant (>= `threshold`) held-out movie (all, or `sample`'s seeded sample of them), sorted,
-    and their relevant pairs as (row in those users, movie)."""
-    relevant = target.rating >= threshold
-    users = sampled_users(np.unique(target.user[relevant]), sample)
+def relevant_targets(target: Ratings, evaluation: EvaluationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Users with a relevant (rated at least `evaluation.relevant_rating`) held-out movie (all, or `evaluation`'s
+    seeded sample of them), sorted, and their relevant pairs as (row in those users, movie)."""
+    relevant = target.rating >= evaluation.relevant_rating
+    users = sampled_users(np.unique(target.user[relevant]), evaluation)
     row_of_user = np.full(int(target.user.max(initial=0)) + 1, -1)
     row_of_user[users] = np.arange(len(users))
     rows = row_of_user[target.user[relevant]]
@@ -73,12 +70,12 @@ def score_ranker(score: ScoreFn, chunk: int = 16) -> Ranker:
     return lambda users, seen, k: top_k_unseen(score, users, seen, k, chunk=chunk)[0]
 
 
-def full_ranking_against(rank: Ranker, seen: SeenItems, target: Ratings, n_movies: int, k: int = K,
-                         sample: EvaluationConfig | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def full_ranking_against(rank: Ranker, seen: SeenItems, target: Ratings, n_movies: int, k: int = K, *,
+                         evaluation: EvaluationConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Full-ranking metrics of `rank` against a held-out slice (the test split, or validation when choosing
-    settings), and the per-user arrays behind them: users with a relevant target item (all, or `sample`'s),
+    settings), and the per-user arrays behind them: users with a relevant target item (`relevant_targets`),
     every movie not in `seen` ranked. Per-user rows follow the sorted user ids."""
-    users, rows, movies = relevant_targets(target, sample)
+    users, rows, movies = relevant_targets(target, evaluation)
     top = rank(users, seen, k)
     per_user = full_ranking_per_user(top, rows, movies, n_movies)
     return full_ranking_summary(per_user, top, n_movies), per_user
@@ -89,16 +86,17 @@ def ranker_of(model: Scorable) -> Ranker | None:
     return rank or (score_ranker(model.score) if model.score is not None else None)
 
 
-def evaluate(model: Scorable, data: MovieLens, k: int = K, sample: EvaluationConfig | None = None) -> dict[str, float]:
-    return evaluate_per_user(model, data, k, sample)[0]
+def evaluate(model: Scorable, data: MovieLens, k: int = K, *, evaluation: EvaluationConfig) -> dict[str, float]:
+    return evaluate_per_user(model, data, k, evaluation=evaluation)[0]
 
 
-def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K, sample: EvaluationConfig | None = None,
+def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K, *, evaluation: EvaluationConfig,
                       rank: Ranker | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """`evaluate`'s metrics and the per-user full-ranking figures behind them (empty without a ranking),
-    for paired comparisons without ranking the test users a second time. Full ranking ranks `sample`'s
-    users (all without one) with `rank` (default: the model's own ranking; another runner of it, e.g.
-    `ncf.integrations.ray_data.actor_pool_ranker`, must rank exactly alike)."""
+    for paired comparisons without ranking the test users a second time. Relevance is `evaluation`'s: its
+    `seed_relevant_rating` in the deck's per-user ranking of the test movies, its `relevant_rating` in full
+    ranking, which ranks `evaluation`'s users (all, or a seeded sample) with `rank` (default: the model's own
+    ranking; another runner of it, e.g. `ncf.integrations.ray_data.actor_pool_ranker`, must rank exactly alike)."""
     test = data.splits.test
     metrics: dict[str, float] = {}
     per_user: dict[str, np.ndarray] = {}
@@ -106,10 +104,12 @@ def evaluate_per_user(model: Scorable, data: MovieLens, k: int = K, sample: Eval
         pred = np.asarray(model.predict(test.user, test.movie), dtype=float)
         metrics["rmse"] = rmse(test.rating, pred)
         metrics["mae"] = mae(test.rating, pred)
-        metrics.update(seed_ranking_metrics(test.user, test.rating, pred, k=k))
+        metrics.update(seed_ranking_metrics(test.user, test.rating, pred, k=k,
+                                            relevant_rating=evaluation.seed_relevant_rating))
     rank = rank or ranker_of(model)
     if rank is not None:
-        summary, per_user = full_ranking_against(rank, seen_in_training(data), test, data.n_movies, k, sample)
+        summary, per_user = full_ranking_against(rank, seen_in_training(data), test, data.n_movies, k,
+                                                 evaluation=evaluation)
         metrics.update(summary)
     return metrics, per_user
 
@@ -146,9 +146,9 @@ def fitted_baselines(data: MovieLens, retrieval: RetrievalConfig | None = None) 
     return [model.fit(fit_on, data.n_users, data.n_movies) for model in models]
 
 
-def evaluate_baselines(data: MovieLens, k: int = K, retrieval: RetrievalConfig | None = None) -> dict[
-        str, dict[str, float]]:
-    return {model.name: evaluate(model, data, k) for model in fitted_baselines(data, retrieval)}
+def evaluate_baselines(data: MovieLens, k: int = K, *, evaluation: EvaluationConfig,
+                       retrieval: RetrievalConfig | None = None) -> dict[str, dict[str, float]]:
+    return {model.name: evaluate(model, data, k, evaluation=evaluation) for model in fitted_baselines(data, retrieval)}
 
 
 def next_interactions(data: MovieLens) -> tuple[np.ndarray, np.ndarray]:

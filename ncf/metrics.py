@@ -29,9 +29,10 @@ def _rank_within_user(users: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
     return order, np.arange(len(order)) - start
 
 
-def seed_ranking_metrics(users: np.ndarray, true: np.ndarray, pred: np.ndarray, k: int = K,
-                         threshold: float = 3.0) -> dict[str, float]:
-    """Per user over that user's test items, ranked by predicted rating, then averaged.
+def seed_ranking_metrics(users: np.ndarray, true: np.ndarray, pred: np.ndarray, k: int = K, *,
+                         relevant_rating: float) -> dict[str, float]:
+    """Per user over that user's test items, ranked by predicted rating, then averaged; an item is relevant
+    when its true rating is at least `relevant_rating` (the config's `evaluation.seed_relevant_rating`).
 
     Precision = hits / min(k, n_test); Recall = hits / n_relevant (users with a
     relevant item); F = 2PR/(P+R) of the averages; NDCG with the true rating as gain.
@@ -46,7 +47,7 @@ def seed_ranking_metrics(users: np.ndarray, true: np.ndarray, pred: np.ndarray, 
     discount = 1.0 / np.log2(rank + 2.0)
 
     n_test = np.bincount(u, minlength=n)
-    relevant = t >= threshold
+    relevant = t >= relevant_rating
     n_rel = np.bincount(u, weights=relevant, minlength=n)
     hits = np.bincount(u, weights=relevant & top, minlength=n)
     precision = hits / np.minimum(k, n_test)

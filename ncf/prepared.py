@@ -297,7 +297,7 @@ def statistics(name: str, ids: IdMaps, movies: pd.DataFrame, ratings: Ratings, r
     and each split's ratings and users (`rows`: each split's rows of `ratings`)."""
     per_user = np.bincount(ratings.user, minlength=ids.n_users)
     per_movie = np.bincount(ratings.movie, minlength=ids.n_movies)
-    rating_counts = np.bincount(np.rint(ratings.rating * 2).astype(np.int64), minlength=11)  # 1 ... 10: 0.5 ... 5.0
+    rating_values, rating_counts = np.unique(ratings.rating, return_counts=True)  # the dataset's scale, as rated
     rated = per_movie[per_movie > 0]
     genres, genre_names = genre_matrix(movies)
 
@@ -316,7 +316,7 @@ def statistics(name: str, ids: IdMaps, movies: pd.DataFrame, ratings: Ratings, r
         "rated_movies": len(rated),
         "density": len(ratings) / (ids.n_users * ids.n_movies),
         "rating_mean": round(float(ratings.rating.mean(dtype=np.float64)), 4),
-        "rating_counts": {f"{k / 2:.1f}": int(c) for k, c in enumerate(rating_counts) if k and c},
+        "rating_counts": {f"{v:.1f}": int(c) for v, c in zip(rating_values.tolist(), rating_counts, strict=True)},
         "ratings_per_user": spread(per_user),
         "ratings_per_rated_movie": spread(rated),
         "first_rating": iso(int(ratings.timestamp.min())),

@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 import yaml
 
-from ncf.config import Config, ModelConfig, RetrievalConfig, saved_section
+from ncf.config import Config, ModelConfig, RetrievalConfig
+from ncf.config_migration import saved_section
 from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, forward_batched
 from ncf.ranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, rank_profiles

@@ -15,16 +15,16 @@ from ncf.user_ratings import SeenItems
 
 
 def choose_reranking(model: NCF, retriever: CandidateRetriever, seen: SeenItems, target: Ratings, n_movies: int,
-                     cfg: RetrievalConfig, k: int = K, sample: EvaluationConfig | None = None) -> tuple[
+                     cfg: RetrievalConfig, k: int = K, *, evaluation: EvaluationConfig) -> tuple[
                          Reranking, dict[str, float], list[dict]]:
     """The grid point of `cfg`'s grids with the best full-ranking NDCG@k against `target` (the validation
-    slice; `model` and `retriever` must not have seen it) over `sample`'s users (all without one), its
+    slice; `model` and `retriever` must not have seen it) over `evaluation`'s users (`relevant_targets`), its
     metrics, and every grid point's figures.
 
     Candidates and head signals are computed once for the largest N; each grid point only re-blends.
     Weights of heads the model lacks are not searched. Ties keep the earlier grid point.
     """
-    users, rows, movies = relevant_targets(target, sample)
+    users, rows, movies = relevant_targets(target, evaluation)
     width = max(cfg.n_candidates_grid)
     candidates, retrieved = retrieve(retriever, own_profiles(retriever, users, seen), width)
     signals = model_signals(model)(users, candidates)

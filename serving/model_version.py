@@ -18,11 +18,11 @@ from mlflow.exceptions import MlflowException
 from pydantic_core import to_json
 
 from ncf.config import MODEL_URI
+from ncf.config_migration import saved_section
 from ncf.data import Ratings
 from ncf.recommender import Recommender
 from serving.schemas import MAX_K, Item, Movie, RecommendationsOut
 
-LIKED = 4.0  # "because you rated" draws from ratings this high (or the user's best, if lower)
 BECAUSE_N = 5
 # What /recommend writes, piece by piece, exactly as the schemas' own serialiser would: `Item` writes its figures
 # (below: each with the `Ranking` field it comes from), then the movie's fields. The figures are formatted per
@@ -77,6 +77,9 @@ class ServedVersion:
         self.cache_users = cache_users
         self.name, self.version, self.run_id = version.name, str(version.version), version.run_id
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # "Because you rated" draws from ratings this high (or the user's best, if lower): the version's own
+        # `evaluation.relevant_rating`, the rating its evaluation counted as liked.
+        self.liked_rating = saved_section("evaluation", recommender.config.get("evaluation") or {})["relevant_rating"]
         popular = recommender.popular(MAX_K)
         means = recommender.movie_means[popular]
         lo, hi = recommender.model.cfg.rating_min, recommender.model.cfg.rating_max
@@ -149,7 +152,8 @@ class ServedVersion:
         out = rec.model_alone.explain(np.asarray([user]), np.asarray([movie]))
         profile = rec.profiles_of([user])
         rated = profile.of(0)
-        liked = rated.take(np.flatnonzero((rated.rating >= min(LIKED, rated.rating.max())) & (rated.movie != movie)))
+        liked = rated.take(np.flatnonzero((rated.rating >= min(self.liked_rating, rated.rating.max()))
+                                          & (rated.movie != movie)))
         similarity = rec.movie_similarity(movie, liked.movie) if len(liked) else np.empty(0)
         closest = np.argsort(-similarity, kind="stable")[:BECAUSE_N]
         genre_counts: dict[str, int] = {}

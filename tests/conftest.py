@@ -120,20 +120,26 @@ def movielens(data_dir: Path, config: Config) -> MovieLens:
 # ----------------------------------------------------------------------------- a store and the served app
 
 
-# A 1-epoch tiny model: the train job runs for real (data, training, evaluation, MLflow) in seconds.
-TINY_TRAINING = ["model.embedding_dim=16", "model.hidden_dims=[32,16]", "model.dropouts=[0.1,0.0]",
-                 "train.max_epochs=1", "train.refit=false", "train.batch_size=1024"]
+# The tiny preset's model (conf/presets/tiny.yaml) for 1 epoch: the train job runs for real (data, training,
+# evaluation, MLflow) in seconds.
+TINY = "tiny"
+TINY_TRAINING = ["train.max_epochs=1", "train.refit=false", "train.batch_size=1024"]
+
+
+@pytest.fixture(scope="session")
+def tiny_training_overrides() -> list[str]:
+    """The overrides over the tiny preset (`load_config(..., preset="tiny")`) of a 1-epoch training."""
+    return list(TINY_TRAINING)
 
 
 @pytest.fixture(scope="session")
 def tiny_training_args() -> list[str]:
-    """`--set` arguments of `python -m jobs.train` for the tiny model."""
-    return [arg for key in TINY_TRAINING for arg in ("--set", key)]
+    """`--preset tiny` and the `--set` arguments of `python -m jobs.train` for a 1-epoch tiny model."""
+    return ["--preset", TINY, *(arg for key in TINY_TRAINING for arg in ("--set", key))]
 
 
 # The served tiny models rank with the sequence signal, as the recommender preset does.
-TINY_MODEL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]",
-              "train.max_epochs=1", "train.refit=false", "retrieval.sequence_weight=0.7"]
+TINY_MODEL = ["train.max_epochs=1", "train.refit=false", "retrieval.sequence_weight=0.7"]
 
 
 @dataclass
@@ -147,7 +153,7 @@ class Store:
         import mlflow
 
         from ncf.integrations import mlflow_tracking
-        config = load_config([*TINY_MODEL, f"train.seed={seed}"])
+        config = load_config([*TINY_MODEL, f"train.seed={seed}"], preset=TINY)
         result = train_loop(config, self.data, LocalReporter(verbose=False), Validation(config, self.data, rank=0))
         retriever = fit_retriever(config.retrieval, self.data.splits.train_and_validation(), self.data.n_users,
                                   self.data.n_movies)

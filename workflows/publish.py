@@ -97,7 +97,7 @@ def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> 
     retriever = fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
     if retriever is not None and config.retrieval.choose_on_validation:
         reranking, metrics, grid = choose_reranking(search_model, retriever, seen, validation, data.n_movies,
-                                                    config.retrieval, sample=config.evaluation)
+                                                    config.retrieval, evaluation=config.evaluation)
         mlflow.log_text(json.dumps(grid, indent=1), "validation/reranking_grid.json")
         print(f"re-ranking chosen on validation: {reranking.n_candidates} candidates, weights {reranking.weights} "
               f"(validation full NDCG@10 {metrics['full_ndcg_at_10']:.4f})", flush=True)
@@ -105,7 +105,7 @@ def choose_on_validation(config: Config, data: MovieLens, search_model: NCF) -> 
         reranking = Reranking.from_config(config.retrieval)
         metrics, _ = full_ranking_against(
             lambda users, s, k: top_k(search_model, retriever, reranking, users, s, k)[0], seen, validation,
-            data.n_movies, sample=config.evaluation)
+            data.n_movies, evaluation=config.evaluation)
     return reranking, {f"val_{name}": value for name, value in metrics.items()}
 
 
@@ -130,21 +130,22 @@ def evaluate_all(recommender: Recommender, model: NCF, config: Config, data: Mov
     """Test metrics of the served recommender, the model alone and the baselines (sampled protocol
     included), and the served recommender's per-user test figures (for paired comparisons). Full ranking
     ranks `evaluation`'s users; the served recommender's ranking runs where `evaluation.runner` says."""
-    sample = config.evaluation
-    served, per_user = evaluate_per_user(recommender, data, sample=sample, rank=served_ranker(recommender, sample))
+    evaluation = config.evaluation
+    served, per_user = evaluate_per_user(recommender, data, evaluation=evaluation,
+                                         rank=served_ranker(recommender, evaluation))
     if "rating" not in model.heads:  # its "predicted rating" is its strength rescaled: no rating error to report
         served = {name: value for name, value in served.items() if name not in ("rmse", "mae")}
-    served |= sampled_metrics(recommender.score_pairs, data, sample=sample)
+    served |= sampled_metrics(recommender.score_pairs, data, sample=evaluation)
     results = {SERVED: served}
     if recommender.candidates is not None:  # without a retriever the served ranking is the model alone
         alone = ModelAlone(model)
-        results[MODEL_ALONE] = {k: v for k, v in evaluate(alone, data, sample=sample).items()
+        results[MODEL_ALONE] = {k: v for k, v in evaluate(alone, data, evaluation=evaluation).items()
                                 if k.startswith("full_")}
-        results[MODEL_ALONE] |= sampled_metrics(alone.score_pairs, data, sample=sample)
+        results[MODEL_ALONE] |= sampled_metrics(alone.score_pairs, data, sample=evaluation)
     for baseline in fitted_baselines(data, config.retrieval):
-        results[baseline.name] = evaluate(baseline, data, sample=sample)
+        results[baseline.name] = evaluate(baseline, data, evaluation=evaluation)
         if baseline.score is not None:
-            results[baseline.name] |= sampled_metrics(gathered(baseline.score), data, sample=sample)
+            results[baseline.name] |= sampled_metrics(gathered(baseline.score), data, sample=evaluation)
     return results, per_user
 
 
@@ -180,7 +181,7 @@ def compare_with_champion(config: Config, data: MovieLens, per_user: dict[str, n
         incumbent = mlflow_tracking.load_recommender(f"models:/{name}/{champion.version}", tmp)
     # The same users as the candidate's figures (same split, evaluation.users and seed): a paired comparison.
     _, theirs = full_ranking_against(incumbent.rank, seen_in_training(data), data.splits.test, data.n_movies,
-                                     sample=config.evaluation)
+                                     evaluation=config.evaluation)
     interval = paired_bootstrap(per_user["full_ndcg_at_10"], theirs["full_ndcg_at_10"],
                                 n_resamples=config.registry.bootstrap_resamples)
     mlflow.log_metrics({"test_full_ndcg_at_10_minus_champion": interval.difference,

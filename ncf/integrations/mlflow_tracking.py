@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from ncf.config import PACKAGE_DIR, Config, flatten, save_config
+from ncf.config import Config, flatten, save_config
+from ncf.config_files import PACKAGE_DIR
 
 EXPERIMENT = "ncf-movielens"
 MODEL_NAME = "ncf-movielens"  # the registered model of ml-latest-small; other datasets get ncf-<dataset>

@@ -54,7 +54,7 @@ class Validation:
             ranking, _ = full_ranking_against(
                 lambda users, seen, k: top_k(model, self.retriever, self.reranking, users, seen, k,
                                              retrieved=self.retrieved)[0],
-                self.seen, self.target, self.n_movies, sample=self.config.evaluation)
+                self.seen, self.target, self.n_movies, evaluation=self.config.evaluation)
             figures |= {f"val_{name}": ranking[name] for name in ("full_ndcg_at_10", "full_hit_rate_at_10",
                                                                   "full_users")}
             values = [figures[name] for name in names]

@@ -49,7 +49,7 @@ def test_installed_package_trains_from_any_directory(installed: Path, tmp_path: 
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = run_installed(installed, work, "-c",
-                          "import ncf.config as c; print(c.__file__); print(c.default_conf_dir())")
+                          "import ncf.config_files as c; print(c.__file__); print(c.default_conf_dir())")
     module_file, conf_dir = where.stdout.split()
     assert module_file.startswith(str(installed)) and conf_dir == str(installed / "ncf" / "conf")
 

@@ -19,7 +19,6 @@ from workflows.training_run import train_and_publish
 
 pytestmark = pytest.mark.integration
 
-SMALL_MODEL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]"]
 
 
 def _shards(client: MlflowClient, run_id: str, world_size: int) -> dict[int, list[tuple[int, int]]]:
@@ -56,7 +55,7 @@ def test_two_workers_train_on_disjoint_reshuffled_shards_and_the_run_is_register
     monkeypatch.delenv("NCF_DATA_DIR", raising=False)  # it would win over data.dir
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     synth.generate("tiny", tmp_path / "data", seed=0, verbose=False)
-    config = load_config([*SMALL_MODEL, "data.name=ml-25m", f"data.dir={tmp_path / 'data'}",
+    config = load_config(["data.name=ml-25m", f"data.dir={tmp_path / 'data'}",
                           "data.datasets.ml-25m.sizes=null", f"data.prepared_dir={tmp_path / 'prepared'}",
                           "data.loader=ray_data", "train.num_workers=2", "train.cpus_per_worker=1",
                           "train.max_epochs=2", "train.patience=5", f"train.checkpoint_dir={tmp_path / 'ckpt'}"])

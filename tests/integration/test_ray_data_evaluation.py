@@ -18,14 +18,13 @@ from workflows.publish import served_ranker
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]", "train.max_epochs=1",
-         "train.refit=false"]
+ONE_EPOCH = ["train.max_epochs=1", "train.refit=false"]
 
 
 @pytest.fixture(scope="module")
 def recommender(tiny_config: Config, tiny_movielens: MovieLens) -> Recommender:
     """A one-epoch model with an EASE retriever on the tiny dataset: retrieval and re-ranking, as served."""
-    config = load_config([f"data.dir={tiny_config.data.dir}", *SMALL])
+    config = load_config([f"data.dir={tiny_config.data.dir}", *ONE_EPOCH], preset="tiny")
     model = train_loop(config, tiny_movielens, LocalReporter(verbose=False),
                        Validation(config, tiny_movielens, rank=0)).model
     retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(), tiny_movielens.n_users,
@@ -46,9 +45,9 @@ def test_ray_data_runner_ranks_exactly_like_the_driver(local_ray, recommender: R
             return ranked[name][1]
         return recording
 
-    local, local_per_user = evaluate_per_user(recommender, tiny_movielens, sample=evaluation,
+    local, local_per_user = evaluate_per_user(recommender, tiny_movielens, evaluation=evaluation,
                                               rank=recorded("local", recommender.rank))
-    remote, remote_per_user = evaluate_per_user(recommender, tiny_movielens, sample=evaluation,
+    remote, remote_per_user = evaluate_per_user(recommender, tiny_movielens, evaluation=evaluation,
                                                 rank=recorded("ray_data", served_ranker(recommender, evaluation)))
 
     np.testing.assert_array_equal(ranked["ray_data"][0], ranked["local"][0])

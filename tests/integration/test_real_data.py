@@ -50,7 +50,7 @@ def test_catalogue_and_genres(movielens: MovieLens):
 
 
 def test_baselines_reproduce_the_reference_figures(movielens: MovieLens, config: Config):
-    table = evaluate_baselines(movielens, retrieval=config.retrieval)
+    table = evaluate_baselines(movielens, evaluation=config.evaluation, retrieval=config.retrieval)
     assert table["global_mean"]["rmse"] == pytest.approx(1.068, abs=0.005)
     assert table["user_item_bias"]["rmse"] == pytest.approx(0.896, abs=0.005)
     assert table["user_item_bias"]["mae"] == pytest.approx(0.690, abs=0.005)

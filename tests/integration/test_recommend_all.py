@@ -36,10 +36,11 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def champion(store, tiny_config: Config, tiny_training_args: list[str], tmp_path_factory) -> str:
+def champion(store, tiny_config: Config, tiny_training_overrides: list[str], tmp_path_factory) -> str:
     """The train job (in-process launcher) on the tiny dataset; its model is the first, hence the champion."""
     data = [f"data.{key}={json.dumps(value)}" for key, value in tiny_config.data.model_dump(mode="json").items()]
-    config = load_config([*tiny_training_args[1::2], *data, f"train.checkpoint_dir={tmp_path_factory.mktemp('ckpt')}"])
+    config = load_config([*tiny_training_overrides, *data, f"train.checkpoint_dir={tmp_path_factory.mktemp('ckpt')}"],
+                         preset="tiny")
     summary, promoted = train_and_publish(config, launcher="local", report_path=None)
     assert promoted
     return summary.model_version

@@ -198,7 +198,7 @@ def test_killed_worker_is_replaced_and_training_resumes(store, local_ray, data_d
         checkpoint = fit_with_ray(config, data_dir, run_id=None, into=storage / "final")
         state = load_checkpoint(checkpoint)["state"]
         model = model_from_checkpoint(checkpoint, config, data)
-        return evaluate(ModelAlone(model), data)["rmse"], state
+        return evaluate(ModelAlone(model), data, evaluation=config.evaluation)["rmse"], state
 
     undisturbed, _ = test_rmse(tmp_path / "undisturbed")
 

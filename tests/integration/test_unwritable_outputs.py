@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "fixtures" / "ml-tiny"
 NOBODY = 65534
 TRAIN = [sys.executable, "-m", "jobs.train", "--launcher", "local", "--set", f"data.dir={TINY}",
-         "--set", "train.max_epochs=1", "--set", "model.embedding_dim=8", "--set", "model.hidden_dims=[16, 8]",
-         "--set", "model.dropouts=[0.1, 0.0]"]
+         "--set", "train.max_epochs=1", "--preset", "tiny"]
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ from ncf.config import (
     ConfigError,
     RetrievalConfig,
     config_from_dict,
-    default_conf_dir,
     flatten,
     load_config,
     save_config,
-    saved_section,
     with_values,
 )
+from ncf.config_files import default_conf_dir
+from ncf.config_migration import saved_section
 from ncf.retrievers import RETRIEVERS
 
 
@@ -254,7 +254,7 @@ def test_presets_apply_over_the_defaults():
 
 
 def test_unknown_preset_and_preset_keys_are_named(conf_copy: Path):
-    with pytest.raises(ConfigError, match="unknown preset 'nope'.*deck, neumf, recommender"):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*deck, neumf, recommender, tiny"):
         load_config(preset="nope")
     (conf_copy / "presets" / "broken.yaml").write_text("model:\n  embeding_dim: 8\n")
     with pytest.raises(ConfigError, match="model.embeding_dim"):
@@ -284,3 +284,12 @@ def test_evaluation_defaults_rank_every_user_locally():
 def test_invalid_evaluation_values_name_the_key(override: str, key: str):
     with pytest.raises(ConfigError, match=rf"{key}: "):
         load_config([override])
+
+
+def test_relevance_thresholds_are_config_keys_that_older_saved_configs_complete():
+    """Full ranking's relevance (also what /explain counts as liked) and the deck protocol's come from
+    conf/evaluation.yaml; a config saved before the keys existed reads the values used then."""
+    evaluation = load_config().evaluation
+    assert (evaluation.relevant_rating, evaluation.seed_relevant_rating) == (4.0, 3.0)
+    assert saved_section("evaluation", {}) == {"relevant_rating": 4.0, "seed_relevant_rating": 3.0}
+    assert saved_section("evaluation", {"relevant_rating": 4.5})["relevant_rating"] == 4.5

@@ -28,7 +28,6 @@ from ncf.user_ratings import SeenItems
 
 pytestmark = pytest.mark.unit
 
-SMALL = ["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]"]
 
 
 def sample(users: int | None, seed: int = 0) -> EvaluationConfig:
@@ -37,7 +36,7 @@ def sample(users: int | None, seed: int = 0) -> EvaluationConfig:
 
 def test_a_sample_is_a_seeded_sorted_subset_of_the_eligible_users(tiny_movielens: MovieLens):
     test = tiny_movielens.splits.test
-    eligible, _, _ = relevant_targets(test)
+    eligible, _, _ = relevant_targets(test, sample(None))
     assert len(eligible) > 20
     users, _, _ = relevant_targets(test, sample(20))
     assert len(users) == 20 and np.all(np.diff(users) > 0) and set(users) <= set(eligible)
@@ -48,7 +47,7 @@ def test_a_sample_is_a_seeded_sorted_subset_of_the_eligible_users(tiny_movielens
 def test_a_sample_keeps_exactly_its_users_relevant_pairs(tiny_movielens: MovieLens):
     test = tiny_movielens.splits.test
     users, rows, movies = relevant_targets(test, sample(20))
-    everyone, all_rows, all_movies = relevant_targets(test)
+    everyone, all_rows, all_movies = relevant_targets(test, sample(None))
     kept = np.isin(everyone[all_rows], users)
     assert sorted(zip(users[rows], movies, strict=True)) == sorted(zip(everyone[all_rows][kept], all_movies[kept],
                                                                        strict=True))
@@ -57,7 +56,7 @@ def test_a_sample_keeps_exactly_its_users_relevant_pairs(tiny_movielens: MovieLe
 @pytest.mark.parametrize("extra", [0, 1000])
 def test_a_sample_of_at_least_every_eligible_user_is_all_of_them(tiny_movielens: MovieLens, extra: int):
     test = tiny_movielens.splits.test
-    everyone = relevant_targets(test)
+    everyone = relevant_targets(test, sample(None))
     got = relevant_targets(test, sample(len(everyone[0]) + extra))
     for a, b in zip(got, everyone, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -67,31 +66,31 @@ def test_sampled_figures_are_the_sampled_users_figures_whatever_the_model(tiny_m
     """Every model ranks the same sampled users (paired figures); each figure is the mean of theirs."""
     fit_on = tiny_movielens.splits.train_and_validation()
     seen, test, n_movies = seen_in_training(tiny_movielens), tiny_movielens.splits.test, tiny_movielens.n_movies
-    picked = np.isin(relevant_targets(test)[0], relevant_targets(test, sample(25, seed=3))[0])
+    picked = np.isin(relevant_targets(test, sample(None))[0], relevant_targets(test, sample(25, seed=3))[0])
     for model in (MostPopular(), UserItemBias()):
         rank = ranker_of(model.fit(fit_on, tiny_movielens.n_users, n_movies))
-        summary, per_user = full_ranking_against(rank, seen, test, n_movies, sample=sample(25, seed=3))
-        _, everyones = full_ranking_against(rank, seen, test, n_movies)
+        summary, per_user = full_ranking_against(rank, seen, test, n_movies, evaluation=sample(25, seed=3))
+        _, everyones = full_ranking_against(rank, seen, test, n_movies, evaluation=sample(None))
         assert summary["full_users"] == 25 and len(per_user["full_ndcg_at_10"]) == 25
         np.testing.assert_allclose(per_user["full_ndcg_at_10"], everyones["full_ndcg_at_10"][picked])
         assert summary["full_ndcg_at_10"] == pytest.approx(everyones["full_ndcg_at_10"][picked].mean())
-        assert evaluate(model, tiny_movielens, sample=sample(25, seed=3))["full_users"] == 25
+        assert evaluate(model, tiny_movielens, evaluation=sample(25, seed=3))["full_users"] == 25
 
 
 def test_validation_and_the_reranking_choice_rank_the_sample(tiny_config: Config, tiny_movielens: MovieLens):
-    config = load_config([f"data.dir={tiny_config.data.dir}", *SMALL, "evaluation.users=15"])
+    config = load_config([f"data.dir={tiny_config.data.dir}", "evaluation.users=15"], preset="tiny")
     torch.manual_seed(0)
     model = build_model(config, tiny_movielens).eval()
     figures = Validation(config, tiny_movielens, rank=0)(model)
     assert figures["val_full_users"] == 15
-    everyone = load_config([f"data.dir={tiny_config.data.dir}", *SMALL])
-    eligible = len(relevant_targets(tiny_movielens.splits.validation)[0])
+    everyone = load_config([f"data.dir={tiny_config.data.dir}"], preset="tiny")
+    eligible = len(relevant_targets(tiny_movielens.splits.validation, sample(None))[0])
     assert Validation(everyone, tiny_movielens, rank=0)(model)["val_full_users"] == eligible > 15
     train = tiny_movielens.splits.train
     retriever = fit_retriever(config.retrieval, train, tiny_movielens.n_users, tiny_movielens.n_movies)
     seen = SeenItems(train.user, train.movie, tiny_movielens.n_users)  # what the retriever was fitted on
     _, metrics, grid = choose_reranking(model, retriever, seen, tiny_movielens.splits.validation,
-                                        tiny_movielens.n_movies, config.retrieval, sample=config.evaluation)
+                                        tiny_movielens.n_movies, config.retrieval, evaluation=config.evaluation)
     assert metrics["full_users"] == 15 and {row["full_users"] for row in grid} == {15}
 
 

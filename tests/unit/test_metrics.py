@@ -9,6 +9,8 @@ import pytest
 
 from ncf.metrics import full_ranking_metrics, mae, rmse, seed_ranking_metrics
 
+SEED_RELEVANT = 3.0  # the deck's relevance threshold (evaluation.seed_relevant_rating), as computed by hand
+
 
 def test_rmse_and_mae():
     assert rmse(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 5.0])) == pytest.approx(sqrt(4 / 3))
@@ -32,7 +34,7 @@ SEED_PRED = np.array([4.0, 3.5, 4.5, 1.0, 2.0, 1.0, 3.0])
 
 
 def test_seed_ranking_metrics_by_hand():
-    got = seed_ranking_metrics(SEED_USERS, SEED_TRUE, SEED_PRED, k=3)
+    got = seed_ranking_metrics(SEED_USERS, SEED_TRUE, SEED_PRED, k=3, relevant_rating=SEED_RELEVANT)
     # Precision = hits / min(k, n_test): user 7 2/3 (5 and 4 in the top 3), user 3 0/2, user 5 1/1.
     precision = (2 / 3 + 0 + 1) / 3
     # Recall = hits / n_relevant, user 3 left out: user 7 2/3, user 5 1/1.
@@ -50,13 +52,15 @@ def test_seed_ranking_metrics_by_hand():
 
 def test_seed_ranking_metrics_do_not_depend_on_row_order():
     perm = np.array([6, 2, 0, 4, 1, 5, 3])
-    assert seed_ranking_metrics(SEED_USERS[perm], SEED_TRUE[perm], SEED_PRED[perm], k=3) == pytest.approx(
-        seed_ranking_metrics(SEED_USERS, SEED_TRUE, SEED_PRED, k=3))
+    assert seed_ranking_metrics(SEED_USERS[perm], SEED_TRUE[perm], SEED_PRED[perm], k=3,
+                                relevant_rating=SEED_RELEVANT) == pytest.approx(
+        seed_ranking_metrics(SEED_USERS, SEED_TRUE, SEED_PRED, k=3, relevant_rating=SEED_RELEVANT))
 
 
 def test_seed_precision_counts_users_with_fewer_than_k_items_fully():
     # One user, two test items, both relevant: precision 2/min(10, 2) = 1, not 2/10.
-    got = seed_ranking_metrics(np.array([1, 1]), np.array([4.0, 3.0]), np.array([1.0, 2.0]))
+    got = seed_ranking_metrics(np.array([1, 1]), np.array([4.0, 3.0]), np.array([1.0, 2.0]),
+                               relevant_rating=SEED_RELEVANT)
     assert got["precision_at_10"] == pytest.approx(1.0)
     assert got["recall_at_10"] == pytest.approx(1.0)
     # Ranked 3 then 4 against the ideal 4 then 3.
@@ -65,14 +69,16 @@ def test_seed_precision_counts_users_with_fewer_than_k_items_fully():
 
 def test_seed_threshold_is_inclusive_and_cut_is_at_k():
     # k = 2: ranked true ratings 3.0, 2.5, 5.0; only the first two count.
-    got = seed_ranking_metrics(np.array([0, 0, 0]), np.array([3.0, 2.5, 5.0]), np.array([3.0, 2.0, 1.0]), k=2)
+    got = seed_ranking_metrics(np.array([0, 0, 0]), np.array([3.0, 2.5, 5.0]), np.array([3.0, 2.0, 1.0]), k=2,
+                               relevant_rating=SEED_RELEVANT)
     assert got["precision_at_2"] == pytest.approx(1 / 2)  # 3.0 counts as relevant
     assert got["recall_at_2"] == pytest.approx(1 / 2)  # relevant: 3.0 and 5.0
     assert got["ndcg_at_2"] == pytest.approx((3 + 2.5 / log2(3)) / (5 + 3 / log2(3)))
 
 
 def test_seed_recall_without_any_relevant_item_is_zero():
-    got = seed_ranking_metrics(np.array([1, 1]), np.array([1.0, 2.0]), np.array([2.0, 1.0]), k=2)
+    got = seed_ranking_metrics(np.array([1, 1]), np.array([1.0, 2.0]), np.array([2.0, 1.0]), k=2,
+                               relevant_rating=SEED_RELEVANT)
     assert got["precision_at_2"] == 0.0
     assert got["recall_at_2"] == 0.0
     assert got["f_at_2"] == 0.0

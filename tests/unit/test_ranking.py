@@ -34,11 +34,10 @@ from ncf.user_ratings import Profiles, SeenItems
 
 pytestmark = pytest.mark.unit
 
-SMALL = ["model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]"]
 
 
 def small(tiny_config: Config, *overrides: str) -> Config:
-    return load_config([f"data.dir={tiny_config.data.dir}", *SMALL, *overrides])
+    return load_config([f"data.dir={tiny_config.data.dir}", *overrides], preset="tiny")
 
 
 def retrieval_keeping(min_rating: float) -> RetrievalConfig:
@@ -193,12 +192,13 @@ def test_choose_reranking_picks_the_best_grid_point_on_validation(model_and_retr
     train, validation = tiny_movielens.splits.train, tiny_movielens.splits.validation
     seen = SeenItems(train.user, train.movie, tiny_movielens.n_users)
     cfg = config.retrieval.model_copy(update={"n_candidates_grid": [5, 20], "rating_weight_grid": [0.0, 1.0, 4.0]})
-    chosen, metrics, table = choose_reranking(model, retriever, seen, validation, tiny_movielens.n_movies, cfg)
+    chosen, metrics, table = choose_reranking(model, retriever, seen, validation, tiny_movielens.n_movies, cfg,
+                                              evaluation=config.evaluation)
     assert len(table) == 6 and {row["n_candidates"] for row in table} == {5, 20}
     for row in table:  # each grid point's figure is what ranking with it gives
         reranking = Reranking(row["n_candidates"], {"rating": row["rating_weight"]})
         got, _ = full_ranking_against(lambda u, s, k, r=reranking: top_k(model, retriever, r, u, s, k)[0], seen,
-                                      validation, tiny_movielens.n_movies)
+                                      validation, tiny_movielens.n_movies, evaluation=config.evaluation)
         assert got["full_ndcg_at_10"] == pytest.approx(row["full_ndcg_at_10"])
     best = max(row["full_ndcg_at_10"] for row in table)
     assert metrics["full_ndcg_at_10"] == pytest.approx(best)

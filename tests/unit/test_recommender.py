@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from ncf.config import ADDED_KEYS, load_config
+from ncf.config import load_config
+from ncf.config_migration import ADDED_KEYS
 from ncf.data import MovieLens
 from ncf.ranking import Reranking, fit_retriever, top_k_unseen
 from ncf.recommender import PAIR_COLUMNS, RERANKING, TOP_K_COLUMNS, Recommender, UnknownIdError
@@ -19,8 +20,7 @@ from ncf.training.state import build_model
 @pytest.fixture(scope="module")
 def recommender(tiny_movielens: MovieLens) -> Recommender:
     """An untrained model with both options on: the ranking plumbing does not need a good model."""
-    config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
-                          "model.use_bias=true", "model.use_genres=true"])
+    config = load_config(["model.use_bias=true", "model.use_genres=true"], preset="tiny")
     torch.manual_seed(0)
     model = build_model(config, tiny_movielens)
     with torch.no_grad():
@@ -113,9 +113,8 @@ def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, t
                                                     sequence_weight: float):
     """Saved and loaded with its retriever and chosen re-ranking, the recommender ranks the same lists (with the
     sequence signal too: rebuilt from the ratings the recommender keeps, the ones the retriever was fitted on)."""
-    config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
-                          "retrieval.n_candidates=20", "retrieval.rating_weight=0.5",
-                          f"retrieval.sequence_weight={sequence_weight}"])
+    config = load_config(["retrieval.n_candidates=20", "retrieval.rating_weight=0.5",
+                          f"retrieval.sequence_weight={sequence_weight}"], preset="tiny")
     torch.manual_seed(0)
     model = build_model(config, tiny_movielens)
     retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(),
@@ -153,8 +152,7 @@ def test_a_model_saved_before_a_config_key_existed_still_loads(recommender: Reco
 @pytest.fixture(scope="module")
 def with_chosen_reranking(tiny_movielens: MovieLens) -> Recommender:
     """A recommender with a retriever whose re-ranking, as if chosen on validation, differs from its config's."""
-    config = load_config(["model.embedding_dim=8", "model.hidden_dims=[16]", "model.dropouts=[0.0]",
-                          "retrieval.n_candidates=20", "retrieval.rating_weight=0.0"])
+    config = load_config(["retrieval.n_candidates=20", "retrieval.rating_weight=0.0"], preset="tiny")
     torch.manual_seed(0)
     model = build_model(config, tiny_movielens)
     retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(),

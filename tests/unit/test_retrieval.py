@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from ncf.config import load_config
 from ncf.data import Ratings
 from ncf.evaluation import full_ranking_against, score_ranker
 from ncf.metrics import (
@@ -301,7 +302,7 @@ def test_full_ranking_against_any_held_out_slice():
     seen = SeenItems(np.array([0, 1]), np.array([0, 1]), 3)
     target = ratings([0, 0, 1, 2], [2, 3, 0, 3], [5.0, 2.0, 4.0, 3.5], [0, 0, 0, 0])
     summary, per_user = full_ranking_against(score_ranker(lambda u: np.tile(np.arange(4.0), (len(u), 1))), seen,
-                                             target, 4, k=2)
+                                             target, 4, k=2, evaluation=load_config().evaluation)
     # Top 2: user 0 [3, 2] (hit at rank 2), user 1 [3, 2] (miss).
     np.testing.assert_allclose(per_user["full_ndcg_at_2"], [1 / log2(3), 0.0])
     np.testing.assert_allclose(per_user["full_hit_rate_at_2"], [1.0, 0.0])

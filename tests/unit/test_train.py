@@ -26,12 +26,11 @@ from ncf.training.state import Phase, TrainResult, build_model
 from ncf.training.validation import Validation
 
 SAMPLED = {"sampled_hr_at_10", "sampled_ndcg_at_10"}  # the paper's protocol, asked for separately
-SMALL_MODEL = ("model.embedding_dim=16", "model.hidden_dims=[32, 16]", "model.dropouts=[0.1, 0.0]",
-               "train.batch_size=128")
+SMALL_BATCHES = ("train.batch_size=128",)
 
 
 def small_config(*overrides: str) -> Config:
-    return load_config([*SMALL_MODEL, *overrides])
+    return load_config([*SMALL_BATCHES, *overrides], preset="tiny")
 
 
 def search_entries(history: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -295,7 +294,7 @@ def test_resuming_a_finished_refit_does_no_more_work(tiny_movielens, tmp_path):
 def test_evaluate_a_trained_model(refit_run, tiny_movielens):
     result, _ = refit_run
     scorer = ModelAlone(result.model)
-    metrics = evaluate(scorer, tiny_movielens)
+    metrics = evaluate(scorer, tiny_movielens, evaluation=load_config().evaluation)
     assert set(metrics) == set(TABLE_COLUMNS) - SAMPLED
     assert 0.5 < metrics["rmse"] < 1.5
     assert 0 < metrics["mae"] < metrics["rmse"]
@@ -310,7 +309,7 @@ def test_evaluate_a_trained_model(refit_run, tiny_movielens):
 
 
 def test_baseline_metric_keys(tiny_movielens):
-    table = evaluate_baselines(tiny_movielens)
+    table = evaluate_baselines(tiny_movielens, evaluation=load_config().evaluation)
     assert list(table) == [GlobalMean.name, UserItemBias.name, MostPopular.name]
     rating_keys = {"rmse", "mae", "precision_at_10", "recall_at_10", "f_at_10", "ndcg_at_10"}
     full_keys = set(TABLE_COLUMNS) - rating_keys - SAMPLED
@@ -326,7 +325,8 @@ def test_baseline_metric_keys(tiny_movielens):
 
 def test_retrieval_baselines_sit_next_to_most_popular(tiny_movielens):
     """Every registered retriever (the configured settings) is a full-ranking row of the baseline table."""
-    table = evaluate_baselines(tiny_movielens, retrieval=load_config().retrieval)
+    table = evaluate_baselines(tiny_movielens, evaluation=load_config().evaluation,
+                               retrieval=load_config().retrieval)
     assert list(table)[-len(RETRIEVERS):] == list(RETRIEVERS) == ["ease", "als", "itemknn"]
     for name in RETRIEVERS:
         assert set(table[name]) == set(TABLE_COLUMNS) - SAMPLED - {"rmse", "mae", "precision_at_10", "recall_at_10",
