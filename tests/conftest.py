@@ -139,7 +139,7 @@ def tiny_training_args() -> list[str]:
 
 
 # The served tiny models rank with the sequence signal, as the recommender preset does.
-TINY_MODEL = ["train.max_epochs=1", "train.refit=false", "retrieval.sequence_weight=0.7"]
+TINY_MODEL = ["train.max_epochs=1", "train.refit=false", "retrieval.sequence.weight=0.7"]
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """A retriever added through the registry alone: `make train ARGS="--set retrieval.retriever=itemknn"` trains,
-registers and serves item-kNN, and it has its own baseline row."""
+registers and serves item-kNN (the pyfunc, /recommend and /explain over HTTP), and it has its own baseline row."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import httpx
 import mlflow
 import numpy as np
 import pandas as pd
@@ -13,16 +14,18 @@ import pytest
 from mlflow import MlflowClient
 
 from jobs import train as train_job
-from ncf.config import Config
+from ncf.config import Config, load_config
 from ncf.integrations import mlflow_tracking
-from serving.model_version import ServedVersion
+from ncf.ports import free_port
+from serving.runtime import running
 
 pytestmark = pytest.mark.integration
 
 
 def test_itemknn_trains_registers_and_serves(tiny_config: Config, tiny_training_args: list[str], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(tmp_path)  # reports/metrics.json lands here
     monkeypatch.delenv("NCF_DATA_DIR", raising=False)  # it would win over data.dir
     data = tiny_config.data
@@ -45,11 +48,17 @@ def test_itemknn_trains_registers_and_serves(tiny_config: Config, tiny_training_
     assert top["rank"].tolist() == list(range(1, 11))
     assert not set(top["movie_id"]) & set(recommender.ids.movie_ids[recommender.ratings_of(user).movie].tolist())
 
-    # Served as /recommend and /explain serve it: the same list, and the retriever's evidence for a movie.
-    served = ServedVersion(recommender, version, cache_users=4)
-    answer = json.loads(served.recommendations_json(user_id, served.rank([user])[user], 10, cold_start=False))
-    assert [item["movie_id"] for item in answer["items"]] == top["movie_id"].tolist()
+    # Served over HTTP by `make serve`'s runtime: /recommend answers the pyfunc's list, /explain the retriever's
+    # evidence for a movie.
     retrieved = recommender.candidates.score(np.array([user]))[0]
     best = int(top["movie_id"][np.argmax(retrieved[recommender.movie_indices(top["movie_id"])])])
-    explained = served.explain(user_id, best)
-    assert explained["retriever"] == "itemknn" and explained["retrieved_because_you_rated"]
+    serve = load_config([f"serve.port={free_port()}", "serve.warm_users=10", "serve.min_replicas=1",
+                         "serve.max_replicas=1"]).serve
+    with running(serve, tracking_uri) as url, httpx.Client(base_url=url, timeout=60) as http:
+        answer = http.get("/recommend", params={"user_id": user_id, "k": 10})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_version"] == str(version.version)
+        assert [item["movie_id"] for item in answer.json()["items"]] == top["movie_id"].tolist()
+        explained = http.get("/explain", params={"user_id": user_id, "movie_id": best})
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["retriever"] == "itemknn" and explained.json()["retrieved_because_you_rated"]

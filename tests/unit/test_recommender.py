@@ -114,7 +114,7 @@ def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, t
     """Saved and loaded with its retriever and chosen re-ranking, the recommender ranks the same lists (with the
     sequence signal too: rebuilt from the ratings the recommender keeps, the ones the retriever was fitted on)."""
     config = load_config(["retrieval.n_candidates=20", "retrieval.rating_weight=0.5",
-                          f"retrieval.sequence_weight={sequence_weight}"], preset="tiny")
+                          f"retrieval.sequence.weight={sequence_weight}"], preset="tiny")
     torch.manual_seed(0)
     model = build_model(config, tiny_movielens)
     retriever = fit_retriever(config.retrieval, tiny_movielens.splits.train_and_validation(),
