@@ -99,7 +99,8 @@ class Recommender:
         self.reranking = reranking
         # The catalogue's half of every scoring pass, for ranking the whole catalogue (no retriever).
         self.movie_side = self.model.movie_side() if self.candidates is None else None
-        self.known = Profiles.of_ratings(history, ids.n_users)  # every known user's profile: row u is user u
+        # Every known user's profile (row u: user u); the retrieval stage, built from `history` too, holds them already.
+        self.known = candidates.known if candidates is not None else Profiles.of_ratings(history, ids.n_users)
         self.seen = self.known.seen()
         self.popularity = np.bincount(history.movie, minlength=ids.n_movies)
         # Without a retriever, how a user the model has no embedding for is ranked.

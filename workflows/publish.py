@@ -5,7 +5,7 @@
    an artifact of its own (`reranking.json`, in the run and in the model's folder), never written into
    the config.
 2. Build the served recommender: the final (refit) model, the retriever refit on train + validation.
-3. Evaluate it on the test split next to the baselines (EASE and ALS included), full ranking first,
+3. Evaluate it on the test split next to the baselines (every registered retriever's included), full ranking first,
    and the paper's sampled protocol; log metrics, plots and the model; register a version with a
    description and tags that say what it is; compare it with the champion (paired bootstrap).
 

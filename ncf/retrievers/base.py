@@ -99,6 +99,13 @@ def csr_from(prefix: str, arrays: dict[str, np.ndarray]) -> sp.csr_matrix:
                          shape=tuple(arrays[f"{prefix}_shape"]))
 
 
+def terms_of(profile: sp.csr_matrix, matrix: sp.csr_matrix, movie: int) -> tuple[np.ndarray, np.ndarray]:
+    """The evidence of a score `profile @ matrix` (one profile row) for `movie`: each profile movie i with its term,
+    profile weight x matrix[i, movie], strongest first (`strongest_first`)."""
+    row = sp.csr_matrix(profile, dtype=np.float32)
+    return strongest_first(row.indices, row.data * matrix[row.indices, movie].toarray().ravel(), movie)
+
+
 def strongest_first(movies: np.ndarray, shares: np.ndarray, movie: int) -> tuple[np.ndarray, np.ndarray]:
     """The evidence for `movie` among `movies` with their `shares` of its score: those with a positive share, the
     movie itself left out, largest share first."""

@@ -7,7 +7,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
-from ncf.retrievers.base import Retriever, RetrieverSettings, csr_arrays, csr_from, strongest_first
+from ncf.retrievers.base import Retriever, RetrieverSettings, csr_arrays, csr_from, terms_of
 
 
 class ItemKNNSettings(RetrieverSettings):
@@ -68,8 +68,7 @@ class ItemKNN(Retriever):
 
     def evidence(self, profile: sp.csr_matrix, movie: int) -> tuple[np.ndarray, np.ndarray]:
         """Exactly the terms of the score: profile weight x sim(i, movie) for each profile movie i keeping it."""
-        row = sp.csr_matrix(profile, dtype=np.float32)
-        return strongest_first(row.indices, row.data * self.similar[row.indices, movie].toarray().ravel(), movie)
+        return terms_of(profile, self.similar, movie)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"neighbours": np.asarray(self.neighbours), "shrink": np.asarray(self.shrink),

@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ncf.data import Ratings
-from ncf.retrievers.base import strongest_first
+from ncf.retrievers.base import terms_of
 from ncf.retrievers.matrices import recency_age
 
 
@@ -64,5 +64,4 @@ class Sequence:
     def evidence(self, recent: sp.csr_matrix, movie: int) -> tuple[np.ndarray, np.ndarray]:
         """The recent profile's movies (one row) that `movie` follows in others' histories, strongest first, with
         their terms of its score (before the log): recency weight x transitions[recent movie, movie]."""
-        row = sp.csr_matrix(recent)
-        return strongest_first(row.indices, row.data * self.transitions[row.indices, movie].toarray().ravel(), movie)
+        return terms_of(recent, self.transitions, movie)
