@@ -235,6 +235,7 @@ class ServeConfig(Section):
     ingress: Literal["proxy", "haproxy"]
     proxy_grpc: bool
     max_body_bytes: int = Field(gt=0)
+    live_updates: bool
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:

@@ -16,6 +16,8 @@ table's `ncf model alone` row, RMSE, pair predictions); `Recommender` is the who
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import dataclasses
 import json
 from pathlib import Path
@@ -247,6 +249,39 @@ class Recommender:
     def popular(self, k: int) -> np.ndarray:
         """Movie indices by number of known ratings: the cold-start answer."""
         return self.by_popularity[:k]
+
+    def onboarding(self, k: int, rated: np.ndarray) -> np.ndarray:
+        """k movie indices to ask a new user to rate, none of `rated`: each genre's most rated movie not picked yet,
+        genre after genre (the most rated genres first), round after round, so that a few ratings already tell
+        tastes apart."""
+        excluded = set(np.asarray(rated, dtype=np.int64).tolist())
+        picked: list[int] = []
+        chosen: set[int] = set()
+        positions = dict.fromkeys(self.genre_queues, 0)
+        while len(picked) < k and positions:
+            for genre in list(positions):
+                queue, at = self.genre_queues[genre], positions[genre]
+                while at < len(queue) and (queue[at] in chosen or queue[at] in excluded):
+                    at += 1
+                if at == len(queue):
+                    del positions[genre]
+                    continue
+                positions[genre] = at + 1
+                picked.append(queue[at])
+                chosen.add(queue[at])
+                if len(picked) == k:
+                    break
+        return np.asarray(picked, dtype=np.int64)
+
+    @cached_property
+    def genre_queues(self) -> dict[str, list[int]]:
+        """Each genre's movies, most rated first; genres by their number of ratings, most first."""
+        queues: dict[str, list[int]] = {}
+        for movie in self.by_popularity.tolist():
+            for genre in self.genre_lists[movie] or [NO_GENRES]:
+                queues.setdefault(genre, []).append(movie)
+        ratings = {g: int(self.popularity[movies].sum()) for g, movies in queues.items()}
+        return {g: queues[g] for g in sorted(queues, key=lambda g: (-ratings[g], g))}
 
     def search_titles(self, query: str, limit: int) -> np.ndarray:
         """Indices of movies whose title contains `query` (any case), most rated first."""

@@ -1,5 +1,6 @@
 """The answer replay cache (serve.answer_cache_mb): the bytes of each /recommend answer a replica gave under the
-model version serving now, answered again to the same query string in front of FastAPI."""
+model version serving now, answered again to the same query string in front of FastAPI while the user's live
+ratings are still those the answer was computed from."""
 
 from __future__ import annotations
 
@@ -9,24 +10,30 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ncf.feedback_store import StoreUnavailable
+from serving.routes import ANSWERED
+
 
 class ReplayedAnswers:
     """The replica's ASGI app: `app` behind a cache of its /recommend answers. A GET /recommend without a body whose
     query string `app` has answered with 200 under the model version serving now gets the same status, headers and
     body again, with no routing, validation or serialisation (FastAPI's share of a warm request costs more than the
     app's own); anything else goes to `app`. Holds the most recently asked for answers up to serve.answer_cache_mb,
-    and starts empty with each new model version. Outside `app`, not one of its middlewares: Starlette's own layers
-    would cost a replayed answer a tenth of its throughput.
+    and starts empty with each new model version. An answer is replayed only while its user's latest live rating is
+    the one it was computed with (`app` leaves the user and that rating's sequence number in the request's state
+    under `ANSWERED`); after a newer rating it is computed again. Outside `app`, not one of its middlewares:
+    Starlette's own layers would cost a replayed answer a tenth of its throughput.
 
-    `replica()` is the replica answering the request: the model version it serves (`served`, told apart by identity)
-    and its `config` (a ServeConfig)."""
+    `replica()` is the replica answering the request: the model version it serves (`served`, told apart by identity),
+    its `config` (a ServeConfig) and `live_stamp(user_id)`, the user's latest live rating now."""
 
     PATH = "/recommend"
 
     def __init__(self, app: ASGIApp, replica: Callable[[], Any]):
         self.app, self.replica = app, replica
         self.version = None  # the model version (ServedVersion) the answers come from
-        self.answers: OrderedDict[bytes, tuple[Message, Message]] = OrderedDict()  # query string -> start, body
+        # query string -> (user id, live rating stamp), start, body
+        self.answers: OrderedDict[bytes, tuple[tuple[int, int], Message, Message]] = OrderedDict()
         self.size = 0  # bytes of the answers' bodies and query strings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -39,9 +46,9 @@ class ReplayedAnswers:
             self.version, self.size = served, 0
             self.answers.clear()
         answer = self.answers.get(query)
-        if answer is not None:
+        if answer is not None and await self._still_true(replica, *answer[0]):
             self.answers.move_to_end(query)
-            for message in answer:
+            for message in answer[1:]:
                 await send(dict(message))
             return
         answer = []
@@ -52,9 +59,10 @@ class ReplayedAnswers:
 
         await self.app(scope, receive, recorded)
         # Kept when complete (one start, one final body) and still from the version serving now.
-        if (len(answer) == 2 and answer[0]["status"] == 200 and not answer[1].get("more_body")
+        answered = scope.get("state", {}).get(ANSWERED)
+        if (len(answer) == 2 and answer[0]["status"] == 200 and not answer[1].get("more_body") and answered
                 and self.version is served is replica.served):
-            self._keep(query, answer[0], answer[1], int(replica.config.answer_cache_mb * 2**20))
+            self._keep(query, answered, answer[0], answer[1], int(replica.config.answer_cache_mb * 2**20))
 
     def __getattr__(self, name: str):
         """Everything else is `app`'s: Ray Serve names each request's route (its metrics, its access log) from the
@@ -75,12 +83,26 @@ class ReplayedAnswers:
             return False
         return not any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"])
 
-    def _keep(self, query: bytes, start: Message, body: Message, limit: int) -> None:
+    @staticmethod
+    async def _still_true(replica: Any, user_id: int, stamp: int) -> bool:
+        """Whether the user's latest live rating is still the one an answer was computed with (a store that
+        cannot tell leaves the request to `app`, which says so)."""
+        try:
+            return await replica.live_stamp(user_id) == stamp
+        except StoreUnavailable:
+            return False
+
+    def _keep(self, query: bytes, answered: tuple[int, int], start: Message, body: Message, limit: int) -> None:
         size = len(query) + len(body.get("body", b""))
-        if size > limit or query in self.answers:  # two first requests for one query: both answered, one kept
+        if size > limit:
             return
-        self.answers[query] = (start, body)
+        if query in self.answers:  # two first requests for one query, or an answer computed again after a rating
+            self._drop(query)
+        self.answers[query] = (answered, start, body)
         self.size += size
         while self.size > limit:
-            dropped, (_, old) = self.answers.popitem(last=False)
-            self.size -= len(dropped) + len(old.get("body", b""))
+            self._drop(next(iter(self.answers)))
+
+    def _drop(self, query: bytes) -> None:
+        _, _, body = self.answers.pop(query)
+        self.size -= len(query) + len(body.get("body", b""))

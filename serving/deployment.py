@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 
 import mlflow
 import torch
@@ -20,10 +22,13 @@ from ray import serve
 from ray.serve import Application
 
 from ncf.config import ServeConfig, load_config
+from ncf import feedback_store
+from ncf.feedback_store import LiveRating, RatingsStore
 from ncf.integrations import mlflow_tracking
 from serving.answer_cache import ReplayedAnswers
 from serving.model_version import Ranking, ServedVersion, load_version, resolve_version
-from serving.routes import api, current_replica
+from serving.replica import current_replica
+from serving.routes import api
 
 # The names Ray Serve knows the app and its deployment by: `serve status`, the replicas' actor names
 # (SERVE_REPLICA::<app>#<deployment>#<id>), the `application` and `deployment` labels of Serve's metrics, and the
@@ -39,8 +44,12 @@ class RecommenderDeployment:
     """A replica: the HTTP API (`api`) behind its replayed answers (`app`), answering from this replica's model
     version (`served`)."""
 
-    async def __init__(self, settings: dict, tracking_uri: str):
+    async def __init__(self, settings: dict, tracking_uri: str, feedback_uri: str):
         self.config = ServeConfig.model_validate(settings)
+        self.api_token = os.environ.get("NCF_API_TOKEN") or None  # the writes' bearer token (serving.feedback_routes)
+        self.feedback_uri = feedback_uri
+        self._store: RatingsStore | None = None
+        self._store_lock = threading.Lock()
         torch.set_num_threads(max(1, int(self.config.cpus_per_replica)))
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
@@ -85,6 +94,27 @@ class RecommenderDeployment:
         ranked = {served: await asyncio.to_thread(served.rank, todo) for served, todo in users.items()}
         return [ranked[served][user] for served, user in requests]
 
+    def store(self) -> RatingsStore:
+        """The ratings store, opened at its first use: a store down when the replica starts is asked again at each
+        request (StoreUnavailable meanwhile) rather than failing the replica."""
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    self._store = RatingsStore(self.feedback_uri)
+        return self._store
+
+    def live_ratings_now(self, user_id: int) -> list[LiveRating]:
+        """The user's live ratings, oldest first, that ranking reads: none with serve.live_updates false."""
+        return self.store().ratings_of(user_id) if self.config.live_updates else []
+
+    async def live_ratings(self, user_id: int) -> list[LiveRating]:
+        """`live_ratings_now` off the event loop (the store may be a network away)."""
+        return await asyncio.to_thread(self.live_ratings_now, user_id) if self.config.live_updates else []
+
+    async def live_stamp(self, user_id: int) -> int:
+        """The sequence number of the user's latest live rating that ranking reads (0: none)."""
+        return await asyncio.to_thread(lambda: self.store().stamp(user_id)) if self.config.live_updates else 0
+
     async def rank_miss(self, served: ServedVersion, user: int) -> Ranking:
         """The ranking of a user not cached yet: at once when no other is being ranked (batching would only add
         its wait), else batched with the others (`_ranked`)."""
@@ -97,21 +127,25 @@ class RecommenderDeployment:
             self._misses -= 1
 
 
-def build(config: ServeConfig, tracking_uri: str) -> Application:
-    """The application with its replicas, autoscaling and batching from `config`."""
+def build(config: ServeConfig, tracking_uri: str, feedback_uri: str) -> Application:
+    """The application with its replicas, autoscaling and batching from `config`, its model registry at
+    `tracking_uri` and its ratings store at `feedback_uri`."""
     return RecommenderDeployment.options(
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.cpus_per_replica},
-    ).bind(config.model_dump(), tracking_uri)
+    ).bind(config.model_dump(), tracking_uri, feedback_uri)
 
 
 def build_app(args: dict) -> Application:
     """`serve deploy serving/serve_config.yaml`: conf/serve.yaml, any key overridable in the YAML's `args`.
 
-    `tracking_uri` (default: MLFLOW_TRACKING_URI, else the project's store) says where the model registry is.
+    `tracking_uri` (default: MLFLOW_TRACKING_URI, else the project's store) says where the model registry is;
+    `feedback_uri` (default: NCF_FEEDBACK_URI, else conf/feedback.yaml's) where the ratings store is.
     """
     args = dict(args)
+    config = load_config()
     tracking_uri = args.pop("tracking_uri", None) or mlflow_tracking.tracking_uri()
-    return build(ServeConfig.model_validate(load_config().serve.model_dump() | args), tracking_uri)
+    store_uri = args.pop("feedback_uri", None) or feedback_store.feedback_uri(config.feedback)
+    return build(ServeConfig.model_validate(config.serve.model_dump() | args), tracking_uri, store_uri)

@@ -20,7 +20,11 @@ from pydantic_core import to_json
 from ncf.config import MODEL_URI
 from ncf.config_migration import saved_section
 from ncf.data import Ratings
+from ncf.feedback_store import LiveRating
+from ncf.fold_in import UserSide
 from ncf.recommender import Recommender
+from ncf.user_ratings import Profiles
+from serving.live_ratings import RatingScale, merged_profile
 from serving.schemas import MAX_K, Item, Movie, RecommendationsOut
 
 BECAUSE_N = 5
@@ -30,10 +34,10 @@ BECAUSE_N = 5
 FIGURES = {"predicted_rating": "rating", "strength": "strength", "user_weight": "user_weight",
            "movie_weight": "movie_weight"}
 if tuple(Item.model_fields) != (*FIGURES, *Movie.model_fields) or tuple(RecommendationsOut.model_fields) != (
-        "user_id", "cold_start", "model_version", "items"):
+        "user_id", "cold_start", "model_version", "rec_id", "items"):
     raise RuntimeError("serving.schemas changed the order of /recommend's fields: update serving.model_version")
 ITEM_JSON = b"{" + b"".join(b'"%s":%%b,' % name.encode() for name in FIGURES) + b"%b"
-RECOMMENDATIONS_JSON = b'{"user_id":%d,"cold_start":%b,"model_version":%b,"items":[%b]}'
+RECOMMENDATIONS_JSON = b'{"user_id":%d,"cold_start":%b,"model_version":%b,"rec_id":%b,"items":[%b]}'
 
 
 class ModelNotFoundError(LookupError):
@@ -64,6 +68,31 @@ class Ranking:
     movie_weight: np.ndarray
 
 
+@dataclass(frozen=True)
+class LiveUser:
+    """A user with live ratings, as of the latest one (`stamp`, its sequence number in the store)."""
+
+    stamp: int
+    profile: Profiles
+    side: UserSide
+    ranking: Ranking
+    live_movies: frozenset[int]  # movie indices whose rating in the profile is a live one
+
+
+def ranking_of(movies: np.ndarray, scores: np.ndarray, figures: dict[str, np.ndarray]) -> Ranking:
+    """One ranked row (fewer than MAX_K unseen movies leave -inf at its end) with the model's figures of its pairs."""
+    kept = np.isfinite(scores)
+    return Ranking(movies[kept], *(figures[field][kept] for field in ("rating", "strength", "user_weight",
+                                                                        "movie_weight")))
+
+
+def bound(cache: OrderedDict, size: int) -> None:
+    """Drop the least recently asked for entries beyond `size`."""
+    while len(cache) > size:
+        with suppress(KeyError):  # another thread may have just evicted it
+            cache.popitem(last=False)
+
+
 class ServedVersion:
     """One registered model version and its per-version state: the movie side of scoring (computed
     once), the cold-start answer, and `rankings`, which fills as users are asked for (or warmed),
@@ -80,12 +109,14 @@ class ServedVersion:
         # "Because you rated" draws from ratings this high (or the user's best, if lower): the version's own
         # `evaluation.relevant_rating`, the rating its evaluation counted as liked.
         self.liked_rating = saved_section("evaluation", recommender.config.get("evaluation") or {})["relevant_rating"]
+        self.scale = RatingScale.of(recommender)  # the ratings POST /ratings accepts
         popular = recommender.popular(MAX_K)
         means = recommender.movie_means[popular]
         lo, hi = recommender.model.cfg.rating_min, recommender.model.cfg.rating_max
         # Cold start: the most rated movies, each at its mean rating; only the movie side speaks.
         self.cold = Ranking(popular, means, (means - lo) / (hi - lo), np.zeros(len(popular)), np.ones(len(popular)))
         self.rankings: OrderedDict[int, Ranking] = OrderedDict()  # least recently asked for first
+        self.live_users: OrderedDict[int, LiveUser] = OrderedDict()  # by raw user id, least recently asked for first
         self.movie_json: dict[int, bytes] = {}  # movie index -> its fields in an item's JSON, filled as asked for
 
     def cached(self, user: int) -> Ranking | None:
@@ -96,8 +127,8 @@ class ServedVersion:
         return ranking
 
     def rank(self, users: list[int]) -> dict[int, Ranking]:
-        """The top-`MAX_K` unseen movies of each user: cached ones as they are, the others in one pass,
-        then cached (the least recently asked for make room beyond `cache_users`)."""
+        """The top-`MAX_K` unseen movies of each user, by index, from their dataset ratings: cached ones as they
+        are, the others in one pass, then cached (the least recently asked for make room beyond `cache_users`)."""
         found = {u: r for u in set(users) if (r := self.cached(u)) is not None}
         todo = np.asarray(sorted(set(users) - found.keys()), dtype=np.int64)
         if len(todo) == 0:
@@ -107,14 +138,35 @@ class ServedVersion:
         k = movies.shape[1]
         pairs = rec.model_alone.explain(np.repeat(todo, k), movies.ravel())
         for row, user in enumerate(todo):
-            unseen = np.isfinite(scores[row])  # fewer than k unseen movies leave -inf at the end
             part = slice(row * k, (row + 1) * k)
-            found[int(user)] = self.rankings[int(user)] = Ranking(movies[row][unseen], *(
-                pairs[field][part][unseen] for field in ("rating", "strength", "user_weight", "movie_weight")))
-        while len(self.rankings) > self.cache_users:
-            with suppress(KeyError):  # another thread may have just evicted it
-                self.rankings.popitem(last=False)
+            found[int(user)] = self.rankings[int(user)] = ranking_of(movies[row], scores[row],
+                                                                     {f: v[part] for f, v in pairs.items()})
+        bound(self.rankings, self.cache_users)
         return found
+
+    def cached_live(self, user_id: int, stamp: int) -> Ranking | None:
+        """The cached ranking of a user with live ratings, if computed as of their latest one (`stamp`)."""
+        entry = self.live_users.get(user_id)
+        return entry.ranking if entry is not None and entry.stamp == stamp else None
+
+    def live_user(self, user_id: int, live: list[LiveRating]) -> LiveUser:
+        """The user as their live ratings leave them (`live`, oldest first, not empty): their merged profile, its
+        fold-in and their top-`MAX_K`; computed once per latest live rating, kept like `rankings`."""
+        entry = self.live_users.get(user_id)
+        if entry is not None and entry.stamp == live[-1].seq:
+            with suppress(KeyError):
+                self.live_users.move_to_end(user_id)
+            return entry
+        rec = self.recommender
+        profile = merged_profile(rec, user_id, live)
+        side = rec.fold_in(profile)
+        movies, scores = rec.rank_profiles(profile, MAX_K, user_side=side)
+        figures = rec.explain_profile(side, movies[0])
+        live_movies = frozenset(rec.ids.movie_index(np.asarray([r.movie_id for r in live], dtype=np.int64)).tolist())
+        entry = self.live_users[user_id] = LiveUser(live[-1].seq, profile, side,
+                                                    ranking_of(movies[0], scores[0], figures), live_movies)
+        bound(self.live_users, self.cache_users)
+        return entry
 
     def warm(self, n_users: int, chunk: int = 8) -> None:
         """Rank the `n_users` most active users ahead of their requests."""
@@ -126,16 +178,23 @@ class ServedVersion:
         rec = self.recommender
         return {"movie_id": int(rec.ids.movie_ids[index]), "title": rec.titles[index], "genres": rec.genre_lists[index]}
 
-    def recommendations_json(self, user_id: int, ranking: Ranking, k: int, cold_start: bool) -> bytes:
+    def rec_id(self, user_id: int, stamp: int, k: int) -> str:
+        """Names a /recommend answer: this version's, for the user with their ratings as of live rating `stamp`
+        (0: none), k long. The same answer always gets the same id, so a replayed answer stays true."""
+        return f"{self.version}.{user_id}.{stamp}.{k}"
+
+    def recommendations_json(self, user_id: int, ranking: Ranking, k: int, cold_start: bool, stamp: int = 0) -> bytes:
         """The /recommend body (`RecommendationsOut`) of the first k movies of `ranking`, byte for byte what the
-        schema's serialiser writes, without building or validating a model per request."""
+        schema's serialiser writes, without building or validating a model per request. `stamp`: the user's
+        latest live rating the ranking was computed with (0: none)."""
         movies = ranking.movies[:k].tolist()
         # One call formats every figure: a flat JSON array of numbers, split at its commas.
         figures = to_json(np.column_stack([getattr(ranking, field)[:k] for field in FIGURES.values()])
                           .ravel().tolist())[1:-1].split(b",")
         n = len(FIGURES)
         items = b",".join(ITEM_JSON % (*figures[i * n: (i + 1) * n], self._movie_json(m)) for i, m in enumerate(movies))
-        return RECOMMENDATIONS_JSON % (user_id, b"true" if cold_start else b"false", to_json(self.version), items)
+        return RECOMMENDATIONS_JSON % (user_id, b"true" if cold_start else b"false", to_json(self.version),
+                                       to_json(self.rec_id(user_id, stamp, k)), items)
 
     def _movie_json(self, index: int) -> bytes:
         """The movie's fields as an `Item` writes them, after the figures: serialised once per version."""
@@ -144,14 +203,22 @@ class ServedVersion:
             piece = self.movie_json[index] = Movie.model_validate(self.movie(index)).model_dump_json().encode()[1:]
         return piece
 
-    def explain(self, user_id: int, movie_id: int) -> dict:
+    def explain(self, user_id: int, movie_id: int, live: list[LiveRating]) -> dict:
         """The pair's prediction and attention weights, the user's liked movies closest to it in the model,
-        and the rated movies of the user's profile (their stored ratings) that made the retriever propose it."""
+        and the rated movies of the user's profile (their dataset ratings, then `live`, their live ones) that made
+        the retriever propose it."""
         rec = self.recommender
-        user, movie = int(rec.user_indices([user_id])[0]), int(rec.movie_indices([movie_id])[0])
-        out = rec.model_alone.explain(np.asarray([user]), np.asarray([movie]))
-        profile = rec.profiles_of([user])
+        movie = int(rec.movie_indices([movie_id])[0])
+        if live:
+            user = self.live_user(user_id, live)
+            profile, live_movies = user.profile, user.live_movies
+            out = rec.explain_profile(user.side, np.asarray([movie]))
+        else:
+            index = int(rec.user_indices([user_id])[0])
+            profile, live_movies = rec.profiles_of([index]), frozenset()
+            out = rec.model_alone.explain(np.asarray([index]), np.asarray([movie]))
         rated = profile.of(0)
+        source = {m: "live" if m in live_movies else "dataset" for m in rated.movie.tolist()}
         liked = rated.take(np.flatnonzero((rated.rating >= min(self.liked_rating, rated.rating.max()))
                                           & (rated.movie != movie)))
         similarity = rec.movie_similarity(movie, liked.movie) if len(liked) else np.empty(0)
@@ -166,18 +233,20 @@ class ServedVersion:
             "predicted_rating": float(out["rating"][0]), "strength": float(out["strength"][0]),
             "user_weight": float(out["user_weight"][0]), "movie_weight": float(out["movie_weight"][0]),
             "because_you_rated": [self.movie(liked.movie[i]) | {"rating": float(liked.rating[i]),
+                                                                "source": source[int(liked.movie[i])],
                                                                 "similarity": float(similarity[i])} for i in closest],
             "shared_genres": shared,
             "retriever": rec.candidates.name if rec.candidates is not None else None,
-            "retrieved_because_you_rated": self.evidence(rated, *rec.retrieval_evidence(profile, movie)),
-            "rated_next_after": self.evidence(rated, *rec.sequence_evidence(profile, movie)),
+            "retrieved_because_you_rated": self.evidence(rated, source, *rec.retrieval_evidence(profile, movie)),
+            "rated_next_after": self.evidence(rated, source, *rec.sequence_evidence(profile, movie)),
         }
 
-    def evidence(self, rated: Ratings, movies: np.ndarray, shares: np.ndarray) -> list[dict]:
-        """The first BECAUSE_N of the profile's `rated` movies behind a score, each with its rating and share."""
+    def evidence(self, rated: Ratings, source: dict[int, str], movies: np.ndarray, shares: np.ndarray) -> list[dict]:
+        """The first BECAUSE_N of the profile's `rated` movies behind a score, each with its rating, its `source`
+        and its share."""
         movies, shares = movies[:BECAUSE_N], shares[:BECAUSE_N]
         rating_of = dict(zip(rated.movie.tolist(), rated.rating.tolist(), strict=True))
-        return [self.movie(m) | {"rating": float(rating_of[int(m)]), "weight": float(w)}
+        return [self.movie(m) | {"rating": float(rating_of[int(m)]), "source": source[int(m)], "weight": float(w)}
                 for m, w in zip(movies, shares, strict=True)]
 
 

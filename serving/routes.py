@@ -10,18 +10,21 @@ answers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+import asyncio
+from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from ray import serve
 from starlette.exceptions import HTTPException
 
+from ncf.feedback_store import StoreUnavailable
 from ncf.recommender import UnknownIdError
 from serving.body_limit import BodyLimit
+from serving.feedback_routes import RETRY_AFTER_S, STORE_DOWN, router
+from serving.replica import current_replica
 from serving.schemas import (
     MAX_ID,
     MAX_K,
@@ -38,10 +41,11 @@ from serving.schemas import (
 )
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+ANSWERED = "ncf.answered"  # request state: the user and live rating a /recommend answer was computed for
 
 UserId = Annotated[int, Query(ge=0, le=MAX_ID, description="MovieLens userId")]
 MovieId = Annotated[int, Query(ge=0, le=MAX_ID, description="MovieLens movieId")]
-ERRORS = {404: {"model": ErrorOut, "description": "unknown id"}}
+ERRORS = {404: {"model": ErrorOut, "description": "unknown id"}} | STORE_DOWN
 
 # FastAPI's native OpenTelemetry off: Ray Serve already measures every request, and FastAPI would otherwise
 # check on every request whether OpenTelemetry has been configured.
@@ -52,12 +56,6 @@ api = FastAPI(title="NCF movie recommender",
               responses={413: {"model": ErrorOut, "description": "request body over serve.max_body_bytes"},
                          422: {"model": ErrorOut, "description": "invalid request: parameters or body"}},
               telemetry=NO_TELEMETRY)
-
-
-def current_replica() -> Any:
-    """The replica answering this request: the `serving.deployment.RecommenderDeployment` whose model version
-    (`served`) and config (`config`) the handlers read."""
-    return serve.get_replica_context().servable_object
 
 
 # ----------------------------------------------------------------------------- error answers
@@ -84,6 +82,13 @@ async def _unknown(request: Request, exc: UnknownIdError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=404)
 
 
+@api.exception_handler(StoreUnavailable)
+async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    """The ratings store cannot answer: nothing was acknowledged; the client should retry."""
+    return JSONResponse({"error": f"the ratings store is unavailable ({exc}); retry later"}, status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 @api.exception_handler(Exception)
 async def _bug(request: Request, exc: Exception) -> JSONResponse:
     """A bug answers with a JSON error, never a traceback (the traceback goes to the replica's log)."""
@@ -96,22 +101,30 @@ def _replica_body_limit() -> int:
 
 
 api.add_middleware(BodyLimit, limit=_replica_body_limit, refuse=_http_error)
+api.include_router(router)
 
 
 # ----------------------------------------------------------------------------- the handlers
 
 
 @api.get("/recommend", response_model=RecommendationsOut, responses=ERRORS)
-async def recommend(user_id: UserId, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> Response:
-    """The k best movies the user has not rated; an unknown user gets the most rated movies (cold start)."""
+async def recommend(request: Request, user_id: UserId, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> Response:
+    """The k best movies the user has not rated, from their dataset and live ratings; a user with neither gets the
+    most rated movies (cold start)."""
     # The body is written from pieces serialised once per version (`recommendations_json`), not validated
     # through RecommendationsOut per request: a cached answer is a lookup plus a join.
     replica = current_replica()
     served = replica.served
-    user = served.recommender.user_index(user_id)
-    cached = served.cold if user is None else served.cached(user)
-    ranking = cached or await replica.rank_miss(served, user)
-    return Response(served.recommendations_json(user_id, ranking, k, cold_start=user is None),
+    live = await replica.live_ratings(user_id)
+    if live:
+        ranking, stamp, cold = served.cached_live(user_id, live[-1].seq), live[-1].seq, False
+        ranking = ranking or (await asyncio.to_thread(served.live_user, user_id, live)).ranking
+    else:
+        user = served.recommender.user_index(user_id)
+        cached = served.cold if user is None else served.cached(user)
+        ranking, stamp, cold = cached or await replica.rank_miss(served, user), 0, user is None
+    request.scope.setdefault("state", {})[ANSWERED] = (user_id, stamp)  # what the replayed answers check
+    return Response(served.recommendations_json(user_id, ranking, k, cold_start=cold, stamp=stamp),
                     media_type="application/json")
 
 
@@ -122,8 +135,10 @@ async def page() -> HTMLResponse:
 
 @api.get("/explain", response_model=ExplanationOut, responses=ERRORS)
 def explain(user_id: UserId, movie_id: MovieId) -> dict:
-    """Why the model rates this movie so for this user: attention weights and the closest liked movies."""
-    return current_replica().served.explain(user_id, movie_id)
+    """Why the model rates this movie so for this user: attention weights and the closest liked movies, from their
+    dataset and live ratings."""
+    replica = current_replica()
+    return replica.served.explain(user_id, movie_id, replica.live_ratings_now(user_id))
 
 
 @api.post("/predict", response_model=PredictionsOut, responses=ERRORS)
@@ -146,13 +161,24 @@ async def users(limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> dict:
 
 @api.get("/users/{user_id}/history", response_model=HistoryOut, responses=ERRORS)
 def history(user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)]) -> dict:
-    """Every rating the model knows of this user, most recent first."""
-    served = current_replica().served
-    rated = served.recommender.ratings_of(int(served.recommender.user_indices([user_id])[0]))
-    recent = np.argsort(-rated.timestamp, kind="stable")
-    return {"user_id": user_id, "ratings": [
-        served.movie(rated.movie[i]) | {"rating": float(rated.rating[i]), "timestamp": int(rated.timestamp[i])}
-        for i in recent]}
+    """Every rating the service knows of this user, the dataset's and the live ones, most recent first."""
+    replica = current_replica()
+    served, store = replica.served, replica.store()
+    user = served.recommender.user_index(user_id)
+    if user is None and not store.registered([user_id]):
+        raise UnknownIdError(f"unknown user id(s): [{user_id}]")
+    rated = served.recommender.ratings_of(user) if user is not None else None
+    entries = [] if rated is None else [
+        (int(rated.timestamp[i]), 0, served.movie(rated.movie[i]) | {"rating": float(rated.rating[i]),
+                                                                     "timestamp": int(rated.timestamp[i]),
+                                                                     "source": "dataset"})
+        for i in range(len(rated))]
+    movies = served.recommender.ids.movie_index(np.asarray([r.movie_id for r in (live := store.ratings_of(user_id))],
+                                                           dtype=np.int64))
+    entries += [(r.timestamp, r.seq, served.movie(m) | {"rating": r.rating, "timestamp": r.timestamp, "source": "live"})
+                for r, m in zip(live, movies.tolist(), strict=True) if m >= 0]
+    entries.sort(key=lambda e: (e[0], e[1]), reverse=True)
+    return {"user_id": user_id, "ratings": [entry for *_, entry in entries]}
 
 
 @api.get("/movies/search", response_model=SearchOut)

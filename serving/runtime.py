@@ -11,14 +11,18 @@ from contextlib import contextmanager
 import ray
 from ray import serve
 
-from ncf.config import ServeConfig
+from ncf import feedback_store
+from ncf.config import ServeConfig, load_config
 from serving.deployment import APP_NAME, build
 from serving.ingress import haproxy_env, ray_serve_env
 
 
 @contextmanager
-def running(config: ServeConfig, tracking_uri: str) -> Iterator[str]:
-    """A local Ray instance serving the app on config.host:config.port; yields the base URL, then stops both."""
+def running(config: ServeConfig, tracking_uri: str, feedback_uri: str | None = None) -> Iterator[str]:
+    """A local Ray instance serving the app on config.host:config.port, its model registry at `tracking_uri`, its
+    ratings store at `feedback_uri` (default: NCF_FEEDBACK_URI, else conf/feedback.yaml's); yields the base URL,
+    then stops both."""
+    feedback_uri = feedback_uri or feedback_store.feedback_uri(load_config().feedback)
     with tempfile.TemporaryDirectory(prefix="ncf-serve-") as private:
         env = ray_serve_env(config) | (haproxy_env(private, config.host) if config.ingress == "haproxy" else {})
         # Ray's processes take these from the environment they start in; this process keeps its own.
@@ -34,7 +38,7 @@ def running(config: ServeConfig, tracking_uri: str) -> Iterator[str]:
                     os.environ[name] = value
         try:
             serve.start(http_options={"host": config.host, "port": config.port})
-            serve.run(build(config, tracking_uri), name=APP_NAME, route_prefix="/")
+            serve.run(build(config, tracking_uri, feedback_uri), name=APP_NAME, route_prefix="/")
             yield f"http://{config.host}:{config.port}"
         finally:
             serve.shutdown()

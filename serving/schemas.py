@@ -1,8 +1,8 @@
 """The HTTP API's request and response bodies (they make the OpenAPI schema at /docs)."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_K = 100  # the API's limit on k, and the length of each cached ranking
 MAX_PAIRS = 10_000
@@ -10,6 +10,8 @@ MAX_PAIRS = 10_000
 # exactly (JavaScript's Number.MAX_SAFE_INTEGER), so that every client and JSON Schema validator compares
 # ids with this bound exactly (to one comparing floats, 2**63 - 1 is 2**63 and admits ids past int64).
 MAX_ID = 2**53 - 1
+MAX_RATINGS = 1_000  # events per POST /ratings
+MAX_TEXT = 200  # characters of an event id or a rec_id
 
 
 class Movie(BaseModel):
@@ -34,25 +36,32 @@ class Item(Movie, Scored):
 
 class RecommendationsOut(BaseModel):
     user_id: int
-    cold_start: bool = Field(description="unknown user: the most rated movies at their mean rating, "
-                                         "user_weight 0, movie_weight 1")
+    cold_start: bool = Field(description="a user with no rating the service knows of: the most rated movies at their "
+                                         "mean rating, user_weight 0, movie_weight 1")
     model_version: str
+    rec_id: str = Field(description="names this answer: the model version, the user and the state of their ratings it "
+                                    "was computed from, and k; post it with a rating of one of its movies")
     items: list[Item]
 
 
-class BecauseYouRated(Movie):
+Source = Literal["dataset", "live"]
+
+
+class OwnRating(Movie):
     rating: float = Field(description="the user's own rating")
+    source: Source = Field(description="dataset: a rating the model was trained with; live: one posted to /ratings")
+
+
+class BecauseYouRated(OwnRating):
     similarity: float = Field(description="cosine similarity of the two movies' representations")
 
 
-class RetrievedBecause(Movie):
-    rating: float = Field(description="the user's own rating")
+class RetrievedBecause(OwnRating):
     weight: float = Field(description="this rating's share of the movie's retrieval score (EASE: the exact term; "
                                       "ALS: the cosine of the two movies' factors)")
 
 
-class RatedNextAfter(Movie):
-    rating: float = Field(description="the user's own rating")
+class RatedNextAfter(OwnRating):
     weight: float = Field(description="this rating's term of the movie's sequence score: its recency weight times "
                                       "how often the movie came next after it in other users' histories")
 
@@ -97,11 +106,60 @@ class PredictionsOut(BaseModel):
 class Rated(Movie):
     rating: float
     timestamp: int
+    source: Source = Field(description="dataset: a rating the model was trained with; live: one posted to /ratings")
 
 
 class HistoryOut(BaseModel):
     user_id: int
-    ratings: list[Rated] = Field(description="most recent first")
+    ratings: list[Rated] = Field(description="most recent first; a movie rated again appears once per rating")
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+
+
+class RatingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: Text = Field(description="the client's id of this event: posting it again changes nothing (safe retries)")
+    user_id: Id
+    movie_id: Id
+    rating: float = Field(description="on the dataset's scale and step (MovieLens: 0.5 to 5.0 in half stars)")
+    timestamp: Annotated[int, Field(ge=0, le=MAX_ID)] | None = Field(
+        default=None, description="when the user rated (unix seconds); default: when the service receives it")
+    rec_id: Text | None = Field(default=None, description="the rec_id of the /recommend answer the movie was in")
+
+
+class RatingsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ratings: list[RatingIn] = Field(min_length=1, max_length=MAX_RATINGS)
+
+
+class RatingResult(BaseModel):
+    event_id: str
+    status: Literal["stored", "duplicate", "rejected"] = Field(
+        description="stored: committed now; duplicate: this event_id was stored before (nothing changed); "
+                    "rejected: not stored, see reason")
+    reason: str | None = Field(description="why a rating was rejected; null otherwise")
+
+
+class RatingsOut(BaseModel):
+    results: list[RatingResult] = Field(description="one per posted rating, in order; sent after the stored ones "
+                                                    "are committed")
+
+
+class NewUserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewUserOut(BaseModel):
+    user_id: int = Field(description="a new id, above every id of the dataset, never given out again")
+
+
+class OnboardingOut(BaseModel):
+    user_id: int | None
+    items: list[Movie] = Field(description="movies to ask the user to rate: popular ones, spread across genres, "
+                                           "none they rated")
 
 
 class UserSummary(BaseModel):

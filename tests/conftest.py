@@ -53,6 +53,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, layer))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ratings_store_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Served apps, jobs and subprocesses keep posted ratings in a store of the session's own (NCF_FEEDBACK_URI),
+    never in the working directory's feedback/ratings.db."""
+    previous = os.environ.get("NCF_FEEDBACK_URI")
+    os.environ["NCF_FEEDBACK_URI"] = f"sqlite:///{tmp_path_factory.mktemp('feedback') / 'ratings.db'}"
+    yield
+    if previous is None:
+        os.environ.pop("NCF_FEEDBACK_URI")
+    else:
+        os.environ["NCF_FEEDBACK_URI"] = previous
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _mlflow_follows_the_environment() -> Iterator[None]:
     """A job run in-process points MLflow's process-wide URIs at its store (`mlflow_tracking.setup`); after each
