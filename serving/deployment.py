@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from ray import serve
 from ray.serve import Application
 
-from ncf.config import ServeConfig, load_config
 from ncf import feedback_store
+from ncf.config import ServeConfig, load_config
 from ncf.feedback_store import LiveRating, RatingsStore
 from ncf.integrations import mlflow_tracking
 from serving.answer_cache import ReplayedAnswers

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 
 from ncf.ports import free_port
@@ -283,3 +284,39 @@ def processes_of(marker: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+@contextlib.contextmanager
+def serve_process(port: int, env: dict[str, str], *overrides: str) -> Iterator[subprocess.Popen]:
+    """`make serve` (`python -m serving`) on 127.0.0.1:`port` with `--set` `overrides`, in a process of its own with
+    `env`; yields it once its banner says it answers, then stops it with SIGTERM (everything it started included,
+    also after a failed check)."""
+    args = [sys.executable, "-m", "serving", "--set", f"serve.port={port}"]
+    for override in overrides:
+        args += ["--set", override]
+    process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started: list[psutil.Process] = []
+    try:
+        output = []
+        for line in process.stdout:  # the banner comes once the app answers
+            output.append(line)
+            if line.startswith("serving "):
+                break
+        assert output and f"http://127.0.0.1:{port}" in output[-1], "".join(output[-40:])
+        started = psutil.Process(process.pid).children(recursive=True)
+        yield process
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {[p.name() for p in alive]}"
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                started = psutil.Process(process.pid).children(recursive=True)
+            process.kill()
+            process.wait(timeout=30)
+        for child in started:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        process.stdout.close()
