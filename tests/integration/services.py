@@ -102,12 +102,28 @@ def postmaster_running(data: Path) -> int | None:
     return pid if str(data).encode() in cmdline else None
 
 
+def as_postgres_user(command: list[str]) -> list[str]:
+    """`command` run as the user PostgreSQL runs as: `postgres` for root (initdb and postgres refuse root)."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def skip_without_postgres() -> Path:
+    """PostgreSQL's bin folder; skips the test when its server programs or (as root) its user are missing."""
+    pg_bin = postgres_bin()
+    if pg_bin is None or not (pg_bin / "pg_ctl").exists():
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root needs a `postgres` system user to run PostgreSQL")
+    return pg_bin
+
+
 def stop_postgres(data: Path) -> None:
     """The last resort: PostgreSQL stopped at once, as the user it runs as."""
     stop = [str(postgres_bin() / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
-    if os.geteuid() == 0:
-        stop = ["runuser", "-u", "postgres", "--", *stop]
-    subprocess.run(stop, capture_output=True, timeout=60)
+    subprocess.run(as_postgres_user(stop), capture_output=True, timeout=60)
 
 
 def session_members(sid: int) -> list[int]:
@@ -174,15 +190,7 @@ def mlflow_server() -> Iterator[Server]:
     """moto's S3 server with a bucket, then platform/mlflow-server.sh on a fresh PostgreSQL folder with its
     artifacts in that bucket; every process is stopped afterwards, also when the code using it failed
     (skips the test when PostgreSQL is not installed)."""
-    pg_bin = postgres_bin()
-    if pg_bin is None or not (pg_bin / "pg_ctl").exists():
-        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root needs a `postgres` system user to run PostgreSQL")
-
+    skip_without_postgres()
     # Not under pytest's temporary folder (mode 0700): as root, the `postgres` user must reach the data folder.
     # A short path too: the unix socket lives in it.
     tmp = Path(tempfile.mkdtemp(prefix="ncf-mlflow-server-"))
@@ -256,6 +264,75 @@ def mlflow_server() -> Iterator[Server]:
             failures.append("PostgreSQL is still running (or did not shut down cleanly) after the stop")
         shutil.rmtree(tmp, ignore_errors=True)
         assert not failures, "\n".join(failures)
+
+
+@dataclass
+class Postgres:
+    """A bare PostgreSQL cluster on 127.0.0.1:`port`, role `ncf` trusted (a test's own server, nothing else
+    reaches it), with the database `ncf`; `stop` and `start` it to take it away and bring it back."""
+
+    bin: Path
+    dir: Path
+    port: int
+    role: str = "ncf"
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data"
+
+    def uri(self, database: str = "ncf") -> str:
+        return f"postgresql+psycopg://{self.role}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir / 'run'}"
+        start = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-w",
+                 "-t", "120", "-o", options, "start"]
+        done = subprocess.run(as_postgres_user(start), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"PostgreSQL did not start:\n{done.stderr}\n{tail(self.dir / 'postgres.log')}"
+
+    def stop(self) -> None:
+        stop = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"]
+        done = subprocess.run(as_postgres_user(stop), capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, f"PostgreSQL did not stop:\n{done.stderr}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; its URI."""
+        create = [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.role, name]
+        done = subprocess.run(create, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"createdb {name} failed:\n{done.stderr}"
+        return self.uri(name)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[Postgres]:
+    """A fresh PostgreSQL cluster in a temporary folder on a free port, running; stopped and removed afterwards,
+    also when the code using it failed (skips the test when PostgreSQL is not installed)."""
+    pg_bin = skip_without_postgres()
+    tmp = Path(tempfile.mkdtemp(prefix="ncf-postgres-"))  # short, and reachable by the `postgres` user
+    tmp.chmod(0o755)
+    server = Postgres(pg_bin, tmp, free_port())
+    try:
+        (tmp / "run").mkdir()
+        server.data.mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            shutil.chown(server.data, "postgres")
+            shutil.chown(tmp / "run", "postgres")
+        initdb = [str(pg_bin / "initdb"), "-D", str(server.data), "-U", server.role, "--auth=trust", "-E", "UTF8",
+                  "--no-locale"]
+        done = subprocess.run(as_postgres_user(initdb), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
+        server.start()
+        server.create_database("ncf")
+        yield server
+    finally:
+        running = postmaster_running(server.data)
+        if running:
+            server.stop()
+        if postmaster_running(server.data):
+            stop_postgres(server.data)
+        still = wait_closed(server.port)
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not still, f"PostgreSQL still listens on {server.port} after the stop"
 
 
 # ----------------------------------------------------------------------------- Ray nodes
