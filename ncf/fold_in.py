@@ -24,7 +24,7 @@ from ncf.user_ratings import Profiles
 
 __all__ = ["UserSide", "fold_in", "start_side", "time_fold_in"]
 
-# Chosen on the real data (tests/integration/test_fold_in.py): the deck's model, held-out ratings of the test users.
+# Chosen on the real data (tests/integration/test_real_data_fold_in.py): the deck's model, held-out ratings of the test users.
 STEPS, LEARNING_RATE, L2 = 10, 0.01, 1.0
 NEGATIVES = 4  # sampled unrated movies per rating, for a model without a rating head (as in training)
 
