@@ -133,8 +133,10 @@ def test_a_new_user_is_onboarded_then_personalised(http: httpx.Client, champion:
     explained = http.get("/explain", params={"user_id": first, "movie_id": personal["items"][0]["movie_id"]}).json()
     evidence = explained["retrieved_because_you_rated"] + explained["because_you_rated"]
     assert evidence and {e["source"] for e in evidence} == {"live"}
-    # The API's list is the recommender's own ranking of the same profile, folded in.
-    profile = champion.profile(rated, [5.0, 4.5, 1.0, 4.0, 2.0], user_id=first)
+    # The API's list is the recommender's own ranking of the same profile (its ratings as stored), folded in.
+    stored = http.get(f"/users/{first}/history").json()["ratings"][::-1]
+    profile = champion.profile([r["movie_id"] for r in stored], [r["rating"] for r in stored],
+                               [r["timestamp"] for r in stored], user_id=first)
     movies, _ = champion.rank_profiles(profile, 10, user_side=champion.fold_in(profile))
     assert [item["movie_id"] for item in personal["items"]] == champion.ids.movie_ids[movies[0]].tolist()
 
@@ -161,7 +163,9 @@ def test_a_new_champion_serves_every_live_rating_from_its_first_request(http: ht
         assert answer["model_version"] == new and not answer["cold_start"]
         assert not set(onboarding) & {i["movie_id"] for i in answer["items"]}
         newer = model_store.recommender(new)
-        profile = newer.profile(onboarding, [4.5] * 4, user_id=user)
+        stored = http.get(f"/users/{user}/history").json()["ratings"][::-1]
+        profile = newer.profile([r["movie_id"] for r in stored], [r["rating"] for r in stored],
+                                [r["timestamp"] for r in stored], user_id=user)
         movies, _ = newer.rank_profiles(profile, 10, user_side=newer.fold_in(profile))
         assert [i["movie_id"] for i in answer["items"]] == newer.ids.movie_ids[movies[0]].tolist()
         assert before  # the old version answered too
