@@ -206,48 +206,51 @@ def test_a_known_user_rates_a_recommended_movie_from_the_keyboard(page, problems
 # cannot be taken down and its app has no token. Chromium logs the refused request itself as a console error.
 
 
-def test_a_rating_answered_503_is_retried_once_after_retry_after_with_the_same_event_id(page, problems: list[str],
-                                                                                        served_url: str):
-    event_ids = []
+def answered_once(status: int, headers: dict, error: str, posts: list[tuple[str, str | None]]):
+    """A route handler that answers the first POST /ratings itself with `status` and lets the later ones through to
+    the app, recording each post's event id and Authorization header in `posts`."""
 
-    def store_down_once(route):
-        event_ids.append(route.request.post_data_json["ratings"][0]["event_id"])
-        if len(event_ids) == 1:
-            route.fulfill(status=503, headers={"Retry-After": "1"},
-                          json={"error": "the ratings store is unavailable (test); retry later"})
+    def handle(route):
+        posts.append((route.request.post_data_json["ratings"][0]["event_id"],
+                      route.request.headers.get("authorization")))
+        if len(posts) == 1:
+            route.fulfill(status=status, headers=headers, json={"error": error})
         else:
             route.continue_()
 
-    page.route("**/ratings", store_down_once)
-    show_user(page, served_url, user_id=4)
+    return handle
+
+
+def rate_the_top_recommendation(page, served_url: str, handler, user_id: int, stars: int) -> tuple[object, int]:
+    """With `handler` answering POST /ratings, user `user_id`'s first recommendation rated `stars`: its list item
+    and movie id."""
+    page.route("**/ratings", handler)
+    show_user(page, served_url, user_id=user_id)
     top = page.locator("#recommendations li[data-movie-id]").first
     movie_id = int(top.get_attribute("data-movie-id"))
-    top.locator("button[data-rating='5']").click()
+    top.locator(f"button[data-rating='{stars}']").click()
+    return top, movie_id
+
+
+def test_a_rating_answered_503_is_retried_once_after_retry_after_with_the_same_event_id(page, problems: list[str],
+                                                                                        served_url: str):
+    posts = []
+    store_down_once = answered_once(503, {"Retry-After": "1"}, "the ratings store is unavailable (test); retry later",
+                                    posts)
+    _, movie_id = rate_the_top_recommendation(page, served_url, store_down_once, user_id=4, stars=5)
     expect(page.locator("#status")).to_contain_text("retrying in 1 s")
     expect(page.locator(f"#recommendations li[data-movie-id='{movie_id}']")).to_have_count(0)
     expect(page.locator("#status")).to_have_text("")
-    assert len(event_ids) == 2 and event_ids[0] == event_ids[1]
+    assert len(posts) == 2 and posts[0][0] == posts[1][0]
     assert [p for p in problems if "status of 503" not in p] == []
 
 
 def test_a_rating_answered_401_asks_for_the_token_and_sends_it_as_a_bearer(page, problems: list[str],
                                                                           served_url: str):
     posts = []
-
-    def token_needed_once(route):
-        posts.append((route.request.post_data_json["ratings"][0]["event_id"],
-                      route.request.headers.get("authorization")))
-        if len(posts) == 1:
-            route.fulfill(status=401, headers={"WWW-Authenticate": "Bearer"},
-                          json={"error": "writes need the header Authorization: Bearer <NCF_API_TOKEN>"})
-        else:
-            route.continue_()
-
-    page.route("**/ratings", token_needed_once)
-    show_user(page, served_url, user_id=5)
-    top = page.locator("#recommendations li[data-movie-id]").first
-    movie_id = int(top.get_attribute("data-movie-id"))
-    top.locator("button[data-rating='3']").click()
+    token_needed_once = answered_once(401, {"WWW-Authenticate": "Bearer"},
+                                      "writes need the header Authorization: Bearer <NCF_API_TOKEN>", posts)
+    top, movie_id = rate_the_top_recommendation(page, served_url, token_needed_once, user_id=5, stars=3)
     expect(page.locator("#status")).to_contain_text("401")
     expect(page.locator("#token-form")).to_be_visible()
     page.fill("#api-token", "secret-token")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import httpx
 import psutil
 import pytest
 import ray
 from services import Server, mlflow_server
+
+from ncf.recommender import Recommender
 
 
 def _raylet_workers() -> list[psutil.Process]:
@@ -45,3 +48,16 @@ def server() -> Iterator[Server]:
     module that asks for it; every process stopped afterwards, also when a test failed."""
     with mlflow_server() as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def http(served_url: str) -> Iterator[httpx.Client]:
+    """A client of the module's app (`served_url`)."""
+    with httpx.Client(base_url=served_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def champion(model_store) -> Recommender:
+    """The champion the module's app serves, as the app loads it (for comparing answers)."""
+    return model_store.recommender(model_store.champion)

@@ -83,12 +83,6 @@ def test_fuzzing_finds_no_server_error_and_no_answer_outside_the_schema(served_u
 # ----------------------------------------------------------------------------- bounded bodies
 
 
-@pytest.fixture(scope="module")
-def http(served_url: str):
-    with httpx.Client(base_url=served_url, timeout=30) as client:
-        yield client
-
-
 LIMIT = load_config().serve.max_body_bytes  # served_url runs with the default
 
 

@@ -19,17 +19,6 @@ from ncf.recommender import Recommender
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def http(served_url: str):
-    with httpx.Client(base_url=served_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def champion(model_store) -> Recommender:
-    return model_store.recommender(model_store.champion)
-
-
 def event(user_id: int, movie_id: int, rating: float, **extra) -> dict:
     return {"event_id": str(uuid.uuid4()), "user_id": user_id, "movie_id": movie_id, "rating": rating} | extra
 

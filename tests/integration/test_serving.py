@@ -33,17 +33,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
-@pytest.fixture(scope="module")
-def http(served_url: str):
-    with httpx.Client(base_url=served_url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def champion(model_store) -> Recommender:
-    return model_store.recommender(model_store.champion)
-
-
 def seen_movies(recommender: Recommender, user_id: int) -> set[int]:
     user = recommender.user_indices([user_id])[0]
     return set(recommender.ids.movie_ids[recommender.history.movie[recommender.history.user == user]].tolist())
