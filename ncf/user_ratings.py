@@ -103,6 +103,16 @@ class Profiles:
         """Row `row`'s ratings."""
         return self.ratings.take(slice(self.indptr[row], self.indptr[row + 1]))
 
+    def latest(self, n: int) -> Profiles:
+        """Each row's `n` most recent ratings (by timestamp; equal times in the order given), oldest first."""
+        counts = self.counts()
+        if counts.max(initial=0) <= n:
+            return self
+        rated = self.ratings
+        by_time = rated.take(np.lexsort((np.arange(len(rated)), rated.timestamp, rated.user)))
+        from_the_end = np.repeat(self.indptr[1:], counts) - 1 - np.arange(len(rated))
+        return Profiles(by_time.take(from_the_end < n), np.r_[0, np.cumsum(np.minimum(counts, n))], self.users)
+
     def counts(self) -> np.ndarray:
         """How many ratings each profile has."""
         return np.diff(self.indptr)

@@ -135,3 +135,14 @@ def test_evidence_reads_the_profile(recommender: Recommender):
         assert len(movies) and np.isin(movies, stored.of(0).movie).all() and (np.diff(shares) <= 0).all()
         np.testing.assert_array_equal(again[0], movies)
         np.testing.assert_allclose(again[1], shares, rtol=1e-6)
+
+
+def test_latest_keeps_each_rows_most_recent_ratings_oldest_first():
+    ratings = Ratings(np.array([0, 0, 0, 1, 2, 2]), np.array([5, 6, 7, 8, 9, 10]), np.arange(6.0),
+                      np.array([30, 10, 20, 5, 7, 7]))
+    profiles = Profiles(ratings, np.array([0, 3, 4, 6]), np.array([4, NEW_USER, 1]))
+    latest = profiles.latest(2)
+    assert latest.counts().tolist() == [2, 1, 2] and latest.users.tolist() == [4, NEW_USER, 1]
+    assert latest.ratings.movie.tolist() == [7, 5, 8, 9, 10]  # row 0: times 20, 30; row 2: equal times, as given
+    assert latest.ratings.user.tolist() == [0, 0, 1, 2, 2]
+    assert profiles.latest(3) is profiles
