@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from ncf.config_files import ConfigError, read_defaults
 from ncf.config_migration import current_key, with_current_keys
@@ -248,6 +250,22 @@ class ServeConfig(Section):
         return self
 
 
+class FeedbackConfig(Section):
+    """Where live ratings are stored (`ncf.feedback_store`; env NCF_FEEDBACK_URI overrides `uri`)."""
+
+    uri: str  # a SQLAlchemy database URL: sqlite:///<file> or postgresql+psycopg://user@host:port/database
+
+    @field_validator("uri")
+    @classmethod
+    def _database_url(cls, uri: str) -> str:
+        try:
+            make_url(uri)
+        except ArgumentError:
+            raise ValueError(f"'{uri}' is not a database URL (sqlite:///feedback/ratings.db, "
+                             "postgresql+psycopg://user@host:port/database)") from None
+        return uri
+
+
 class Distribution(Section):
     """One searched value, in exactly one form: `choice: [...]`, `uniform: [low, high]`,
     `loguniform: [low, high]` or `randint: [low, high]` (both ends included)."""
@@ -298,6 +316,7 @@ class Config(Section):
     registry: RegistryConfig
     evaluation: EvaluationConfig
     serve: ServeConfig
+    feedback: FeedbackConfig
     tune: TuneConfig
 
     @model_validator(mode="after")

@@ -16,10 +16,9 @@ table's `ncf model alone` row, RMSE, pair predictions); `Recommender` is the who
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import dataclasses
 import json
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np

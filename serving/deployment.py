@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from ray import serve
 from ray.serve import Application
 
-from ncf.config import ServeConfig, load_config
 from ncf import feedback_store
+from ncf.config import ServeConfig, load_config
 from ncf.feedback_store import LiveRating, RatingsStore
 from ncf.integrations import mlflow_tracking
 from serving.answer_cache import ReplayedAnswers
@@ -44,9 +44,12 @@ class RecommenderDeployment:
     """A replica: the HTTP API (`api`) behind its replayed answers (`app`), answering from this replica's model
     version (`served`)."""
 
-    async def __init__(self, settings: dict, tracking_uri: str, feedback_uri: str):
+    async def __init__(self, settings: dict, tracking_uri: str, feedback_uri: str, loopback_only: bool):
         self.config = ServeConfig.model_validate(settings)
-        self.api_token = os.environ.get("NCF_API_TOKEN") or None  # the writes' bearer token (serving.feedback_routes)
+        # Writes (serving.feedback_routes) need this bearer token when it is set or when the app may be reached
+        # from beyond loopback (`loopback_only` false).
+        self.api_token = os.environ.get("NCF_API_TOKEN") or None
+        self.loopback_only = loopback_only
         self.feedback_uri = feedback_uri
         self._store: RatingsStore | None = None
         self._store_lock = threading.Lock()
@@ -127,25 +130,28 @@ class RecommenderDeployment:
             self._misses -= 1
 
 
-def build(config: ServeConfig, tracking_uri: str, feedback_uri: str) -> Application:
+def build(config: ServeConfig, tracking_uri: str, feedback_uri: str, loopback_only: bool) -> Application:
     """The application with its replicas, autoscaling and batching from `config`, its model registry at
-    `tracking_uri` and its ratings store at `feedback_uri`."""
+    `tracking_uri` and its ratings store at `feedback_uri`; `loopback_only`: whether it is reached from loopback
+    only (else writes need NCF_API_TOKEN)."""
     return RecommenderDeployment.options(
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.cpus_per_replica},
-    ).bind(config.model_dump(), tracking_uri, feedback_uri)
+    ).bind(config.model_dump(), tracking_uri, feedback_uri, loopback_only)
 
 
 def build_app(args: dict) -> Application:
     """`serve deploy serving/serve_config.yaml`: conf/serve.yaml, any key overridable in the YAML's `args`.
 
     `tracking_uri` (default: MLFLOW_TRACKING_URI, else the project's store) says where the model registry is;
-    `feedback_uri` (default: NCF_FEEDBACK_URI, else conf/feedback.yaml's) where the ratings store is.
+    `feedback_uri` (default: NCF_FEEDBACK_URI, else conf/feedback.yaml's) where the ratings store is. The app
+    cannot see the address Serve's HTTP options give it, so it takes writes only with NCF_API_TOKEN.
     """
     args = dict(args)
     config = load_config()
     tracking_uri = args.pop("tracking_uri", None) or mlflow_tracking.tracking_uri()
     store_uri = args.pop("feedback_uri", None) or feedback_store.feedback_uri(config.feedback)
-    return build(ServeConfig.model_validate(config.serve.model_dump() | args), tracking_uri, store_uri)
+    return build(ServeConfig.model_validate(config.serve.model_dump() | args), tracking_uri, store_uri,
+                 loopback_only=False)

@@ -21,7 +21,7 @@ RETRY_AFTER_S = 5  # what a 503 asks the client to wait before retrying
 STORE_DOWN = {503: {"model": ErrorOut, "description": "the ratings store is unavailable: nothing was acknowledged; "
                                                      "retry after the Retry-After header's seconds"}}
 WRITE_ERRORS = {401: {"model": ErrorOut, "description": "a write without the bearer token NCF_API_TOKEN"}} | STORE_DOWN
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")  # serve.host values that keep the app to this machine
 bearer = HTTPBearer(auto_error=False, description="NCF_API_TOKEN: needed for writes when it is set or the service "
                                                   "listens beyond loopback")
 router = APIRouter()
@@ -33,10 +33,10 @@ def writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(b
     replica = current_replica()
     token = replica.api_token
     if token is None:
-        if replica.config.host in LOOPBACK:
+        if replica.loopback_only:
             return
-        raise HTTPException(401, "writes are disabled: the service listens beyond loopback and NCF_API_TOKEN is "
-                                 "not set", headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, "writes are disabled: the service may be reached beyond loopback and NCF_API_TOKEN "
+                                 "is not set", headers={"WWW-Authenticate": "Bearer"})
     given = credentials.credentials if credentials is not None else ""
     if not hmac.compare_digest(given.encode(), token.encode()):
         raise HTTPException(401, "writes need the header Authorization: Bearer <NCF_API_TOKEN>",

@@ -52,7 +52,8 @@ class RatingScale:
         return None
 
 
-def rejections(events: list[RatingEvent], rec: Recommender, scale: RatingScale, registered: set[int]) -> list[str | None]:
+def rejections(events: list[RatingEvent], rec: Recommender, scale: RatingScale,
+               registered: set[int]) -> list[str | None]:
     """Why each event cannot be stored (None: it can): a rating off the scale or its step, a movie the model
     version does not know, a user who is neither in the dataset nor given an id by POST /users."""
     known_movies = rec.ids.movie_index(np.asarray([e.movie_id for e in events], dtype=np.int64)) >= 0

@@ -9,8 +9,8 @@ answers.
 
 from __future__ import annotations
 
-from pathlib import Path
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -173,8 +173,8 @@ def history(user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)]) -> dict:
                                                                      "timestamp": int(rated.timestamp[i]),
                                                                      "source": "dataset"})
         for i in range(len(rated))]
-    movies = served.recommender.ids.movie_index(np.asarray([r.movie_id for r in (live := store.ratings_of(user_id))],
-                                                           dtype=np.int64))
+    live = store.ratings_of(user_id)
+    movies = served.recommender.ids.movie_index(np.asarray([r.movie_id for r in live], dtype=np.int64))
     entries += [(r.timestamp, r.seq, served.movie(m) | {"rating": r.rating, "timestamp": r.timestamp, "source": "live"})
                 for r, m in zip(live, movies.tolist(), strict=True) if m >= 0]
     entries.sort(key=lambda e: (e[0], e[1]), reverse=True)

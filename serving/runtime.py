@@ -14,6 +14,7 @@ from ray import serve
 from ncf import feedback_store
 from ncf.config import ServeConfig, load_config
 from serving.deployment import APP_NAME, build
+from serving.feedback_routes import LOOPBACK
 from serving.ingress import haproxy_env, ray_serve_env
 
 
@@ -38,7 +39,8 @@ def running(config: ServeConfig, tracking_uri: str, feedback_uri: str | None = N
                     os.environ[name] = value
         try:
             serve.start(http_options={"host": config.host, "port": config.port})
-            serve.run(build(config, tracking_uri, feedback_uri), name=APP_NAME, route_prefix="/")
+            serve.run(build(config, tracking_uri, feedback_uri, loopback_only=config.host in LOOPBACK), name=APP_NAME,
+                      route_prefix="/")
             yield f"http://{config.host}:{config.port}"
         finally:
             serve.shutdown()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 
 from ncf.ports import free_port
@@ -101,12 +102,28 @@ def postmaster_running(data: Path) -> int | None:
     return pid if str(data).encode() in cmdline else None
 
 
+def as_postgres_user(command: list[str]) -> list[str]:
+    """`command` run as the user PostgreSQL runs as: `postgres` for root (initdb and postgres refuse root)."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def skip_without_postgres() -> Path:
+    """PostgreSQL's bin folder; skips the test when its server programs or (as root) its user are missing."""
+    pg_bin = postgres_bin()
+    if pg_bin is None or not (pg_bin / "pg_ctl").exists():
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root needs a `postgres` system user to run PostgreSQL")
+    return pg_bin
+
+
 def stop_postgres(data: Path) -> None:
     """The last resort: PostgreSQL stopped at once, as the user it runs as."""
     stop = [str(postgres_bin() / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
-    if os.geteuid() == 0:
-        stop = ["runuser", "-u", "postgres", "--", *stop]
-    subprocess.run(stop, capture_output=True, timeout=60)
+    subprocess.run(as_postgres_user(stop), capture_output=True, timeout=60)
 
 
 def session_members(sid: int) -> list[int]:
@@ -173,15 +190,7 @@ def mlflow_server() -> Iterator[Server]:
     """moto's S3 server with a bucket, then platform/mlflow-server.sh on a fresh PostgreSQL folder with its
     artifacts in that bucket; every process is stopped afterwards, also when the code using it failed
     (skips the test when PostgreSQL is not installed)."""
-    pg_bin = postgres_bin()
-    if pg_bin is None or not (pg_bin / "pg_ctl").exists():
-        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root needs a `postgres` system user to run PostgreSQL")
-
+    skip_without_postgres()
     # Not under pytest's temporary folder (mode 0700): as root, the `postgres` user must reach the data folder.
     # A short path too: the unix socket lives in it.
     tmp = Path(tempfile.mkdtemp(prefix="ncf-mlflow-server-"))
@@ -257,6 +266,75 @@ def mlflow_server() -> Iterator[Server]:
         assert not failures, "\n".join(failures)
 
 
+@dataclass
+class Postgres:
+    """A bare PostgreSQL cluster on 127.0.0.1:`port`, role `ncf` trusted (a test's own server, nothing else
+    reaches it), with the database `ncf`; `stop` and `start` it to take it away and bring it back."""
+
+    bin: Path
+    dir: Path
+    port: int
+    role: str = "ncf"
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data"
+
+    def uri(self, database: str = "ncf") -> str:
+        return f"postgresql+psycopg://{self.role}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir / 'run'}"
+        start = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-w",
+                 "-t", "120", "-o", options, "start"]
+        done = subprocess.run(as_postgres_user(start), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"PostgreSQL did not start:\n{done.stderr}\n{tail(self.dir / 'postgres.log')}"
+
+    def stop(self) -> None:
+        stop = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"]
+        done = subprocess.run(as_postgres_user(stop), capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, f"PostgreSQL did not stop:\n{done.stderr}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; its URI."""
+        create = [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.role, name]
+        done = subprocess.run(create, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"createdb {name} failed:\n{done.stderr}"
+        return self.uri(name)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[Postgres]:
+    """A fresh PostgreSQL cluster in a temporary folder on a free port, running; stopped and removed afterwards,
+    also when the code using it failed (skips the test when PostgreSQL is not installed)."""
+    pg_bin = skip_without_postgres()
+    tmp = Path(tempfile.mkdtemp(prefix="ncf-postgres-"))  # short, and reachable by the `postgres` user
+    tmp.chmod(0o755)
+    server = Postgres(pg_bin, tmp, free_port())
+    try:
+        (tmp / "run").mkdir()
+        server.data.mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            shutil.chown(server.data, "postgres")
+            shutil.chown(tmp / "run", "postgres")
+        initdb = [str(pg_bin / "initdb"), "-D", str(server.data), "-U", server.role, "--auth=trust", "-E", "UTF8",
+                  "--no-locale"]
+        done = subprocess.run(as_postgres_user(initdb), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
+        server.start()
+        server.create_database("ncf")
+        yield server
+    finally:
+        running = postmaster_running(server.data)
+        if running:
+            server.stop()
+        if postmaster_running(server.data):
+            stop_postgres(server.data)
+        still = wait_closed(server.port)
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not still, f"PostgreSQL still listens on {server.port} after the stop"
+
+
 # ----------------------------------------------------------------------------- Ray nodes
 
 
@@ -283,3 +361,39 @@ def processes_of(marker: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+@contextlib.contextmanager
+def serve_process(port: int, env: dict[str, str], *overrides: str) -> Iterator[subprocess.Popen]:
+    """`make serve` (`python -m serving`) on 127.0.0.1:`port` with `--set` `overrides`, in a process of its own with
+    `env`; yields it once its banner says it answers, then stops it with SIGTERM (everything it started included,
+    also after a failed check)."""
+    args = [sys.executable, "-m", "serving", "--set", f"serve.port={port}"]
+    for override in overrides:
+        args += ["--set", override]
+    process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started: list[psutil.Process] = []
+    try:
+        output = []
+        for line in process.stdout:  # the banner comes once the app answers
+            output.append(line)
+            if line.startswith("serving "):
+                break
+        assert output and f"http://127.0.0.1:{port}" in output[-1], "".join(output[-40:])
+        started = psutil.Process(process.pid).children(recursive=True)
+        yield process
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {[p.name() for p in alive]}"
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                started = psutil.Process(process.pid).children(recursive=True)
+            process.kill()
+            process.wait(timeout=30)
+        for child in started:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        process.stdout.close()

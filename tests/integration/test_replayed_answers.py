@@ -1,5 +1,5 @@
 """`serving.answer_cache.ReplayedAnswers` in front of a small FastAPI app, driven over ASGI in this process: which
-answers it keeps, for which model version, within which size."""
+answers it keeps, for which model version and state of the user's live ratings, within which size."""
 
 from __future__ import annotations
 
@@ -8,22 +8,26 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 
+from ncf.feedback_store import StoreUnavailable
 from serving.answer_cache import ReplayedAnswers
+from serving.routes import ANSWERED
 
 BODY_BYTES = 400  # each answer's body: user_id, then padding
 
 
-def counting_app() -> tuple[FastAPI, list[str]]:
-    """A /recommend that answers 404 for user 0 and records every request it answers."""
+def counting_app(stamps: dict[int, int] | None = None) -> tuple[FastAPI, list[str]]:
+    """A /recommend that answers 404 for user 0 and records every request it answers; it says, as the app's does,
+    which user and latest live rating (`stamps`, default none) each answer was computed for."""
     api, answered = FastAPI(), []
 
     @api.get("/recommend")
-    async def recommend(user_id: int) -> dict:
+    async def recommend(request: Request, user_id: int) -> dict:
         answered.append(f"recommend {user_id}")
         if user_id == 0:
             raise HTTPException(404, "unknown user")
+        request.scope.setdefault("state", {})[ANSWERED] = (user_id, (stamps or {}).get(user_id, 0))
         return {"user_id": user_id, "pad": "x" * (BODY_BYTES - 21 - len(str(user_id)))}
 
     @api.post("/recommend")
@@ -34,10 +38,19 @@ def counting_app() -> tuple[FastAPI, list[str]]:
     return api, answered
 
 
+class Replica(SimpleNamespace):
+    """The replica `ReplayedAnswers` reads: the version it serves, its config (about 2.5 answers' worth) and each
+    user's latest live rating (`stamps`; None: the ratings store is down)."""
+
+    async def live_stamp(self, user_id: int) -> int:
+        if self.stamps is None:
+            raise StoreUnavailable("down")
+        return self.stamps.get(user_id, 0)
+
+
 @pytest.fixture
 def replica():
-    """The replica `ReplayedAnswers` reads: the version it serves and its config (about 2.5 answers' worth)."""
-    return SimpleNamespace(served=object(), config=SimpleNamespace(answer_cache_mb=2.5 * (BODY_BYTES + 12) / 2**20))
+    return Replica(served=object(), config=SimpleNamespace(answer_cache_mb=2.5 * (BODY_BYTES + 12) / 2**20), stamps={})
 
 
 def ask(app: ReplayedAnswers, *requests: tuple[str, str, dict]) -> list[httpx.Response]:
@@ -81,6 +94,19 @@ def test_a_new_model_version_starts_without_its_predecessors_answers(replica):
     ask(app, get(1), get(1))
     assert answered == ["recommend 1", "recommend 1"]
     assert app.held(replica.served) == 1 and app.held(old) == 0
+
+
+def test_after_a_new_live_rating_of_its_user_an_answer_is_computed_again(replica):
+    api, answered = counting_app(replica.stamps)
+    app = ReplayedAnswers(api, lambda: replica)
+    ask(app, get(1), get(2), get(1))
+    replica.stamps[1] = 7  # user 1 rated a movie: their answer is stale, user 2's is not
+    ask(app, get(1), get(2), get(1))
+    assert answered == ["recommend 1", "recommend 2", "recommend 1"]
+    assert app.held(replica.served) == 2
+    replica.stamps = None  # the store cannot say whether an answer is still true: the app answers
+    ask(app, get(2))
+    assert answered[-1] == "recommend 2"
 
 
 def test_beyond_the_size_limit_the_least_recently_asked_for_answer_goes(replica):

@@ -3,9 +3,7 @@ update under traffic. One app per module (the `served_url` fixture); the update 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from ray.serve.schema import ServeDeploySchema
+from services import serve_process
 
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
@@ -75,20 +74,9 @@ def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_s
     port, stats_port, metrics_port = free_port(), free_port(), free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": model_store.uri, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
                         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port)}
-    process = subprocess.Popen([sys.executable, "-m", "serving", "--set", f"serve.port={port}", "--set",
-                                "serve.ingress=haproxy", "--set", "serve.warm_users=0"], env=env, cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    started: list[psutil.Process] = []
-    try:
-        output = []
-        for line in process.stdout:  # the banner comes once the app answers
-            output.append(line)
-            if line.startswith("serving "):
-                break
-        assert output and f"http://127.0.0.1:{port}" in output[-1], "".join(output)
-        started = psutil.Process(process.pid).children(recursive=True)
+    with serve_process(port, env, "serve.ingress=haproxy", "serve.warm_users=0") as process:
         haproxy = haproxy_processes(process.pid)
-        assert haproxy, f"no HAProxy among {[p.name() for p in started]}"
+        assert haproxy, f"no HAProxy among {[p.name() for p in psutil.Process(process.pid).children(recursive=True)]}"
         # Its files (config, state, the admin socket) in a folder only this user reaches: <folder>/<node id>/...
         command = haproxy[-1].cmdline()
         config = Path(command[command.index("-f") + 1])
@@ -111,24 +99,10 @@ def test_make_serve_behind_haproxy_answers_then_stops_cleanly_on_sigterm(model_s
         assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
         assert httpx.get(f"http://127.0.0.1:{stats_port}/stats", timeout=10).status_code == 200
         assert "haproxy_process" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-
-        started = psutil.Process(process.pid).children(recursive=True)  # with any HAProxy a reload started
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-        _, alive = psutil.wait_procs(started, timeout=30)
-        assert not alive, f"left running: {[p.name() for p in alive]}"
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        assert not config.parents[1].exists()
-    finally:  # after a failed check: `make serve` and everything it started, HAProxy included
-        if process.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                started = psutil.Process(process.pid).children(recursive=True)
-            process.kill()
-        for child in started:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        process.stdout.close()
+    # Stopped by SIGTERM, cleanly (serve_process checks that everything it started, HAProxy included, ended).
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    assert not config.parents[1].exists()
 
 
 # ----------------------------------------------------------------------------- answers
