@@ -137,9 +137,11 @@ class RatingsStore:
         try:
             url = make_url(uri)
         except ArgumentError:
-            raise StoreUnavailable(f"the ratings store URI {uri!r} is not a database URL") from None
+            raise ValueError(f"the ratings store URI {uri!r} is not a database URL") from None
         self.shown = url.render_as_string(hide_password=True)
         self._dialect = url.get_backend_name()
+        if self._dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"the ratings store {self.shown} is neither SQLite nor PostgreSQL")
         with self._errors():
             self._engine = create_engine(url, **self._engine_options(url))
             if self._dialect == "sqlite":

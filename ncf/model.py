@@ -22,6 +22,7 @@ interaction head's otherwise. An `implicit` model has no rating head: its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -51,6 +52,23 @@ class MovieSide(NamedTuple):
     first: torch.Tensor | None  # movies x first hidden width; None without the MLP path
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     vectors: torch.Tensor  # movies x embedding_dim
+
+
+@dataclass(frozen=True)
+class UserSide:
+    """What the model reads of each of P users: the embedding and, with `use_bias`, the bias. A known user's is
+    looked up (`NCF.user_side`); a user folded in from ratings (`ncf.fold_in`) has vectors of its own."""
+
+    embedding: torch.Tensor  # [P, embedding_dim]
+    bias: torch.Tensor | None  # [P]; None without `use_bias`
+
+    def __len__(self) -> int:
+        return len(self.embedding)
+
+    def take(self, rows) -> UserSide:
+        """The users of `rows`, in that order."""
+        rows = torch.as_tensor(rows)
+        return UserSide(self.embedding[rows], None if self.bias is None else self.bias[rows])
 
 
 HAS_MLP = ("mlp", "neumf")
@@ -166,14 +184,23 @@ class NCF(nn.Module):
         rating = self._scale(torch.sigmoid(logits["rating"]) if "rating" in logits else strength)
         return ModelOutput(rating, strength, weights[0], weights[1], logit)
 
+    def user_side(self, users: torch.Tensor) -> UserSide:
+        """The trained vectors of `users` (indices)."""
+        return UserSide(self.user_embedding(users), self.user_bias(users).squeeze(-1) if self.cfg.use_bias else None)
+
     def forward(self, users: torch.Tensor, movies: torch.Tensor) -> ModelOutput:
-        u = self.user_embedding(users)
+        return self.forward_user_side(self.user_side(users), movies)
+
+    def forward_user_side(self, side: UserSide, movies: torch.Tensor, rows: torch.Tensor | None = None) -> ModelOutput:
+        """`forward` from given user vectors: pair i is user row `rows[i]` of `side` (row i without `rows`)
+        with `movies[i]`."""
+        u = side.embedding if rows is None else side.embedding[rows]
         m = self.movie_vectors(movies)
         if self.cfg.attention:
             weights = torch.softmax(self.attention(torch.cat([u, m], dim=-1)), dim=-1)
             user_weight, movie_weight = weights[:, 0], weights[:, 1]
         else:
-            user_weight = movie_weight = torch.full(users.shape, 0.5, device=u.device, dtype=u.dtype)
+            user_weight = movie_weight = torch.full(movies.shape, 0.5, device=u.device, dtype=u.dtype)
         gu, gm = 2 * user_weight[:, None] * u, 2 * movie_weight[:, None] * m
         features = []
         if self.cfg.architecture in HAS_MLP:
@@ -183,7 +210,7 @@ class NCF(nn.Module):
         h = features[0] if len(features) == 1 else torch.cat(features, dim=-1)
         logits = {head: getattr(self, f"{head}_head")(h).squeeze(-1) for head in self.heads}
         if self.cfg.use_bias:
-            bias = self.user_bias(users).squeeze(-1) + self.movie_bias(movies).squeeze(-1)
+            bias = (side.bias if rows is None else side.bias[rows]) + self.movie_bias(movies).squeeze(-1)
             logits = {head: value + bias for head, value in logits.items()}
         return self._outputs(logits, (user_weight, movie_weight))
 
@@ -221,26 +248,43 @@ class NCF(nn.Module):
                     movie_side: MovieSide | None = None) -> torch.Tensor:
         """The ranking logit of every movie (or `movies`, or `movie_side`'s movies) for each user:
         [len(users), n], ordered as the eval-mode `forward` ranks them (`_evaluate` on the grid)."""
+        return self.score_user_side(self.user_side(users), movies, movie_side)
+
+    @torch.no_grad()
+    def score_user_side(self, user_side: UserSide, movies: torch.Tensor | None = None,
+                        movie_side: MovieSide | None = None) -> torch.Tensor:
+        """`score_users` from given user vectors (a row per user)."""
         side = movie_side or self.movie_side(movies)
-        logits, _ = self._evaluate(users, side, _Grid(), (self._ranking_head,))
+        logits, _ = self._evaluate(user_side, side, _Grid(), (self._ranking_head,))
         return logits[self._ranking_head]
 
     @torch.no_grad()
-    def infer(self, users: torch.Tensor, movies: torch.Tensor, movie_side: MovieSide | None = None) -> ModelOutput:
+    def infer(self, users: torch.Tensor, movies: torch.Tensor, movie_side: MovieSide | None = None,
+              user_side: UserSide | None = None) -> ModelOutput:
         """The eval-mode `forward` on (user, movie) pairs, computed cheaper (`_evaluate` on the pairs): each
         distinct user's and movie's half of the attention logits and of the first layer is computed once,
         however many pairs share it (a user's re-ranked candidates share the user; validation pairs share
         their few hundred users), and batch norm is folded into the linear layers. `movie_side`: computed
-        once for sorted movies that include all of `movies`, when several calls share them."""
-        unique_users, user_rows = torch.unique(users, return_inverse=True)
+        once for sorted movies that include all of `movies`, when several calls share them. With `user_side`,
+        `users` are its rows (`forward_user_side`), not user indices."""
+        if user_side is None:
+            unique_users, users = torch.unique(users, return_inverse=True)
+            user_side = self.user_side(unique_users)
         side = movie_side or self.movie_side(torch.unique(movies))
-        logits, weights = self._evaluate(unique_users, side, _Pairs(user_rows, torch.searchsorted(side.movies, movies)),
+        logits, weights = self._evaluate(user_side, side, _Pairs(users, torch.searchsorted(side.movies, movies)),
                                          self.heads)
         return self._outputs(logits, (weights[:, 0] / 2, weights[:, 1] / 2))
 
-    def _evaluate(self, users: torch.Tensor, side: MovieSide, layout: _Grid | _Pairs,
+    def pair_logits(self, user_side: UserSide, rows: torch.Tensor, movies: torch.Tensor, movie_side: MovieSide,
+                    head: str) -> torch.Tensor:
+        """`head`'s eval-mode logit of each pair (row `rows[i]` of `user_side`, `movies[i]`, among `movie_side`'s
+        movies), differentiable in `user_side`: what `ncf.fold_in` fits."""
+        layout = _Pairs(rows, torch.searchsorted(movie_side.movies, movies))
+        return self._evaluate(user_side, movie_side, layout, (head,))[0][head]
+
+    def _evaluate(self, user_side: UserSide, side: MovieSide, layout: _Grid | _Pairs,
                   heads: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The eval-mode forward from `users` (ids) and each movie's `side`, combined by `layout`
+        """The eval-mode forward from the users' vectors and each movie's `side`, combined by `layout`
         (every user with every movie, or given pairs): `heads`' logits and the doubled gates (2 w_u, 2 w_m).
 
         The attention logits and the first layer are linear in [u; m], so their user and movie halves
@@ -248,7 +292,7 @@ class NCF(nn.Module):
         a head is 4 w_u w_m ((u * head weights) . m).
         """
         d = self.cfg.embedding_dim
-        u = self.user_embedding(users)
+        u = user_side.embedding
         if self.cfg.attention:
             weights = 2 * torch.softmax(torch.add(*layout.pair(u @ self.attention.weight[:, :d].T, side.attention)),
                                         dim=-1)
@@ -273,7 +317,7 @@ class NCF(nn.Module):
             for head in heads:
                 logits[head] += gates * layout.dot(u * getattr(self, f"{head}_head").weight[0, width:], side.vectors)
         if self.cfg.use_bias:
-            bias = torch.add(*layout.pair(self.user_bias(users)[:, 0], self.movie_bias(side.movies)[:, 0]))
+            bias = torch.add(*layout.pair(user_side.bias, self.movie_bias(side.movies)[:, 0]))
             logits = {head: value + bias for head, value in logits.items()}
         return logits, weights
 
@@ -311,11 +355,12 @@ class _Pairs:
 
 
 @torch.no_grad()
-def forward_batched(model: NCF, users: torch.Tensor, movies: torch.Tensor, batch_size: int = 8192) -> ModelOutput:
-    """The eval-mode forward (`NCF.infer`) over any number of pairs, a batch at a time, gathered on the CPU (a batch's
-    activations, not the pairs', bound the memory). 8,192 pairs keep the largest activation (512 wide) at 16 MB,
-    under glibc's 32 MB cap on its mmap threshold: freed blocks are reused, where 32 MB ones would be mapped
-    and page-faulted afresh every batch (ten times slower per byte).
+def forward_batched(model: NCF, users: torch.Tensor, movies: torch.Tensor, batch_size: int = 8192,
+                    user_side: UserSide | None = None) -> ModelOutput:
+    """The eval-mode forward (`NCF.infer`; with `user_side`, `users` are its rows) over any number of pairs, a batch
+    at a time, gathered on the CPU (a batch's activations, not the pairs', bound the memory). 8,192 pairs keep the
+    largest activation (512 wide) at 16 MB, under glibc's 32 MB cap on its mmap threshold: freed blocks are reused,
+    where 32 MB ones would be mapped and page-faulted afresh every batch (ten times slower per byte).
 
     Each batch's output is copied into tensors allocated once for all pairs: small per-batch outputs kept
     alive between the batches' large, freed activations fragment the C heap, which then grows by about
@@ -330,7 +375,7 @@ def forward_batched(model: NCF, users: torch.Tensor, movies: torch.Tensor, batch
     side = model.movie_side(distinct.to(device)) if len(distinct) <= batch_size else None
     for start in range(0, len(users), batch_size):
         part = model.infer(users[start: start + batch_size].to(device), movies[start: start + batch_size].to(device),
-                           side)
+                           side, user_side)
         for whole, piece in zip(out, part, strict=True):
             whole[start: start + batch_size] = piece.float().cpu()
     return out

@@ -21,7 +21,7 @@ import torch
 
 from ncf.config import RetrievalConfig
 from ncf.data import Ratings
-from ncf.model import NCF, MovieSide, forward_batched
+from ncf.model import NCF, MovieSide, UserSide, forward_batched
 from ncf.retrievers import NO_RETRIEVER, Retriever
 from ncf.retrievers.matrices import fit_on_ratings, user_profiles
 from ncf.retrievers.sequence import Sequence
@@ -179,12 +179,12 @@ def top_k_unseen(score: ScoreFn, users: np.ndarray, seen: SeenItems, k: int, chu
 PairSignals = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
-def model_signals(model: NCF) -> PairSignals:
+def model_signals(model: NCF, user_side: UserSide | None = None) -> PairSignals:
     """The model's heads on (user, candidate) pairs: the rating head's predicted rating, the interaction
-    head's logit."""
+    head's logit. With `user_side`, the users are its rows (folded-in users, `ncf.fold_in`), not user indices."""
 
     def signals(users: np.ndarray, candidates: np.ndarray) -> dict[str, np.ndarray]:
-        out = forward_batched(model, np.repeat(users, candidates.shape[1]), candidates.ravel())
+        out = forward_batched(model, np.repeat(users, candidates.shape[1]), candidates.ravel(), user_side=user_side)
         return {head: getattr(out, HEAD_SIGNALS[head]).numpy().reshape(candidates.shape) for head in model.heads}
 
     return signals
@@ -251,50 +251,60 @@ class Retrieved:
 
 def rank_profiles(model: NCF, retriever: CandidateRetriever | None, reranking: Reranking, profiles: Profiles, k: int,
                   movie_side: MovieSide | None = None, popularity: np.ndarray | None = None, chunk: int = 256,
-                  retrieved: Retrieved | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  retrieved: Retrieved | None = None,
+                  user_side: UserSide | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The one ranking: each profile's k best movies outside its own (indices [P, k]) and their scores, best first;
     -inf where a profile leaves fewer than k movies to offer.
 
     With a retriever: its top `reranking.width(k)` for the profile's ratings (`CandidateRetriever.score_profiles`:
     the most rated movies only for a profile with nothing it can score), then, where the profile's user has an
     embedding, re-ranked with the NCF heads' signals (`rerank`). A user the model has no embedding for (a new
-    user's profile) is ranked without them: retriever and sequence order, no fold-in of new users. Without a
-    retriever: the model alone over the whole catalogue; `popularity`'s order for users it has no embedding for.
-    `retrieved`: the retrieval already done for these profiles' users (used when it covers them)."""
-    known = profiles.known()
+    user's profile) is ranked without them: retriever and sequence order. Without a retriever: the model alone over
+    the whole catalogue; `popularity`'s order for users it has no embedding for. `user_side` (one row per profile,
+    `ncf.fold_in`): every row's model signals and scores come from its row of `user_side` instead of its user's
+    embedding, so new users' profiles are re-ranked too. `retrieved`: the retrieval already done for these
+    profiles' users (used when it covers them)."""
+    # Who the model scores: users by index (those with an embedding), or every row of the given user side.
+    scored, who = (profiles.known(), profiles.users) if user_side is None else (
+        np.ones(len(profiles), dtype=bool), np.arange(len(profiles)))
     if retriever is None:
-        if popularity is None and not known.all():
+        if popularity is None and not scored.all():
             raise ValueError("without a retriever, only the profiles of users with an embedding can be ranked")
+
+        def model_scores(users: np.ndarray) -> torch.Tensor:
+            """The catalogue's scores of `users` (`who`: indices, or rows of the user side)."""
+            if user_side is None:
+                return model.score_users(torch.as_tensor(users), movie_side=movie_side)
+            return model.score_user_side(user_side.take(users), movie_side=movie_side)
 
         def catalogue(rows: np.ndarray) -> torch.Tensor:
             """The model's scores of the rows' users; popularity for those it has no embedding for."""
-            embedded, users = known[rows], profiles.users[rows]
+            embedded, users = scored[rows], who[rows]
             if embedded.all():
-                return model.score_users(torch.as_tensor(users), movie_side=movie_side)
+                return model_scores(users)
             scores = torch.as_tensor(popularity, dtype=torch.float32).repeat(len(rows), 1)
             if embedded.any():
-                scores[torch.from_numpy(embedded)] = model.score_users(
-                    torch.as_tensor(users[embedded]), movie_side=movie_side).float()
+                scores[torch.from_numpy(embedded)] = model_scores(users[embedded]).float()
             return scores
 
         return top_k_unseen(catalogue, np.arange(len(profiles)), profiles.seen(), k)
-    signals = model_signals(model)
+    signals = model_signals(model, user_side)
     width = reranking.width(k)
     cached = retrieved.rows(profiles.users, width) if retrieved is not None else None
     items, scores = [], []
     for start in range(0, len(profiles), chunk):
         rows = np.arange(start, min(start + chunk, len(profiles)))
-        candidates, scored = ((cached[0][rows], cached[1][rows]) if cached
-                              else retrieve(retriever, profiles.take(rows), width))
+        candidates, scored_candidates = ((cached[0][rows], cached[1][rows]) if cached
+                                         else retrieve(retriever, profiles.take(rows), width))
         n = min(reranking.n_candidates, candidates.shape[1])
-        embedded = known[rows]
+        embedded = scored[rows]
         chunk_items = np.zeros((len(rows), min(k, candidates.shape[1])), dtype=np.int64)
         chunk_scores = np.zeros(chunk_items.shape)
-        for part, heads in ((embedded, True), (~embedded, False)):  # with the heads' signals where there is an
-            if part.any():                                           # embedding, the retriever's order elsewhere
-                part_signals = signals(profiles.users[rows][part], candidates[part][:, :n]) if heads else {}
-                chunk_items[part], chunk_scores[part] = rerank(candidates[part], scored[part], part_signals,
-                                                               reranking, k)
+        for part, heads in ((embedded, True), (~embedded, False)):  # with the heads' signals where the model
+            if part.any():                                           # scores the row, the retriever's order elsewhere
+                part_signals = signals(who[rows][part], candidates[part][:, :n]) if heads else {}
+                chunk_items[part], chunk_scores[part] = rerank(candidates[part], scored_candidates[part],
+                                                               part_signals, reranking, k)
         items.append(chunk_items)
         scores.append(chunk_scores)
     return np.concatenate(items), np.concatenate(scores)

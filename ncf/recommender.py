@@ -26,10 +26,11 @@ import pandas as pd
 import torch
 import yaml
 
+from ncf import fold_in as folding
 from ncf.config import Config, ModelConfig, RetrievalConfig
 from ncf.config_migration import saved_section
 from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
-from ncf.model import NCF, forward_batched
+from ncf.model import NCF, UserSide, forward_batched
 from ncf.ranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, rank_profiles
 from ncf.retrievers import FILE_NAME, load_retriever
 from ncf.user_ratings import NEW_USER, Profiles, SeenItems
@@ -53,9 +54,11 @@ class ModelAlone:
     def __init__(self, model: NCF):
         self.model = model.eval()
 
-    def explain(self, users: np.ndarray, movies: np.ndarray) -> dict[str, np.ndarray]:
-        """Predicted rating, strength and the two attention weights of each pair."""
-        out = forward_batched(self.model, np.asarray(users), np.asarray(movies))
+    def explain(self, users: np.ndarray, movies: np.ndarray,
+                user_side: UserSide | None = None) -> dict[str, np.ndarray]:
+        """Predicted rating, strength and the two attention weights of each pair; with `user_side`, `users` are
+        its rows (folded-in users, `ncf.fold_in`)."""
+        out = forward_batched(self.model, np.asarray(users), np.asarray(movies), user_side=user_side)
         return {name: value.numpy() for name, value in out._asdict().items()}
 
     def predict(self, users: np.ndarray, movies: np.ndarray) -> np.ndarray:
@@ -188,7 +191,8 @@ class Recommender:
     def profile(self, movie_ids, ratings, timestamps=None, user_id: int | None = None) -> Profiles:
         """One user's profile from raw movie ids and their ratings (`Profiles.one`); unknown movie ids raise
         UnknownIdError. With the raw id of a user the model knows, its ranking is re-ranked with the user's
-        embedding; any other user (a new one) is ranked by the retrieval stage alone."""
+        embedding (or its folded-in side); any other user (a new one) is ranked by the retrieval stage alone, or
+        re-ranked from its folded-in side (`rank_profiles(..., fold_in=True)`)."""
         user = self.user_index(user_id) if user_id is not None else None
         return Profiles.one(self.movie_indices(np.asarray(movie_ids, dtype=np.int64).reshape(-1)), ratings,
                             timestamps, NEW_USER if user is None else user)
@@ -205,14 +209,35 @@ class Recommender:
             "user_weight": out["user_weight"], "movie_weight": out["movie_weight"],
         }, columns=PAIR_COLUMNS)
 
-    def rank_profiles(self, profiles: Profiles, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def fold_in(self, profiles: Profiles) -> UserSide:
+        """Each profile's user side folded in from its ratings (`ncf.fold_in`): its user's embedding moved towards
+        the profile's ratings, a new user's started from the mean user. Fold once per profile change and pass the
+        side to `rank_profiles` and `explain_profile`."""
+        return folding.fold_in(self.model, profiles)
+
+    def rank_profiles(self, profiles: Profiles, k: int, fold_in: bool = False,
+                      user_side: UserSide | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The one ranking call: movie indices of each profile's k best movies outside its own (profiles x k) and
         their scores, best first (-inf past the end of what a profile leaves to offer). Retrieval from the
         profile's ratings, re-ranked by the NCF where the profile's user has an embedding; a user without one (a
-        new user: no fold-in yet) gets the retrieval stage's order; a profile with nothing to score, the most
-        rated movies (`ncf.ranking.rank_profiles`)."""
+        new user) gets the retrieval stage's order; a profile with nothing to score, the most rated movies
+        (`ncf.ranking.rank_profiles`). With `user_side` (a row per profile) or `fold_in` (this call folds them in:
+        `fold_in`), every profile is re-ranked by the NCF from its folded-in user side, new users' included."""
+        if fold_in and user_side is None:
+            user_side = self.fold_in(profiles)
         return rank_profiles(self.model, self.candidates, self.reranking, profiles, k, self.movie_side,
-                             self.popularity_scores)
+                             self.popularity_scores, user_side=user_side)
+
+    def explain_profile(self, profile: Profiles, movies: np.ndarray,
+                        user_side: UserSide | None = None) -> dict[str, np.ndarray]:
+        """What the model says of `movies` for the profile's (first row's) user, as `ModelAlone.explain`: from its
+        folded-in `user_side` (first row) when given, else its user's embedding (a new user has none: ValueError)."""
+        movies = np.asarray(movies, dtype=np.int64)
+        if user_side is not None:
+            return self.model_alone.explain(np.zeros(len(movies), dtype=np.int64), movies, user_side.take([0]))
+        if not profile.known()[0]:
+            raise ValueError("a new user's profile has no embedding: explain it with its folded-in user side")
+        return self.model_alone.explain(np.full(len(movies), profile.users[0]), movies)
 
     def top_k(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """`rank_profiles` of known users (by index), each with their stored ratings."""

@@ -21,7 +21,7 @@ from ncf.config import MODEL_URI
 from ncf.config_migration import saved_section
 from ncf.data import Ratings
 from ncf.feedback_store import LiveRating
-from ncf.fold_in import UserSide
+from ncf.model import UserSide
 from ncf.recommender import Recommender
 from ncf.user_ratings import Profiles
 from serving.live_ratings import RatingScale, merged_profile
@@ -161,7 +161,7 @@ class ServedVersion:
         profile = merged_profile(rec, user_id, live)
         side = rec.fold_in(profile)
         movies, scores = rec.rank_profiles(profile, MAX_K, user_side=side)
-        figures = rec.explain_profile(side, movies[0])
+        figures = rec.explain_profile(profile, movies[0], side)
         live_movies = frozenset(rec.ids.movie_index(np.asarray([r.movie_id for r in live], dtype=np.int64)).tolist())
         entry = self.live_users[user_id] = LiveUser(live[-1].seq, profile, side,
                                                     ranking_of(movies[0], scores[0], figures), live_movies)
@@ -212,7 +212,7 @@ class ServedVersion:
         if live:
             user = self.live_user(user_id, live)
             profile, live_movies = user.profile, user.live_movies
-            out = rec.explain_profile(user.side, np.asarray([movie]))
+            out = rec.explain_profile(profile, np.asarray([movie]), user.side)
         else:
             index = int(rec.user_indices([user_id])[0])
             profile, live_movies = rec.profiles_of([index]), frozenset()

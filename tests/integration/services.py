@@ -1,7 +1,7 @@
 """The services the integration tests start and stop themselves, shared by their modules: the tracking
 server of platform/mlflow-server.sh (PostgreSQL, moto's S3 server, MLflow; the `server` fixture of
-conftest.py) and the processes of a Ray cluster found by its own temp dir. Everything listens on
-127.0.0.1, on free ports; every stop is checked."""
+conftest.py), a bare PostgreSQL (the live ratings store's tests) and the processes of a Ray cluster found by its
+own temp dir. Everything listens on 127.0.0.1, on free ports; every stop is checked."""
 
 from __future__ import annotations
 
@@ -314,9 +314,10 @@ def postgres_server() -> Iterator[Postgres]:
     try:
         (tmp / "run").mkdir()
         server.data.mkdir(mode=0o700)
+        (tmp / "postgres.log").touch()
         if os.geteuid() == 0:
-            shutil.chown(server.data, "postgres")
-            shutil.chown(tmp / "run", "postgres")
+            for path in (server.data, tmp / "run", tmp / "postgres.log"):
+                shutil.chown(path, "postgres")
         initdb = [str(pg_bin / "initdb"), "-D", str(server.data), "-U", server.role, "--auth=trust", "-E", "UTF8",
                   "--no-locale"]
         done = subprocess.run(as_postgres_user(initdb), capture_output=True, text=True, timeout=180)

@@ -293,3 +293,13 @@ def test_relevance_thresholds_are_config_keys_that_older_saved_configs_complete(
     assert (evaluation.relevant_rating, evaluation.seed_relevant_rating) == (4.0, 3.0)
     assert saved_section("evaluation", {}) == {"relevant_rating": 4.0, "seed_relevant_rating": 3.0}
     assert saved_section("evaluation", {"relevant_rating": 4.5})["relevant_rating"] == 4.5
+
+
+def test_the_live_ratings_store_is_a_database_url():
+    """`feedback.uri` (conf/feedback.yaml): an embedded SQLite file by default, any SQLAlchemy URL by override;
+    a value that is no database URL is refused with the key's name."""
+    assert load_config().feedback.uri == "sqlite:///feedback/ratings.db"
+    postgres = "postgresql+psycopg://ncf@127.0.0.1:5432/ncf_feedback"
+    assert load_config([f"feedback.uri={postgres}"]).feedback.uri == postgres
+    with pytest.raises(ConfigError, match=r"feedback\.uri: .*'ratings\.db' is not a database URL"):
+        load_config(["feedback.uri=ratings.db"])

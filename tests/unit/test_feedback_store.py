@@ -277,3 +277,10 @@ def test_the_environment_overrides_the_configured_uri(monkeypatch: pytest.Monkey
     assert feedback_uri(config) == config.uri == "sqlite:///feedback/ratings.db"
     monkeypatch.setenv(feedback_store.ENV_URI, "postgresql+psycopg://ncf@127.0.0.1:5432/ncf_feedback")
     assert feedback_uri(config) == "postgresql+psycopg://ncf@127.0.0.1:5432/ncf_feedback"
+
+
+def test_a_uri_that_names_no_supported_database_is_refused():
+    with pytest.raises(ValueError, match="not a database URL"):
+        RatingsStore("ratings.db")
+    with pytest.raises(ValueError, match="neither SQLite nor PostgreSQL"):
+        RatingsStore("mysql://ncf@127.0.0.1/ratings")

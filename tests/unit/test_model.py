@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ncf.config import ModelConfig, load_config
-from ncf.model import NCF, UniformDropout, count_flops_per_sample, forward_batched
+from ncf.model import NCF, UniformDropout, UserSide, count_flops_per_sample, forward_batched
 
 N_USERS, N_MOVIES, N_GENRES = 9, 23, 5
 
@@ -317,3 +317,33 @@ def test_flops_of_the_paper_architectures():
                        "model.architecture=neumf", "model.attention=false", "model.objective=joint")
     # no attention; MLP 16x16 and 16x8; GMF product 8; two heads over 8 + 8.
     assert count_flops_per_sample(cfg) == 2 * (16 * 16 + 16 * 8 + 8 + 2 * 16)
+
+
+def random_user_side(model: NCF, n: int) -> UserSide:
+    """Vectors of `n` users the model never saw (a fold-in's output)."""
+    g = torch.Generator().manual_seed(11)
+    bias = torch.randn(n, generator=g) if model.cfg.use_bias else None
+    return UserSide(torch.randn(n, model.cfg.embedding_dim, generator=g) * 0.3, bias)
+
+
+@pytest.mark.parametrize("options", [(), ("model.use_bias=true", "model.use_genres=true"), *ARCHITECTURES])
+def test_the_model_reads_a_given_user_side_as_its_embeddings(options):
+    """`forward_user_side` with the looked-up vectors is `forward` bit for bit, pair rows or one row per pair; the
+    fast scorers from a user side (`score_user_side`, `infer` and `forward_batched` with `user_side`) give the
+    forward's outputs for vectors of users the model never saw."""
+    model = trained_looking_model(*options)
+    users, movies = all_pairs()
+    with torch.no_grad():
+        expected = model(users, movies)
+        for got in (model.forward_user_side(model.user_side(users), movies),
+                    model.forward_user_side(model.user_side(torch.arange(N_USERS)), movies, users)):
+            for name, value in got._asdict().items():
+                assert torch.equal(value, getattr(expected, name)), name
+        side = random_user_side(model, 4)
+        rows = torch.arange(4).repeat_interleave(N_MOVIES)
+        new = model.forward_user_side(side, torch.arange(N_MOVIES).repeat(4), rows)
+    assert torch.allclose(model.score_user_side(side), new.logit.view(4, N_MOVIES), atol=1e-5)
+    for got in (model.infer(rows, torch.arange(N_MOVIES).repeat(4), user_side=side),
+                forward_batched(model, rows, torch.arange(N_MOVIES).repeat(4), batch_size=7, user_side=side)):
+        for name, value in got._asdict().items():
+            assert torch.allclose(value, getattr(new, name), atol=1e-5), name

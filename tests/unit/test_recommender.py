@@ -135,13 +135,13 @@ def test_the_retriever_travels_with_the_recommender(tiny_movielens: MovieLens, t
 def test_a_model_saved_before_a_config_key_existed_still_loads(recommender: Recommender, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch):
     """Keys added to the model and retrieval sections since a model was registered take their shipped defaults;
-    sections added since (evaluation) are not read by a loaded model."""
+    sections added since (evaluation, feedback) are not read by a loaded model."""
     folder = recommender.save(tmp_path / "model")
     saved = yaml.safe_load((folder / "config.yaml").read_text())
     for section, keys in ADDED_KEYS.items():
         for key in keys:
             del saved[section][key]
-    del saved["evaluation"]
+    del saved["evaluation"], saved["feedback"]
     (folder / "config.yaml").write_text(yaml.safe_dump(saved))
     monkeypatch.setenv("NCF_CONF_DIR", str(tmp_path / "no-conf-here"))  # a registered model's code has no conf/
     loaded = Recommender.load(folder)

@@ -1,0 +1,104 @@
+"""Folding users' ratings into the frozen model: the user side (embedding, bias) that predicts them.
+
+The user embeddings are fitted at training time; a user who has rated movies since, or one the model never saw,
+is folded in: from the trained vectors (a new user: the mean of every user's), a few Adam steps on that user's
+ratings alone fit the rating head's prediction to each rating (the model's eval-mode forward, `NCF.pair_logits`,
+its movie side computed once), with an L2 pull towards the start so that a couple of ratings move it a little,
+not wildly. A model with only an interaction head (`objective: implicit`) fits its logit to "rated" on the rated
+movies against `NEGATIVES` sampled unrated movies per rating (binary cross-entropy, as it was trained).
+
+Every profile row is fitted in one optimisation, each row on a loss of its own: Adam's steps are per coordinate,
+so a row's result does not depend on the others; a row without ratings keeps its start vector. The model's
+parameters, their gradients and its train/eval mode are left as they were.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ncf.model import NCF, UserSide
+from ncf.user_ratings import Profiles
+
+__all__ = ["UserSide", "fold_in", "start_side", "time_fold_in"]
+
+# Chosen on the real data (tests/integration/test_real_data_fold_in.py): the deck's model, held-out ratings of the test users.
+STEPS, LEARNING_RATE, L2 = 10, 0.01, 1.0
+NEGATIVES = 4  # sampled unrated movies per rating, for a model without a rating head (as in training)
+
+
+def start_side(model: NCF, profiles: Profiles) -> UserSide:
+    """Where each row's fold-in starts: its user's trained vectors, the mean user's for `NEW_USER` rows."""
+    with torch.no_grad():
+        known = torch.from_numpy(profiles.known())
+        looked_up = model.user_side(torch.from_numpy(np.where(profiles.known(), profiles.users, 0)))
+        mean = model.user_side(torch.arange(model.user_embedding.num_embeddings))
+        embedding = torch.where(known[:, None], looked_up.embedding, mean.embedding.mean(0))
+        bias = None if mean.bias is None else torch.where(known, looked_up.bias, mean.bias.mean())
+    return UserSide(embedding, bias)
+
+
+def _targets(model: NCF, profiles: Profiles, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fitted pairs (profile row, movie) and their targets: the ratings for a rating head; 1 on the rated
+    movies and 0 on sampled unrated ones for an interaction head alone. Unknown ratings (NaN) are left out."""
+    rated = profiles.ratings
+    rows, movies, targets = rated.user, rated.movie, rated.rating
+    if "rating" in model.heads:
+        keep = np.isfinite(targets)
+        return (torch.from_numpy(rows[keep]), torch.from_numpy(movies[keep]),
+                torch.from_numpy(targets[keep]).float())
+    n_movies = model.movie_embedding.num_embeddings
+    negative_rows = np.repeat(rows, NEGATIVES)
+    negatives = np.random.default_rng(seed).integers(n_movies, size=len(negative_rows))
+    unrated = ~np.isin(negative_rows * n_movies + negatives, rows * n_movies + movies)
+    rows = np.concatenate([rows, negative_rows[unrated]])
+    movies = np.concatenate([movies, negatives[unrated]])
+    labels = np.r_[np.ones(len(rated)), np.zeros(int(unrated.sum()))]
+    return torch.from_numpy(rows), torch.from_numpy(movies), torch.from_numpy(labels).float()
+
+
+def fold_in(model: NCF, profiles: Profiles, steps: int = STEPS, lr: float = LEARNING_RATE, l2: float = L2,
+            seed: int = 0) -> UserSide:
+    """One user side per profile row fitted to the row's ratings against the frozen model: per row,
+    sum of squared rating errors (or the interaction head's cross-entropy) + l2 * squared distance from the start
+    (embedding and bias), minimised by `steps` Adam steps of size `lr`. `seed`: the sampled unrated movies'."""
+    start = start_side(model, profiles)
+    rows, movies, targets = _targets(model, profiles, seed)
+    if not len(rows) or steps == 0:
+        return start
+    head = "rating" if "rating" in model.heads else "interaction"
+    movie_side = model.movie_side(torch.unique(movies))
+    origins = [start.embedding] if start.bias is None else [start.embedding, start.bias]
+    fitted = [origin.clone().requires_grad_() for origin in origins]
+    optimiser = torch.optim.Adam(fitted, lr=lr)
+    low, span = model.cfg.rating_min, model.cfg.rating_max - model.cfg.rating_min
+    for _ in range(steps):
+        side = UserSide(fitted[0], fitted[1] if len(fitted) > 1 else None)
+        logit = model.pair_logits(side, rows, movies, movie_side, head)
+        if head == "rating":
+            error = torch.sum((low + span * torch.sigmoid(logit) - targets) ** 2)
+        else:
+            error = torch.nn.functional.binary_cross_entropy_with_logits(logit, targets, reduction="sum")
+        pull = sum(torch.sum((value - origin) ** 2) for value, origin in zip(fitted, origins, strict=True))
+        for value, gradient in zip(fitted, torch.autograd.grad(error + l2 * pull, fitted), strict=True):
+            value.grad = gradient
+        optimiser.step()
+    return UserSide(fitted[0].detach(), fitted[1].detach() if len(fitted) > 1 else None)
+
+
+def time_fold_in(model: NCF, n_ratings: int = 100, repeats: int = 50, seed: int = 0) -> dict[str, float]:
+    """Milliseconds (median and max over `repeats`) of one new user's fold-in of `n_ratings` random ratings, on
+    the calling thread's torch settings (a Serve replica runs one thread: `torch.set_num_threads(1)`)."""
+    rng = np.random.default_rng(seed)
+    movies = rng.choice(model.movie_embedding.num_embeddings, size=n_ratings, replace=False)
+    ratings = rng.integers(1, 11, size=n_ratings) / 2
+    profile = Profiles.one(movies, ratings)
+    fold_in(model, profile)  # warm-up: the first call allocates
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fold_in(model, profile)
+        times.append(1000 * (time.perf_counter() - begin))
+    return {"median_ms": float(np.median(times)), "max_ms": float(np.max(times)), "n_ratings": n_ratings}
