@@ -264,12 +264,12 @@ def section(run: ModelRun, relevant: float) -> list[str]:
     ]
 
 
-def report(runs: list[ModelRun], args, relevant: float, serve_conf: ServeConfig, load_before: tuple,
-           replayed: list[list[ReplayedRating]]) -> str:
+def report(runs: list[ModelRun], args, command: list[str], relevant: float, serve_conf: ServeConfig,
+           load_before: tuple, replayed: list[list[ReplayedRating]]) -> str:
     return "\n".join([
         "# Live ratings: prequential replay, freshness, ingestion, fold-in",
         "",
-        f"Written by `python -m jobs.bench_feedback {' '.join(sys.argv[1:])}`".rstrip() + " (`make bench-feedback`) on "
+        f"Written by `python -m jobs.bench_feedback {' '.join(command)}`".rstrip() + " (`make bench-feedback`) on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
         f"- Machine: {cpu_model()}, shared with other developers: load average {load_before[0]:.1f} when the run "
@@ -331,12 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     mlflow.set_registry_uri(tracking_uri)
     data = load_movielens(config.data)
     replayed = ratings_to_replay(data, args.users, seed=0)
+    command = sys.argv[1:] if argv is None else argv
+    relevant = config.evaluation.relevant_rating
     runs = []
     for model_uri in args.model_uri or [config.serve.model_uri]:
-        runs.append(bench_model(model_uri, args, data, replayed, config.evaluation.relevant_rating, tracking_uri))
+        runs.append(bench_model(model_uri, args, data, replayed, relevant, tracking_uri))
         # Written after each model: a run stopped later keeps what it measured.
-        write_atomically(args.out, report(runs, args, config.evaluation.relevant_rating, config.serve, load_before,
-                                          replayed), "report")
+        write_atomically(args.out, report(runs, args, command, relevant, config.serve, load_before, replayed),
+                         "report")
         print(f"wrote {args.out}", flush=True)
     return 0
 
