@@ -99,13 +99,16 @@ check-deploy: venv  ## validate platform/ offline (Dockerfiles, KubeRay manifest
 	$(PY) -m jobs.check_deployment
 
 # ---- Serving: the champion over HTTP (API + web page), and its load test ----
-.PHONY: serve bench-serve
+.PHONY: serve bench-serve bench-feedback
 
 serve: venv  ## API and web page on 127.0.0.1:8000 (conf/serve.yaml) following the champion; Ctrl-C stops it
 	$(PY) -m serving $(ARGS)
 
 bench-serve: venv  ## load test of /recommend vs the naive path, loopback only -> docs/benchmarks/serve_load.md
 	$(PY) -m jobs.bench_serve $(ARGS)
+
+bench-feedback: venv  ## live ratings: prequential replay live vs frozen, freshness, ingestion, fold-in -> docs/benchmarks/feedback.md
+	$(PY) -m jobs.bench_feedback $(ARGS)
 
 # ---- Batch: every user's recommendations at once ----
 .PHONY: recommend-all
