@@ -14,15 +14,13 @@ parameters, their gradients and its train/eval mode are left as they were.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
 from ncf.model import NCF, UserSide
 from ncf.user_ratings import Profiles
 
-__all__ = ["UserSide", "fold_in", "start_side", "time_fold_in"]
+__all__ = ["UserSide", "fold_in", "start_side"]
 
 # Chosen on the real data (tests/integration/test_real_data_fold_in.py, the deck's model, 4 epochs): the later half
 # of each user's test ratings, with the earlier half folded in, RMSE 0.9146 -> 0.899 (from the mean user: 1.014 ->
@@ -94,18 +92,3 @@ def fold_in(model: NCF, profiles: Profiles, steps: int = STEPS, lr: float = LEAR
         optimiser.step()
     return UserSide(fitted[0].detach(), fitted[1].detach() if len(fitted) > 1 else None)
 
-
-def time_fold_in(model: NCF, n_ratings: int = 100, repeats: int = 50, seed: int = 0) -> dict[str, float]:
-    """Milliseconds (median and max over `repeats`) of one new user's fold-in of `n_ratings` random ratings, on
-    the calling thread's torch settings (a Serve replica runs one thread: `torch.set_num_threads(1)`)."""
-    rng = np.random.default_rng(seed)
-    movies = rng.choice(model.movie_embedding.num_embeddings, size=n_ratings, replace=False)
-    ratings = rng.integers(1, 11, size=n_ratings) / 2
-    profile = Profiles.one(movies, ratings)
-    fold_in(model, profile)  # warm-up: the first call allocates
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fold_in(model, profile)
-        times.append(1000 * (time.perf_counter() - begin))
-    return {"median_ms": float(np.median(times)), "max_ms": float(np.max(times)), "n_ratings": n_ratings}

@@ -273,18 +273,26 @@ class Ingest:
 
 
 async def ingest(base: str, user_ids: list[int], movie_ids: list[int], values: list[float], clients: int,
-                 batch: int, seconds: float, retry_share: float, tag: str, ledger: Ledger, seed: int = 0) -> Ingest:
+                 batch: int, seconds: float, retry_share: float, tag: str, ledger: Ledger, seed: int = 0,
+                 rate: float | None = None) -> Ingest:
     """`clients` clients posting batches of `batch` random valid ratings (known users and movies, values of the
-    scale, new event ids) back to back for `seconds`, a random `retry_share` of the batches posted a second time
-    as they were; meanwhile one more client reads random users' top 10."""
+    scale, new event ids) for `seconds`, back to back or, with `rate`, paced to offer that many ratings a second
+    in all (a client behind its schedule sends at once); a random `retry_share` of the batches posted a second
+    time as they were; meanwhile one more client reads random users' top 10."""
     deadline = time.perf_counter() + seconds
     post_ms: list[float] = []
     recommend_ms: list[float] = []
     counts = {"acknowledged": 0, "post_errors": 0, "recommend_errors": 0, "retried": 0, "not_duplicate": 0}
 
+    interval = clients * batch / rate if rate else 0.0  # between one client's batches
+
     async def poster(number: int) -> None:
         rng, connection = random.Random(f"{seed}-{number}"), Connection(base, auth_headers())
+        next_at = time.perf_counter() + number * interval / clients
         for sent in itertools.count():
+            if interval:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at += interval
             if time.perf_counter() > deadline:
                 break
             events = [{"event_id": f"{tag}-{number}-{sent}-{i}", "user_id": rng.choice(user_ids),
@@ -316,8 +324,8 @@ async def ingest(base: str, user_ids: list[int], movie_ids: list[int], values: l
     await asyncio.gather(reader(), *(poster(n) for n in range(clients)))
     elapsed = time.perf_counter() - started
     return Ingest(counts["acknowledged"], elapsed, batch, counts["retried"], counts["not_duplicate"],
-                  Phase(f"{tag}: POST /ratings ({batch} ratings)", "/ratings", clients, None, post_ms,
-                        counts["post_errors"], elapsed),
+                  Phase(f"{tag}: POST /ratings ({batch} ratings)", "/ratings", clients, rate / batch if rate else None,
+                        post_ms, counts["post_errors"], elapsed),
                   Phase(f"{tag}: GET /recommend meanwhile", "/recommend", 1, None, recommend_ms,
                         counts["recommend_errors"], elapsed))
 

@@ -9,7 +9,7 @@ import torch
 
 from ncf.config import load_config
 from ncf.data import MovieLens, Ratings
-from ncf.fold_in import fold_in, start_side, time_fold_in
+from ncf.fold_in import fold_in, start_side
 from ncf.metrics import rmse
 from ncf.model import NCF, forward_batched
 from ncf.ranking import fit_retriever
@@ -153,8 +153,3 @@ def test_the_model_alone_ranks_the_catalogue_from_a_user_side(with_bias, tiny_mo
     scores[:, torch.from_numpy(rated.movie)] = float("-inf")
     np.testing.assert_array_equal(top, torch.topk(scores, 10).indices.numpy())
     assert alone.rank_profiles(profiles.take([1]), 10)[0].tolist() != top[1:].tolist()  # popularity without it
-
-
-def test_time_fold_in_reports_milliseconds(with_bias):
-    timing = time_fold_in(with_bias[0], n_ratings=20, repeats=2)
-    assert timing["n_ratings"] == 20 and 0 < timing["median_ms"] <= timing["max_ms"]
