@@ -10,6 +10,8 @@ answers.
 from __future__ import annotations
 
 import asyncio
+import re
+from functools import cache
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +21,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from ncf.feedback_store import StoreUnavailable
 from ncf.recommender import UnknownIdError
@@ -74,7 +77,18 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # and a malformed body is invalid input like any other: 422, as documented.
         cause = type(exc.__cause__).__name__ if exc.__cause__ else "malformed"
         return JSONResponse({"error": f"body: could not be decoded as JSON ({cause})"}, status_code=422)
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names the methods of one route; a path may have several (/users)
+        headers = {"Allow": ", ".join(sorted({method for pattern, methods in _documented_methods()
+                                              if pattern.match(request.url.path) for method in methods}))}
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+
+
+@cache
+def _documented_methods() -> list[tuple[re.Pattern, set[str]]]:
+    """Each path of the OpenAPI schema (as a pattern) with the methods it documents."""
+    return [(compile_path(path)[0], {method.upper() for method in operations})
+            for path, operations in api.openapi()["paths"].items()]
 
 
 @api.exception_handler(UnknownIdError)

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_K = 100  # the API's limit on k, and the length of each cached ranking
 MAX_PAIRS = 10_000
@@ -117,14 +117,25 @@ class HistoryOut(BaseModel):
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 
 
+def not_a_boolean(value: object) -> object:
+    """JSON's true and false are no numbers (pydantic would read them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+NumberId = Annotated[Id, BeforeValidator(not_a_boolean)]
+
+
 class RatingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     event_id: Text = Field(description="the client's id of this event: posting it again changes nothing (safe retries)")
-    user_id: Id
-    movie_id: Id
-    rating: float = Field(description="on the dataset's scale and step (MovieLens: 0.5 to 5.0 in half stars)")
-    timestamp: Annotated[int, Field(ge=0, le=MAX_ID)] | None = Field(
+    user_id: NumberId
+    movie_id: NumberId
+    rating: Annotated[float, BeforeValidator(not_a_boolean)] = Field(
+        description="on the dataset's scale and step (MovieLens: 0.5 to 5.0 in half stars)")
+    timestamp: Annotated[int, Field(ge=0, le=MAX_ID), BeforeValidator(not_a_boolean)] | None = Field(
         default=None, description="when the user rated (unix seconds); default: when the service receives it")
     rec_id: Text | None = Field(default=None, description="the rec_id of the /recommend answer the movie was in")
 

@@ -5,12 +5,15 @@ with a JSON error before they are parsed. One app for the module (the `served_ur
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,15 +33,32 @@ MIN_REQUESTS = 1000
 TIME_LIMIT_S = 300  # the whole run on the 2-core machine (about a minute when quiet)
 
 
+TOKEN = f"fuzz-{secrets.token_hex(16)}"  # the app's NCF_API_TOKEN: the writes' bearer token
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _writes_need_a_token() -> Iterator[None]:
+    """The module's app starts with NCF_API_TOKEN set (its replicas take it from the environment Ray starts in), so
+    the fuzzer checks that writes without the token are refused as the schema says, and writes with it accepted."""
+    previous = os.environ.get("NCF_API_TOKEN")
+    os.environ["NCF_API_TOKEN"] = TOKEN
+    yield
+    if previous is None:
+        os.environ.pop("NCF_API_TOKEN")
+    else:
+        os.environ["NCF_API_TOKEN"] = previous
+
+
 def fuzz(base_url: str, report: Path) -> subprocess.CompletedProcess:
     """`st run` against the schema the app publishes: the examples, coverage and fuzzing phases (stateful needs
-    links the schema has none of), valid and invalid data, every check; a fixed seed, so each run sends the same
+    links the schema has none of), valid and invalid data, every check (those of authentication included: requests
+    carry the bearer token, and the fuzzer also sends them without it); a fixed seed, so each run sends the same
     requests; every request and response recorded in `report` (HAR)."""
     return subprocess.run(
         [str(SCHEMATHESIS), "run", f"{base_url}/openapi.json", "--phases", "examples,coverage,fuzzing",
          "--checks", "all", "--mode", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", "13",
          "--generation-database", "none", "--workers", "1", "--request-timeout", "60", "--no-color",
-         "--report", "har", "--report-har-path", str(report)],
+         "--header", f"Authorization: Bearer {TOKEN}", "--report", "har", "--report-har-path", str(report)],
         cwd=report.parent, capture_output=True, text=True, timeout=TIME_LIMIT_S)  # cwd: no stray schemathesis.toml
 
 
