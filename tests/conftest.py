@@ -53,10 +53,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, layer))
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _ratings_store_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Served apps, jobs and subprocesses keep posted ratings in a store of the session's own (NCF_FEEDBACK_URI),
-    never in the working directory's feedback/ratings.db."""
+    """Served apps, jobs and subprocesses keep posted ratings in a store of the module's own (NCF_FEEDBACK_URI),
+    never in the working directory's feedback/ratings.db, and no module sees another's ratings."""
     previous = os.environ.get("NCF_FEEDBACK_URI")
     os.environ["NCF_FEEDBACK_URI"] = f"sqlite:///{tmp_path_factory.mktemp('feedback') / 'ratings.db'}"
     yield
