@@ -29,6 +29,8 @@ __all__ = ["UserSide", "fold_in", "start_side"]
 STEPS, LEARNING_RATE, L2 = 6, 0.015, 1.0
 # The ratings of a profile a fold-in reads: its latest. A known user's embedding already holds their older ones, and
 # the cost grows with the ratings read (a user with 2,000 took over 100 ms on one thread; 100 take about 10 ms).
+# Reading the latest 100 rather than every rating also fits better on the same check: 0.9146 -> 0.872 (new users:
+# 1.014 -> 0.882); the step settings above were chosen reading every rating.
 LATEST = 100
 NEGATIVES = 4  # sampled unrated movies per rating, for a model without a rating head (as in training)
 
