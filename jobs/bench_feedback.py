@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -63,6 +62,7 @@ from ncf.ports import free_port
 from ncf.prepared import load_movielens
 from serving.model_version import resolve_version
 from serving.runtime import running
+from workflows.benchmarks import machine_line
 from workflows.feedback_bench import (
     Freshness,
     Ingest,
@@ -191,16 +191,6 @@ def bench_model(model_uri: str, args, data: MovieLens, users: list[list[Replayed
                     ingested, checks, ledgers, fold_in_ms, args.fold_in_ratings)
 
 
-def cpu_model() -> str:
-    """The machine's processor as /proc/cpuinfo names it, with the count of logical CPUs."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{len(names) or os.cpu_count()} x {names[0] if names else platform.processor() or platform.machine()}"
-
-
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -281,9 +271,8 @@ def report(runs: list[ModelRun], args, command: list[str], relevant: float, serv
         f"Written by `python -m jobs.bench_feedback {' '.join(command)}`".rstrip() + " (`make bench-feedback`) on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
-        f"- Machine: {cpu_model()}, shared with other developers: load average {load_before[0]:.1f} when the run "
-        f"started, {os.getloadavg()[0]:.1f} when it ended. Clients, Ray Serve's proxy, replicas and the ratings store "
-        "all run on it, over loopback.",
+        machine_line(load_before) + " Clients, Ray Serve's proxy, replicas and the ratings store all run on it, over "
+        "loopback.",
         f"- Served as `make serve` serves (conf/serve.yaml, `serving.runtime.running`) with {REPLICAS} replicas "
         f"(min = max), {serve_conf.cpus_per_replica:g} CPU each, ingress `{serve_conf.ingress}`, each model twice: "
         "serve.live_updates=true (replay, then freshness, then ingestion) and false (the replay), each time on a "

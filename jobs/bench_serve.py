@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import sys
 from datetime import datetime, timezone
@@ -55,6 +54,7 @@ from ncf.ports import free_port
 from serving.model_version import ModelNotFoundError, Ranking, ServedVersion, load_version, resolve_version
 from serving.routes import NO_TELEMETRY
 from serving.runtime import running
+from workflows.benchmarks import machine_line
 from workflows.http_load import Phase, run_phase, side_by_side
 from workflows.training_run import train_and_publish
 
@@ -166,9 +166,7 @@ def report(phases: list[Phase], args, serve_conf: ServeConfig, version: str, ser
         f"Written by `python -m jobs.bench_serve {' '.join(sys.argv[1:])}`".rstrip() + " (`make bench-serve`) on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
-        f"- Machine: {os.cpu_count()} CPU cores ({platform.machine()}), shared with other developers: load average "
-        f"{load_before[0]:.1f} when the run started, {os.getloadavg()[0]:.1f} when it ended. Client, ingress and "
-        "replicas all run on it, over loopback.",
+        machine_line(load_before) + " Client, ingress and replicas all run on it, over loopback.",
         f"- Model: `{serve_conf.model_uri}` = version {version}: embedding {model.embedding_dim}, "
         f"MLP {model.hidden_dims}, {served.recommender.ids.n_users} users x {served.recommender.ids.n_movies} movies.",
         f"- Served app: conf/serve.yaml (replicas {serve_conf.min_replicas}-{serve_conf.max_replicas}, "

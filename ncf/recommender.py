@@ -278,21 +278,20 @@ class Recommender:
         """k movie indices to ask a new user to rate, none of `rated`: each genre's most rated movie not picked yet,
         genre after genre (the most rated genres first), round after round, so that a few ratings already tell
         tastes apart."""
-        excluded = set(np.asarray(rated, dtype=np.int64).tolist())
+        taken = set(np.asarray(rated, dtype=np.int64).tolist())  # rated, or picked already
         picked: list[int] = []
-        chosen: set[int] = set()
         positions = dict.fromkeys(self.genre_queues, 0)
         while len(picked) < k and positions:
             for genre in list(positions):
                 queue, at = self.genre_queues[genre], positions[genre]
-                while at < len(queue) and (queue[at] in chosen or queue[at] in excluded):
+                while at < len(queue) and queue[at] in taken:
                     at += 1
                 if at == len(queue):
                     del positions[genre]
                     continue
                 positions[genre] = at + 1
                 picked.append(queue[at])
-                chosen.add(queue[at])
+                taken.add(queue[at])
                 if len(picked) == k:
                     break
         return np.asarray(picked, dtype=np.int64)

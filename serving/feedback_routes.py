@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from ncf.feedback_store import RatingEvent
-from serving.live_ratings import rejections
+from serving.live_ratings import merged_profile, rejections
 from serving.replica import current_replica
 from serving.schemas import MAX_ID, MAX_K, ErrorOut, NewUserIn, NewUserOut, OnboardingOut, RatingsIn, RatingsOut
 
@@ -72,10 +72,6 @@ def onboarding(user_id: Annotated[int | None, Query(ge=0, le=MAX_ID, description
     """Movies to ask a new user to rate: popular ones, spread across genres, none the user has rated."""
     replica = current_replica()
     served = replica.served
-    rated = np.zeros(0, dtype=np.int64)
-    if user_id is not None:
-        rec = served.recommender
-        live = rec.ids.movie_index(np.asarray([r.movie_id for r in replica.store().ratings_of(user_id)], np.int64))
-        user = rec.user_index(user_id)
-        rated = np.concatenate([rec.ratings_of(user).movie if user is not None else rated, live[live >= 0]])
+    rated = (np.zeros(0, dtype=np.int64) if user_id is None else
+             merged_profile(served.recommender, user_id, replica.store().ratings_of(user_id)).ratings.movie)
     return {"user_id": user_id, "items": [served.movie(m) for m in served.recommender.onboarding(k, rated)]}

@@ -13,12 +13,17 @@ from ncf.recommender import Recommender
 from ncf.user_ratings import NEW_USER, Profiles
 
 
+def live_movies(rec: Recommender, live: list[LiveRating]) -> np.ndarray:
+    """The model version's index of each live rating's movie; -1 for a movie it does not know."""
+    return rec.ids.movie_index(np.asarray([r.movie_id for r in live], dtype=np.int64))
+
+
 def merged_profile(rec: Recommender, user_id: int, live: list[LiveRating]) -> Profiles:
     """The user's profile: their dataset ratings (none for a new user), then their live ones oldest first; a movie
     rated again counts with its latest rating. Live ratings of movies this version does not know are left out."""
     user = rec.user_index(user_id)
     stored = rec.ratings_of(user) if user is not None else Ratings.none()
-    movies = rec.ids.movie_index(np.asarray([r.movie_id for r in live], dtype=np.int64))
+    movies = live_movies(rec, live)
     known = movies >= 0
     movies = np.concatenate([stored.movie, movies[known]])
     ratings = np.concatenate([stored.rating, np.asarray([r.rating for r in live], dtype=np.float64)[known]])

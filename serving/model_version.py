@@ -24,7 +24,7 @@ from ncf.feedback_store import LiveRating
 from ncf.model import UserSide
 from ncf.recommender import Recommender
 from ncf.user_ratings import Profiles
-from serving.live_ratings import RatingScale, merged_profile
+from serving.live_ratings import RatingScale, live_movies, merged_profile
 from serving.schemas import MAX_K, Item, Movie, RecommendationsOut
 
 BECAUSE_N = 5
@@ -82,8 +82,7 @@ class LiveUser:
 def ranking_of(movies: np.ndarray, scores: np.ndarray, figures: dict[str, np.ndarray]) -> Ranking:
     """One ranked row (fewer than MAX_K unseen movies leave -inf at its end) with the model's figures of its pairs."""
     kept = np.isfinite(scores)
-    return Ranking(movies[kept], *(figures[field][kept] for field in ("rating", "strength", "user_weight",
-                                                                        "movie_weight")))
+    return Ranking(movies[kept], *(figures[field][kept] for field in FIGURES.values()))
 
 
 def bound(cache: OrderedDict, size: int) -> None:
@@ -144,27 +143,29 @@ class ServedVersion:
         bound(self.rankings, self.cache_users)
         return found
 
-    def cached_live(self, user_id: int, stamp: int) -> Ranking | None:
-        """The cached ranking of a user with live ratings, if computed as of their latest one (`stamp`)."""
+    def cached_live(self, user_id: int, stamp: int) -> LiveUser | None:
+        """The cached state of a user with live ratings, if computed as of their latest one (`stamp`)."""
         entry = self.live_users.get(user_id)
-        return entry.ranking if entry is not None and entry.stamp == stamp else None
+        if entry is None or entry.stamp != stamp:
+            return None
+        with suppress(KeyError):  # another thread may have just evicted it
+            self.live_users.move_to_end(user_id)
+        return entry
 
     def live_user(self, user_id: int, live: list[LiveRating]) -> LiveUser:
         """The user as their live ratings leave them (`live`, oldest first, not empty): their merged profile, its
         fold-in and their top-`MAX_K`; computed once per latest live rating, kept like `rankings`."""
-        entry = self.live_users.get(user_id)
-        if entry is not None and entry.stamp == live[-1].seq:
-            with suppress(KeyError):
-                self.live_users.move_to_end(user_id)
+        entry = self.cached_live(user_id, live[-1].seq)
+        if entry is not None:
             return entry
         rec = self.recommender
         profile = merged_profile(rec, user_id, live)
         side = rec.fold_in(profile)
         movies, scores = rec.rank_profiles(profile, MAX_K, user_side=side)
         figures = rec.explain_profile(profile, movies[0], side)
-        live_movies = frozenset(rec.ids.movie_index(np.asarray([r.movie_id for r in live], dtype=np.int64)).tolist())
         entry = self.live_users[user_id] = LiveUser(live[-1].seq, profile, side,
-                                                    ranking_of(movies[0], scores[0], figures), live_movies)
+                                                    ranking_of(movies[0], scores[0], figures),
+                                                    frozenset(live_movies(rec, live).tolist()))
         bound(self.live_users, self.cache_users)
         return entry
 

@@ -9,5 +9,5 @@ from ray import serve
 
 def current_replica() -> Any:
     """The replica answering this request: the `serving.deployment.RecommenderDeployment` whose model version
-    (`served`), config (`config`) and ratings store (`feedback`) the handlers read."""
+    (`served`), config (`config`) and ratings store (`store()`) the handlers read."""
     return serve.get_replica_context().servable_object

@@ -15,7 +15,6 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +26,7 @@ from ncf.feedback_store import StoreUnavailable
 from ncf.recommender import UnknownIdError
 from serving.body_limit import BodyLimit
 from serving.feedback_routes import RETRY_AFTER_S, STORE_DOWN, router
+from serving.live_ratings import live_movies
 from serving.replica import current_replica
 from serving.schemas import (
     MAX_ID,
@@ -131,8 +131,9 @@ async def recommend(request: Request, user_id: UserId, k: Annotated[int, Query(g
     served = replica.served
     live = await replica.live_ratings(user_id)
     if live:
-        ranking, stamp, cold = served.cached_live(user_id, live[-1].seq), live[-1].seq, False
-        ranking = ranking or (await asyncio.to_thread(served.live_user, user_id, live)).ranking
+        stamp, cold = live[-1].seq, False
+        state = served.cached_live(user_id, stamp) or await asyncio.to_thread(served.live_user, user_id, live)
+        ranking = state.ranking
     else:
         user = served.recommender.user_index(user_id)
         cached = served.cold if user is None else served.cached(user)
@@ -188,7 +189,7 @@ def history(user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)]) -> dict:
                                                                      "source": "dataset"})
         for i in range(len(rated))]
     live = store.ratings_of(user_id)
-    movies = served.recommender.ids.movie_index(np.asarray([r.movie_id for r in live], dtype=np.int64))
+    movies = live_movies(served.recommender, live)
     entries += [(r.timestamp, r.seq, served.movie(m) | {"rating": r.rating, "timestamp": r.timestamp, "source": "live"})
                 for r, m in zip(live, movies.tolist(), strict=True) if m >= 0]
     entries.sort(key=lambda e: (e[0], e[1]), reverse=True)

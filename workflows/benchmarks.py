@@ -1,7 +1,10 @@
-"""What the benchmark jobs share: one Ray Train fit's epoch history, and their Markdown tables."""
+"""What the benchmark jobs share: one Ray Train fit's epoch history, their Markdown tables, and the machine line of
+their records."""
 
 from __future__ import annotations
 
+import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -25,3 +28,19 @@ def markdown_table(rows: list[dict]) -> str:
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in rows])
+
+
+def cpu_model() -> str:
+    """The machine's processor as /proc/cpuinfo names it, with the count of logical CPUs."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{len(names) or os.cpu_count()} x {names[0] if names else platform.processor() or platform.machine()}"
+
+
+def machine_line(load_before: tuple[float, ...]) -> str:
+    """A record's machine: its processor, and the load average when the run started (`load_before`) and now."""
+    return (f"- Machine: {cpu_model()}, shared with other developers: load average {load_before[0]:.1f} when the run "
+            f"started, {os.getloadavg()[0]:.1f} when it ended.")

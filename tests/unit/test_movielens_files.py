@@ -65,12 +65,17 @@ def reference_ratings(path: Path, sep: str, header: bool) -> pd.DataFrame:
     })
 
 
-def check_types(ratings: pd.DataFrame, movies: pd.DataFrame) -> None:
+def read_checked(name: str, ratings_file: str, sep: str, header: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fixture of dataset `name` as `read_dataset` reads it, checked: the types, and the ratings against the
+    naive parse of `ratings_file` (`reference_ratings`)."""
+    ratings, movies = read_dataset(name, fixture(name))
     assert ratings.dtypes.to_dict() == RATINGS_DTYPES
     assert list(movies.columns) == ["movieId", "title", "genres"]
     assert movies["movieId"].dtype == np.int32
     assert pd.api.types.is_string_dtype(movies["title"]) and pd.api.types.is_string_dtype(movies["genres"])
     assert all(isinstance(t, str) for t in movies["title"]) and all(isinstance(g, str) for g in movies["genres"])
+    pd.testing.assert_frame_equal(ratings, reference_ratings(fixture(name) / ratings_file, sep, header))
+    return ratings, movies
 
 
 # ----------------------------------------------------------------------------- registry
@@ -106,9 +111,7 @@ def test_every_configured_dataset_has_a_reader_and_back():
 
 
 def test_ml_100k_parses_tabs_latin1_titles_and_genre_flags():
-    ratings, movies = read_dataset("ml-100k", fixture("ml-100k"))
-    check_types(ratings, movies)
-    pd.testing.assert_frame_equal(ratings, reference_ratings(fixture("ml-100k") / "u.data", "\t", header=False))
+    ratings, movies = read_checked("ml-100k", "u.data", "\t", header=False)
     assert (len(ratings), ratings["userId"].nunique(), len(movies)) == (25, 5, 10)
     assert movies_files.read_100k_genres(fixture("ml-100k") / "u.genre")[:5] == [
         "unknown", "Action", "Adventure", "Animation", "Children's"]
@@ -121,9 +124,7 @@ def test_ml_100k_parses_tabs_latin1_titles_and_genre_flags():
 
 
 def test_ml_1m_parses_double_colons_and_latin1():
-    ratings, movies = read_dataset("ml-1m", fixture("ml-1m"))
-    check_types(ratings, movies)
-    pd.testing.assert_frame_equal(ratings, reference_ratings(fixture("ml-1m") / "ratings.dat", "::", header=False))
+    ratings, movies = read_checked("ml-1m", "ratings.dat", "::", header=False)
     assert (len(ratings), ratings["userId"].nunique(), len(movies)) == (20, 4, 8)
     title = movies.set_index("movieId")["title"]
     assert title[21] == "Crème de la Crème (1997)"
@@ -134,9 +135,7 @@ def test_ml_1m_parses_double_colons_and_latin1():
 
 
 def test_ml_10m_parses_utf8_and_half_stars():
-    ratings, movies = read_dataset("ml-10m", fixture("ml-10m"))
-    check_types(ratings, movies)
-    pd.testing.assert_frame_equal(ratings, reference_ratings(fixture("ml-10m") / "ratings.dat", "::", header=False))
+    ratings, movies = read_checked("ml-10m", "ratings.dat", "::", header=False)
     assert (len(ratings), len(movies)) == (20, 7)
     assert (ratings["rating"] % 1 == 0.5).any()
     title = movies.set_index("movieId")["title"]
@@ -146,9 +145,7 @@ def test_ml_10m_parses_utf8_and_half_stars():
 
 
 def test_ml_25m_csv_parses_quoted_titles():
-    ratings, movies = read_dataset("ml-25m", fixture("ml-25m"))
-    check_types(ratings, movies)
-    pd.testing.assert_frame_equal(ratings, reference_ratings(fixture("ml-25m") / "ratings.csv", ",", header=True))
+    ratings, movies = read_checked("ml-25m", "ratings.csv", ",", header=True)
     assert (len(ratings), ratings["userId"].nunique(), len(movies)) == (20, 4, 8)
     title = movies.set_index("movieId")["title"]
     assert title[11] == "American President, The (1995)"
