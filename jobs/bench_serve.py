@@ -127,7 +127,7 @@ def ensure_model(model_uri: str, tracking_uri: str, overrides: list[str]) -> str
             raise
     print(f"{model_uri} points at nothing in {tracking_uri}: training one with jobs.train (in-process) ...",
           flush=True)
-    train_and_publish(load_config(overrides), launcher="local", report_path=None, run_name="bench-serve")
+    train_and_publish(load_config(overrides), launcher="local", report_path=None, job="bench-serve")
     return str(resolve_version(model_uri, client).version)
 
 

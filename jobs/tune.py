@@ -125,11 +125,13 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if parent_id and "champion.decision" in MlflowClient().get_run(parent_id).data.tags:
         raise SweepError(f"sweep {path.uri} already finished (MLflow run {parent_id})")
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else _name(path),
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else
+                          f"{mlflow_tracking.run_name('tune', config)} ({_name(path)})",
                           tags=None if parent_id else {SWEEP_TAG: path.uri, "ncf.kind": "sweep"}) as parent:
         if not parent_id:
             mlflow_tracking.log_config(config)
             log_data_tags(data)
+            mlflow_tracking.log_data_inputs(data, config)
         trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data,
                                                              data_dir=data_dir, storage=trainers),
                                         trial_resources(config))

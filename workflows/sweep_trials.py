@@ -170,8 +170,8 @@ class TrialRuns(tune.Callback):
         return self._runs[trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        logger = self._logger(trial.trial_id, str(trial))
         config = trial_config(config_from_dict(self.base), trial.config)
+        logger = self._logger(trial.trial_id, f"{mlflow_tracking.run_name('trial', config)} {trial.trial_id}")
         params = {k: v for k, v in flatten(config).items() if not k.startswith("tune.")}
         logger.client.log_batch(logger.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         logger.client.update_run(logger.run_id, status="RUNNING")

@@ -22,8 +22,9 @@ REPORT_PATH = Path("reports") / "metrics.json"  # under the working directory
 
 
 def train_and_publish(config: Config, launcher: str = "ray", report_path: Path | None = REPORT_PATH,
-                      run_name: str | None = None) -> tuple[RunSummary, bool]:
-    """Train, evaluate, log, register; returns the summary and whether it became champion.
+                      job: str = "train") -> tuple[RunSummary, bool]:
+    """Train, evaluate, log, register; returns the summary and whether it became champion. The run is named by
+    what it is: `job`, the preset and the dataset (`mlflow_tracking.run_name`).
 
     An unwritable report folder stops the job here, before any training (a WriteError naming it)."""
     if report_path:
@@ -31,9 +32,11 @@ def train_and_publish(config: Config, launcher: str = "ray", report_path: Path |
     data_dir = resolve_data_dir(config.data)  # the driver and every worker load the same verified files
     data = load_movielens(config.data, data_dir)
     mlflow_tracking.setup()
-    with mlflow.start_run(run_name=run_name, log_system_metrics=True, tags={"launcher": launcher}) as active:
+    with mlflow.start_run(run_name=mlflow_tracking.run_name(job, config), log_system_metrics=True,
+                          tags={"launcher": launcher}) as active:
         mlflow_tracking.log_config(config)
         log_data_tags(data)
+        mlflow_tracking.log_data_inputs(data, config)
         with tempfile.TemporaryDirectory(prefix="ncf-run-") as tmp:
             if launcher == "ray":
                 checkpoint = fit_with_ray(config, data_dir, active.info.run_id, Path(tmp) / "checkpoint")

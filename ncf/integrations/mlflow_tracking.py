@@ -20,6 +20,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -159,6 +161,29 @@ def log_config(config: Config) -> None:
         path = Path(tmp) / "config.yaml"
         save_config(config, path)
         mlflow.log_artifact(str(path))
+
+
+def run_name(job: str, config: Config) -> str:
+    """What a run is, as the MLflow runs table shows it: the job, the preset and the dataset
+    ("train recommender ml-latest-small")."""
+    return f"{job} {config.preset} {config.data.name}"
+
+
+# Each split as the MLflow dataset input it is to a run, with the context the runs table shows.
+SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "evaluation"}
+RATINGS_SCHEMA = Schema([ColSpec("long", "user"), ColSpec("long", "movie"), ColSpec("double", "rating"),
+                         ColSpec("long", "timestamp")])
+
+
+def log_data_inputs(data, config: Config) -> None:
+    """The run's training, validation and evaluation data as MLflow dataset inputs (name `<dataset>/<split>`, the
+    split's digest, the dataset's published source), so the runs table and the lineage say which data a model saw."""
+    source = HTTPDatasetSource(config.data.published.url)
+    for split, context in SPLIT_CONTEXTS.items():
+        ratings = getattr(data.splits, split)
+        if len(ratings):
+            mlflow.log_input(MetaDataset(source, name=f"{config.data.name}/{split}", digest=ratings.digest(),
+                                         schema=RATINGS_SCHEMA), context=context)
 
 
 def log_test_metrics(models: dict[str, dict[str, float]], primary: str = "ncf") -> None:

@@ -57,7 +57,7 @@ def trained(store, local_ray, data_dir, tmp_path_factory):
     return summary, promoted, report
 
 
-def test_run_records_everything(trained, store):
+def test_run_records_everything(trained, store, data_dir):
     summary, promoted, report = trained
     client = MlflowClient(store)
     run = client.get_run(summary.run_id)
@@ -66,6 +66,15 @@ def test_run_records_everything(trained, store):
     assert run.data.params["train.seed"] == "42"
     assert run.data.tags["data.split.test"] == "20417"
     assert run.data.tags["data.sha256.ratings.csv"].startswith("80da8b33")
+    # The runs table says what the run is and which data it saw: each split as a dataset input with its digest.
+    assert run.info.run_name == "train deck ml-latest-small"
+    data = load_movielens(load_config().data, data_dir)
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["ml-latest-small/test", "ml-latest-small/train", "ml-latest-small/validation"]
+    for split, context in (("train", "training"), ("validation", "validation"), ("test", "evaluation")):
+        logged = inputs[f"ml-latest-small/{split}"]
+        assert logged.dataset.digest == getattr(data.splits, split).digest()
+        assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == context
     for name in ("test_rmse", "test_mae", "test_precision_at_10", "test_recall_at_10", "test_f_at_10",
                  "test_ndcg_at_10", "test_full_ndcg_at_10", "test_full_hit_rate_at_10",
                  "test_sampled_hr_at_10", "test_sampled_ndcg_at_10", "val_full_ndcg_at_10", "best_val_rmse",

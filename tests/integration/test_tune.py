@@ -154,6 +154,11 @@ def test_interrupted_sweep_resumes_into_the_same_runs(env, resumed_sweep):
     assert parent.info.run_id == interrupted.info.run_id and parent.info.status == "FINISHED"
     children = env.children(parent.info.run_id)
     assert len(children) == 3 and len({c.data.tags[TRIAL_TAG] for c in children}) == 3
+    # Named by what they are, the data they saw as the sweep's dataset inputs.
+    what = f"{parent.data.params['preset']} {parent.data.params['data.name']}"
+    assert parent.info.run_name.startswith(f"tune {what} (sweep-"), parent.info.run_name
+    assert all(c.info.run_name == f"trial {what} {c.data.tags[TRIAL_TAG]}" for c in children)
+    assert {i.dataset.name.rsplit("/", 1)[1] for i in parent.inputs.dataset_inputs} == {"train", "validation", "test"}
     client = MlflowClient()
     epochs = []
     for child in children:
