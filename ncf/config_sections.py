@@ -22,6 +22,6 @@ class RetrainConfig(Section):
     # The newest share of the live ratings (by seq) kept out of training as the fresh hold-out.
     holdout_fraction: float = Field(gt=0, lt=1)
     # How much worse than the champion's the challenger's validation `registry.champion_metric` may be.
-    validation_tolerance: float = Field(ge=0)
+    validation_tolerance: float  # negative: the challenger must beat the champion by at least that much
     # Where the prepared copies with live ratings go (<prepared_dir>/<cut>/<data.name>); null: <data.cache_dir>/retrain.
     prepared_dir: str | None
