@@ -306,7 +306,8 @@ def test_kustomize_image_rewrite_must_keep_the_ray_version(kuberay_copy: Path, c
     # Only the train job left: nothing defines the claim it mounts.
     path.write_text(text.replace(text[text.index("resources:"):text.index("labels:")],
                                  "resources:\n  - rayjob-train.yaml\n"))
-    for name in ("mlflow-server.yaml", "rayjob-tune.yaml", "rayservice.yaml", "shared-storage.yaml"):
+    for name in ("mlflow-server.yaml", "rayjob-tune.yaml", "cronjob-retrain.yaml", "rayservice.yaml",
+                 "shared-storage.yaml"):
         (kuberay_copy / name).unlink()
     with pytest.raises(DeploymentError, match="mounts PersistentVolumeClaim ncf-shared, which nothing here defines"):
         kuberay.check_kustomization(kuberay_copy, ctx)
