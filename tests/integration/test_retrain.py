@@ -45,14 +45,17 @@ def data_overrides(work: Path, tiny_config) -> list[str]:
 
 @pytest.fixture(scope="module")
 def env(work: Path) -> dict[str, str]:
-    """The MLflow store and ratings store every process of this module uses."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    """The MLflow store and ratings store every process of this module uses; no NCF_DATA_DIR (it would win over
+    data.dir)."""
+    previous = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "NCF_DATA_DIR")}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
+    os.environ.pop("NCF_DATA_DIR", None)
     yield {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI")
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def run_retrain(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -110,8 +113,8 @@ def test_retrain_registers_a_challenger_that_passes_the_gate(live, champion, env
     client = MlflowClient()
     name = mlflow_tracking.MODEL_NAME
     challenger = client.get_model_version_by_alias(name, mlflow_tracking.CHALLENGER)
-    assert client.get_model_version_by_alias(name, mlflow_tracking.CHAMPION).version == champion  # untouched
-    assert challenger.version != champion
+    assert str(client.get_model_version_by_alias(name, mlflow_tracking.CHAMPION).version) == champion  # untouched
+    assert str(challenger.version) != champion
 
     live_ratings = RatingsStore(os.environ["NCF_FEEDBACK_URI"]).ratings()
     cut = live_training.cut(live_ratings, 0.2)
@@ -133,7 +136,8 @@ def test_retrain_registers_a_challenger_that_passes_the_gate(live, champion, env
     assert manifest["live"] | {"base_build": None} == {
         **cut.record(), "trained_ratings": len(cut.training), "unknown_movies": 0, "new_users": 1,
         "superseded_dataset_ratings": len(cut.training) - 5, "base_build": None}  # every test pair but the newcomer's
-    assert json.loads(client.download_artifacts(run.info.run_id, "retrain/live.json")) == manifest["live"]
+    assert json.loads(Path(client.download_artifacts(run.info.run_id, "retrain/live.json")).read_text()) \
+        == manifest["live"]
     assert run.data.params["model.embedding_dim"] == "16"  # the champion's settings (the tiny preset's)
 
 
@@ -151,4 +155,4 @@ def test_a_challenger_that_fails_the_gate_gets_no_alias(live, champion, env, dat
     assert "worse than the champion's" in latest.tags["challenger.offline_gate_reason"]
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias(name, mlflow_tracking.CHALLENGER)
-    assert client.get_model_version_by_alias(name, mlflow_tracking.CHAMPION).version == champion
+    assert str(client.get_model_version_by_alias(name, mlflow_tracking.CHAMPION).version) == champion
