@@ -94,6 +94,16 @@ submit-train: venv  ## the train job as a Ray job at RAY_ADDRESS: code uploaded,
 submit-tune: venv  ## the sweep as a Ray job at RAY_ADDRESS (same as submit-train)
 	$(PY) -m jobs.submit jobs.tune --preset $(PRESET) $(ARGS)
 
+# ---- Continuous training: the champion retrained on the live ratings ----
+.PHONY: retrain submit-retrain
+
+# Without PRESET= the champion's settings; PRESET=name trains with that preset's instead.
+retrain: venv  ## challenger on the dataset + live ratings up to a cut, compared with the champion on a fresh hold-out; alias challenger if it passes the offline gate
+	$(PY) -m jobs.retrain $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)) $(ARGS)
+
+submit-retrain: venv  ## the retrain job as a Ray job at RAY_ADDRESS (same as submit-train)
+	$(PY) -m jobs.submit jobs.retrain $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)) $(ARGS)
+
 .PHONY: check-deploy
 check-deploy: venv  ## validate platform/ offline (Dockerfiles, KubeRay manifests, ray-cluster.yaml) against conf/ and the installed Ray
 	$(PY) -m jobs.check_deployment

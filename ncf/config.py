@@ -4,7 +4,8 @@ Each `conf/<section>.yaml` becomes one section of `Config`. Unknown keys and wro
 types are errors that name the key; `--set section.key=value` overrides any value.
 
 Where the files are and how a preset layers over them: `ncf.config_files`. Configs saved with older
-key names or before keys existed: `ncf.config_migration`.
+key names or before keys existed: `ncf.config_migration`. The `Section` base and the sections kept out of this
+module (to keep it small): `ncf.config_sections`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ncf.config_files import ConfigError, read_defaults
 from ncf.config_migration import current_key, with_current_keys
+from ncf.config_sections import RetrainConfig, Section
 from ncf.retrievers import NO_RETRIEVER, RETRIEVERS, retriever_class
-
-
-class Section(BaseModel):
-    """Read-only once validated: an assignment raises. Overrides build validated copies (`with_values`);
-    paths and choices a run makes are passed as arguments or saved as artifacts, never written in here."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SplitConfig(Section):
@@ -318,6 +313,7 @@ class Config(Section):
     serve: ServeConfig
     feedback: FeedbackConfig
     tune: TuneConfig
+    retrain: RetrainConfig
 
     @model_validator(mode="after")
     def _check_search_space(self) -> Config:

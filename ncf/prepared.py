@@ -11,6 +11,9 @@ splits) and writes, in `<data.prepared_dir>/<data.name>` (default `<data.cache_d
     manifest.json                                     what it was made from: the source files (SHA-256, size,
                                                       times) and the data config that shaped it
 
+A copy with live ratings (`make retrain`, `ncf.live_training`) has the same layout and a `live` section in its
+manifest; it is reused while valid like any other, but never rebuilt: an invalid one is a DataError.
+
 It is reused while nothing changed, and rebuilt when the data config that shaped it (dataset, split,
 expected checksums and sizes) changes or a source file does: each file's size and times are compared with
 the manifest's, and a file whose stat changed is hashed again (same digest: still valid). It is written
@@ -66,6 +69,7 @@ from ncf.movielens_files.verification import (
 
 FORMAT_VERSION = 1  # of the prepared folder's layout: a copy in another layout is rebuilt
 MANIFEST = "manifest.json"
+LIVE = "live"  # the manifest's section of a copy with live ratings (`ncf.live_training`), which is never rebuilt
 STATS = "stats.json"
 SPLITS = ("train", "validation", "test")
 RATINGS_SCHEMA = pa.schema([("user", pa.int32()), ("movie", pa.int32()), ("rating", pa.float32()),
@@ -114,7 +118,7 @@ def _stat(path: Path) -> dict[str, int]:
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
-def _read_manifest(folder: Path) -> dict | None:
+def read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -129,7 +133,7 @@ def current_manifest(cfg: DataConfig, source: Path) -> tuple[dict | None, str]:
     (touched, copied elsewhere, edited) is hashed again and must have the recorded digest.
     """
     folder = location(cfg)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     if manifest is None:
         return None, "no prepared copy yet"
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -155,9 +159,9 @@ def current_manifest(cfg: DataConfig, source: Path) -> tuple[dict | None, str]:
             restated = True
     if restated:  # same content at a new stat (a copy, a touch): remember it, so it is not hashed again
         manifest["source"]["folder"] = str(Path(source).resolve())
-        if (_read_manifest(folder) or {}).get("build") == manifest.get("build"):  # still the copy we checked
+        if (read_manifest(folder) or {}).get("build") == manifest.get("build"):  # still the copy we checked
             with contextlib.suppress(OSError):  # a read-only copy stays valid; it is only hashed again next time
-                _write_json(folder / MANIFEST, manifest)
+                write_json(folder / MANIFEST, manifest)
     return manifest, ""
 
 
@@ -172,6 +176,9 @@ def prepare(cfg: DataConfig, source: Path, *, force: bool = False) -> Prepared:
     if manifest is not None:
         return Prepared(location(cfg), manifest, False, time.perf_counter() - started)
     target = location(cfg)
+    if LIVE in (read_manifest(target) or {}):
+        raise DataError(f"{target} is a prepared copy with live ratings (make retrain) and is not valid any more "
+                        f"({why}): it is never rebuilt from the source files alone; run make retrain again")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
@@ -181,7 +188,7 @@ def prepare(cfg: DataConfig, source: Path, *, force: bool = False) -> Prepared:
     try:
         staged.chmod(0o755)  # mkdtemp's folder is private; the prepared copy is as readable as its files
         manifest = _build(cfg, Path(source), staged)
-        _install(staged, target)
+        install(staged, target)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
             raise
@@ -190,7 +197,7 @@ def prepare(cfg: DataConfig, source: Path, *, force: bool = False) -> Prepared:
                         "there or point data.prepared_dir at another folder") from err
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    manifest = _read_manifest(target) or manifest  # another process may have put an equal copy in place first
+    manifest = read_manifest(target) or manifest  # another process may have put an equal copy in place first
     seconds = time.perf_counter() - started
     print(f"prepared {cfg.name} in {seconds:.1f} s ({why}): {target}", file=sys.stderr)
     return Prepared(target, manifest, True, seconds)
@@ -232,13 +239,13 @@ def _build(cfg: DataConfig, source: Path, out: Path) -> dict:
 
     stats = statistics(cfg.name, ids, movies, ratings, rows)
     for part in SPLITS:  # one split in memory at a time, beside the encoded ratings
-        _write_ratings(ratings.take(rows.pop(part)), out / f"{part}.parquet")
+        write_ratings(ratings.take(rows.pop(part)), out / f"{part}.parquet")
     del ratings
     pq.write_table(pa.table({"userId": ids.user_ids.astype(np.int32)}), out / "users.parquet")
     pq.write_table(pa.table({"movieId": movies["movieId"].to_numpy().astype(np.int32),
                              "title": pa.array(movies["title"].tolist(), pa.string()),
                              "genres": pa.array(movies["genres"].tolist(), pa.string())}), out / "movies.parquet")
-    _write_json(out / STATS, stats)
+    write_json(out / STATS, stats)
     manifest = {
         "format_version": FORMAT_VERSION,
         "build": uuid.uuid4().hex,  # a reader checks it did not change while it read the files
@@ -250,11 +257,11 @@ def _build(cfg: DataConfig, source: Path, out: Path) -> dict:
         "sizes": {part: stats["splits"][part]["ratings"] for part in SPLITS},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(out / MANIFEST, manifest)  # last: a folder without its manifest is never valid
+    write_json(out / MANIFEST, manifest)  # last: a folder without its manifest is never valid
     return manifest
 
 
-def _write_ratings(ratings: Ratings, path: Path) -> None:
+def write_ratings(ratings: Ratings, path: Path) -> None:
     table = pa.table({"user": ratings.user.astype(np.int32, copy=False),
                       "movie": ratings.movie.astype(np.int32, copy=False),
                       "rating": ratings.rating.astype(np.float32, copy=False),
@@ -262,14 +269,14 @@ def _write_ratings(ratings: Ratings, path: Path) -> None:
     pq.write_table(table, path, row_group_size=1 << 20)
 
 
-def _write_json(path: Path, value: dict) -> None:
+def write_json(path: Path, value: dict) -> None:
     """Written beside, then renamed over: never half-written."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def _install(staged: Path, target: Path) -> None:
+def install(staged: Path, target: Path) -> None:
     """Put the built folder in place of `target`: a reader sees the old copy, none, or the new one."""
     try:
         os.rename(staged, target)
@@ -282,7 +289,7 @@ def _install(staged: Path, target: Path) -> None:
     try:
         os.rename(staged, target)
     except OSError:
-        if _read_manifest(target) is None:  # another process won the race with a complete copy: keep it
+        if read_manifest(target) is None:  # another process won the race with a complete copy: keep it
             raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
@@ -351,7 +358,7 @@ def read(folder: Path, manifest: dict | None = None, splits: Collection[str] = S
     """The `MovieLens` object of a prepared folder; the splits not in `splits` are left empty (a Ray Data
     worker reads only what its validation needs)."""
     folder = Path(folder)
-    manifest = manifest or _read_manifest(folder)
+    manifest = manifest or read_manifest(folder)
     if manifest is None:
         raise DataError(f"{folder} holds no prepared data (no readable {MANIFEST}): run `make prepare`")
     users = pq.read_table(folder / "users.parquet").column("userId").to_numpy().astype(np.int64)
@@ -362,7 +369,7 @@ def read(folder: Path, manifest: dict | None = None, splits: Collection[str] = S
     ids = IdMaps(users, movies["movieId"].to_numpy())
     genres, genre_names = genre_matrix(movies)
     wanted = Splits(*(_ratings(folder / f"{part}.parquet") if part in splits else Ratings.none() for part in SPLITS))
-    if (_read_manifest(folder) or {}).get("build") != manifest.get("build"):
+    if (read_manifest(folder) or {}).get("build") != manifest.get("build"):
         raise _Replaced(folder)  # another process rebuilt it meanwhile: the files may be of two builds
     checksums = {name: f["sha256"] for name, f in manifest["source"]["files"].items()}
     return MovieLens(ids, movies, genres, genre_names, wanted, checksums)

@@ -1,5 +1,6 @@
 """One training run end to end, whoever starts it (`make train`, the serving benchmark when it needs a model):
-train (Ray Train or in-process), publish (`workflows.publish`), the champion gate, the metric report."""
+train (Ray Train or in-process), publish (`workflows.publish`), the champion gate, the metric report. `make retrain`
+trains in a run of its own the same way (`train_in_run`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import mlflow
 
 from ncf.config import Config
-from ncf.data import resolve_data_dir
+from ncf.data import MovieLens, resolve_data_dir
 from ncf.files import check_writable
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_train import fit_with_ray
@@ -34,17 +35,7 @@ def train_and_publish(config: Config, launcher: str = "ray", report_path: Path |
     mlflow_tracking.setup()
     with mlflow.start_run(run_name=mlflow_tracking.run_name(job, config), log_system_metrics=True,
                           tags={"launcher": launcher}) as active:
-        mlflow_tracking.log_config(config)
-        log_data_tags(data)
-        mlflow_tracking.log_data_inputs(data, config)
-        with tempfile.TemporaryDirectory(prefix="ncf-run-") as tmp:
-            if launcher == "ray":
-                checkpoint = fit_with_ray(config, data_dir, active.info.run_id, Path(tmp) / "checkpoint")
-            else:
-                epochs = mlflow_tracking.EpochLogger(active.info.run_id)
-                checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)
-                epochs.flush()  # the epochs' metrics buffered while the store was unreachable
-            summary = finish_run(config, data, checkpoint)
+        summary = train_in_run(config, data, data_dir, launcher, active.info.run_id)
         decision = gate(summary, config)
     promoted = decision["champion.decision"] == "promoted"
     print(f"MLflow run {summary.run_id}: model {summary.model_name} version {summary.model_version} "
@@ -54,3 +45,20 @@ def train_and_publish(config: Config, launcher: str = "ray", report_path: Path |
     if report_path:
         write_report(summary, data, report_path)
     return summary, promoted
+
+
+def train_in_run(config: Config, data: MovieLens, data_dir: Path, launcher: str, run_id: str) -> RunSummary:
+    """In the active MLflow run `run_id`: log the config and data, train (Ray Train's workers load `data_dir`'s
+    prepared copy, as `data` was), publish and register (`finish_run`). What decides the version's alias is the
+    caller's: the champion gate (`make train`), the offline gate (`make retrain`)."""
+    mlflow_tracking.log_config(config)
+    log_data_tags(data)
+    mlflow_tracking.log_data_inputs(data, config)
+    with tempfile.TemporaryDirectory(prefix="ncf-run-") as tmp:
+        if launcher == "ray":
+            checkpoint = fit_with_ray(config, data_dir, run_id, Path(tmp) / "checkpoint")
+        else:
+            epochs = mlflow_tracking.EpochLogger(run_id)
+            checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)
+            epochs.flush()  # the epochs' metrics buffered while the store was unreachable
+        return finish_run(config, data, checkpoint)

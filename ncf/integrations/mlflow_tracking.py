@@ -34,6 +34,7 @@ EXPERIMENT = "ncf-movielens"
 MODEL_NAME = "ncf-movielens"  # the registered model of ml-latest-small; other datasets get ncf-<dataset>
 DEFAULT_DATASET = "ml-latest-small"
 CHAMPION = "champion"
+CHALLENGER = "challenger"  # a retrained version that passed the offline gate (`make retrain`)
 
 
 def model_name(config: Config) -> str:

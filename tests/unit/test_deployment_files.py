@@ -56,7 +56,8 @@ def test_shipped_files_pass_every_check(capsys: pytest.CaptureFixture[str]) -> N
     checked = {line.split()[1].rstrip(":") for line in lines}
     assert {"platform/docker/Dockerfile.cpu", "platform/docker/Dockerfile.gpu", "platform/kuberay/rayjob-train.yaml",
             "platform/kuberay/rayjob-tune.yaml", "platform/kuberay/rayservice.yaml",
-            "platform/kuberay/mlflow-server.yaml", "platform/kuberay", "platform/ray-cluster.yaml"} <= checked
+            "platform/kuberay/mlflow-server.yaml", "platform/kuberay/cronjob-retrain.yaml",
+            "platform/kuberay", "platform/ray-cluster.yaml"} <= checked
 
 
 def test_platform_is_not_a_python_package() -> None:
@@ -160,12 +161,33 @@ def test_ray_version_and_images_must_agree(tmp_path: Path, ctx: Context, old: st
     ("train.use_gpu=true", "train.use_gpu=false", "train.use_gpu is false"),
     ("train.cpus_per_worker=4", "train.cpus_per_worker=16", "has 8 CPUs"),
     ("train.num_workers=2", "train.num_wokers=2", "entrypoint overrides do not load with conf/: unknown config key"),
-    ("    python -m jobs.train\n", "    python -m jobs.trian\n", "not one of jobs.train, jobs.tune"),
+    ("    python -m jobs.train\n", "    python -m jobs.trian\n", "not one of jobs.train, jobs.retrain, jobs.tune"),
     ("num-cpus: \"0\"", "num-cpus: \"4\"", "the head must take no"),
     ("http://ncf-mlflow:5050", "http://mlflow:5000", "MLFLOW_TRACKING_URI is http://mlflow:5000, the MLflow Service"),
 ])
 def test_train_job_agrees_with_its_overrides(tmp_path: Path, ctx: Context, old: str, new: str, problem: str) -> None:
     path = broken(tmp_path, KUBERAY / "rayjob-train.yaml", old, new)
+    with pytest.raises(DeploymentError, match=problem):
+        kuberay.check_kuberay_manifest(path, ctx)
+
+
+@pytest.mark.parametrize(("old", "new", "problem"), [
+    ("shutdownAfterJobFinishes:", "shutdownAfterJobFinish:",
+     r"ConfigMap ncf-retrain-rayjob rayjob.yaml: RayJob ncf-retrain spec: .*'shutdownAfterJobFinish' was unexpected"),
+    ("        python -m jobs.retrain\n", "        python -m jobs.retrian\n",
+     "not one of jobs.train, jobs.retrain, jobs.tune"),
+    ("train.num_workers=2", "train.num_workers=3", "train.num_workers is 3 but the GPU worker groups hold 2 GPUs"),
+    ("rayVersion: \"2.60.0\"", "rayVersion: \"1.0.0\"", "rayVersion is '1.0.0'"),
+    ("concurrencyPolicy: Forbid", "concurrencyPolicy: Allow", "concurrencyPolicy must be Forbid"),
+    ('verbs: ["create", "delete", "get"]', 'verbs: ["get"]', "no Role of this file allowing create"),
+    ("serviceAccountName: ncf-retrain-scheduler", "serviceAccountName: default", "'default' is not a ServiceAccount"),
+    ("create -f /etc/ncf-retrain/rayjob.yaml", "create -f /etc/other.yaml", "must create /etc/ncf-retrain/rayjob.yaml"),
+    ("startingDeadlineSeconds:", "startingDeadlineSecond:", "CronJob ncf-retrain: .*startingDeadlineSecond"),
+])
+def test_scheduled_retrain_is_checked_like_the_other_jobs(tmp_path: Path, ctx: Context, old: str, new: str,
+                                                          problem: str) -> None:
+    """The CronJob, its RBAC and the RayJob it creates from a ConfigMap: schemas, entrypoint, resources, wiring."""
+    path = broken(tmp_path, KUBERAY / "cronjob-retrain.yaml", old, new)
     with pytest.raises(DeploymentError, match=problem):
         kuberay.check_kuberay_manifest(path, ctx)
 
@@ -267,7 +289,7 @@ def test_kustomization_must_list_every_manifest(kuberay_copy: Path, ctx: Context
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_must_render(kuberay_copy: Path, ctx: Context) -> None:
-    assert "renders 6 objects" in kuberay.check_kustomization(kuberay_copy, ctx)
+    assert "renders 11 objects" in kuberay.check_kustomization(kuberay_copy, ctx)
     path = kuberay_copy / "kustomization.yaml"
     path.write_text(path.read_text().replace("labels:\n  - pairs:", "labels:\n  - pairz:"))
     with pytest.raises(DeploymentError, match="`kubectl kustomize` failed"):
@@ -284,7 +306,8 @@ def test_kustomize_image_rewrite_must_keep_the_ray_version(kuberay_copy: Path, c
     # Only the train job left: nothing defines the claim it mounts.
     path.write_text(text.replace(text[text.index("resources:"):text.index("labels:")],
                                  "resources:\n  - rayjob-train.yaml\n"))
-    for name in ("mlflow-server.yaml", "rayjob-tune.yaml", "rayservice.yaml", "shared-storage.yaml"):
+    for name in ("mlflow-server.yaml", "rayjob-tune.yaml", "cronjob-retrain.yaml", "rayservice.yaml",
+                 "shared-storage.yaml"):
         (kuberay_copy / name).unlink()
     with pytest.raises(DeploymentError, match="mounts PersistentVolumeClaim ncf-shared, which nothing here defines"):
         kuberay.check_kustomization(kuberay_copy, ctx)

@@ -16,7 +16,8 @@ import yaml
 from ncf.config import Config, ConfigError, ServeConfig, load_config
 from workflows.deployment.base import MLFLOW_ENV, MLFLOW_MANIFEST, Context, DeploymentError, is_loopback
 
-JOB_MODULES = ("jobs.train", "jobs.tune")
+JOB_MODULES = ("jobs.train", "jobs.retrain", "jobs.tune")
+TRAINING_JOBS = ("jobs.train", "jobs.retrain")  # one training run: train.num_workers workers
 # Deployment options the Serve app takes from conf/serve.yaml; a serveConfigV2 `deployments` entry
 # setting them would silently win over conf/, so they belong under the application's `args`.
 SERVE_SETTINGS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",

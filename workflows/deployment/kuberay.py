@@ -32,7 +32,13 @@ from workflows.deployment.base import (
     quantity,
     values_of,
 )
-from workflows.deployment.config_checks import check_mlflow_uri, check_runtime_env, check_serve_config, parse_entrypoint
+from workflows.deployment.config_checks import (
+    TRAINING_JOBS,
+    check_mlflow_uri,
+    check_runtime_env,
+    check_serve_config,
+    parse_entrypoint,
+)
 from workflows.deployment.kubernetes_schemas import (
     BUILTIN_KINDS,
     CRD_FILES,
@@ -41,6 +47,7 @@ from workflows.deployment.kubernetes_schemas import (
     validate_custom_resource,
 )
 from workflows.deployment.mlflow_server import check_mlflow_server
+from workflows.deployment.scheduled_jobs import check_cronjob
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ def check_job_resources(module: str, config: Config, groups: list[Group], where:
     total_gpus = sum(g.pods * g.gpus for g in gpu_groups)
     if not gpu_groups:
         raise DeploymentError(f"{where} has no GPU worker group (a container requesting {GPU})")
-    if module == "jobs.train":
+    if module in TRAINING_JOBS:
         t = config.train
         if not t.use_gpu:
             raise DeploymentError(f"{where}: the worker groups hold {total_gpus:g} GPUs but train.use_gpu is false")
@@ -139,6 +146,12 @@ def check_rayjob(doc: dict, ctx: Context) -> str:
     check_mlflow_uri(uri, where, ctx)
     module, config = parse_entrypoint(spec["entrypoint"], ctx)
     return f"{module}: {check_job_resources(module, config, groups, where)}"
+
+
+def checked_rayjob(doc: dict, ctx: Context) -> str:
+    """A RayJob held elsewhere (a ConfigMap a CronJob creates it from): its schema, then `check_rayjob`."""
+    validate_custom_resource(doc, ctx.root / CRD_DIR)
+    return check_rayjob(doc, ctx)
 
 
 def check_rayservice(doc: dict, ctx: Context) -> str:
@@ -206,7 +219,8 @@ def check_kuberay_manifest(path: Path, ctx: Context) -> str:
                 validate_builtin(doc)
                 for container in containers(doc):
                     check_image(container.get("image", ""), ctx, gpu=GPU in str(container.get("resources")))
-                notes.append(f"{kind} {doc['metadata']['name']}")
+                notes.append(f"{kind} {doc['metadata']['name']}" + (
+                    f" ({check_cronjob(doc, docs, ctx, checked_rayjob)})" if kind == "CronJob" else ""))
             else:
                 raise DeploymentError(f"kind {kind!r} is neither a KubeRay kind nor one of {sorted(BUILTIN_KINDS)}")
         mlflow = check_mlflow_server(docs, ctx)

@@ -19,7 +19,8 @@ from workflows.deployment.base import DeploymentError, json_path, raise_schema_e
 # A Kubernetes version whose schemas kubernetes-validate bundles.
 K8S_VERSION = "1.33.0"
 CRD_FILES = {"RayJob": "ray.io_rayjobs.v1.json", "RayService": "ray.io_rayservices.v1.json"}
-BUILTIN_KINDS = {"Deployment", "Service", "Secret", "PersistentVolumeClaim", "ConfigMap"}
+BUILTIN_KINDS = {"Deployment", "Service", "Secret", "PersistentVolumeClaim", "ConfigMap", "CronJob", "ServiceAccount",
+                 "Role", "RoleBinding"}
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 RAYJOB_NAME_MAX = 47
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
