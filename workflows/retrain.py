@@ -123,7 +123,8 @@ def retrain(overrides: list[str] | tuple[str, ...] = (), preset: str | None = No
 
     live_tags = {f"retrain.{key}": str(value) for key, value in live_training_tags(cut.record()).items()}
     with mlflow.start_run(run_name=f"{mlflow_tracking.run_name('retrain', config)} (cut {cut.cut_seq})",
-                          log_system_metrics=True, tags={"launcher": launcher, "retrain.champion_version": str(champion.version),
+                          log_system_metrics=True,
+                          tags={"launcher": launcher, "retrain.champion_version": str(champion.version),
                                 **live_tags}) as active:
         mlflow.log_dict(manifest["live"], "retrain/live.json")
         summary = train_in_run(train_config, data, data_dir, launcher, active.info.run_id)
