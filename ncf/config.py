@@ -14,20 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from ncf.config_files import ConfigError, read_defaults
+from ncf.config_files import ConfigError, Section, read_defaults
 from ncf.config_migration import current_key, with_current_keys
+from ncf.experiment import ExperimentConfig
 from ncf.retrievers import NO_RETRIEVER, RETRIEVERS, retriever_class
-
-
-class Section(BaseModel):
-    """Read-only once validated: an assignment raises. Overrides build validated copies (`with_values`);
-    paths and choices a run makes are passed as arguments or saved as artifacts, never written in here."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SplitConfig(Section):
@@ -238,6 +232,8 @@ class ServeConfig(Section):
     proxy_grpc: bool
     max_body_bytes: int = Field(gt=0)
     live_updates: bool
+    # The online experiment (ncf.experiment); a config saved before it existed runs none differently.
+    experiment: ExperimentConfig = ExperimentConfig()
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:

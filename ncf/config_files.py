@@ -1,5 +1,7 @@
 """Where the config's YAML files are, and how a preset layers over the defaults they hold.
 
+`Section` is the base of every section the files hold.
+
 The defaults travel with the code: a source checkout reads `conf/` beside `ncf/`; an installed package
 (`pip install .`, a cluster image) reads the copy shipped inside it as package data (`ncf/conf/`).
 `NCF_CONF_DIR` points at another folder. `ncf.config` validates what these files hold.
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from ncf.config_migration import with_current_keys
 
@@ -20,6 +23,14 @@ PRESETS_DIR = "presets"
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """A section of the config files, read-only once validated: an assignment raises. Overrides build validated
+    copies (`ncf.config.with_values`); paths and choices a run makes are passed as arguments or saved as artifacts,
+    never written in here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def default_conf_dir() -> Path:
