@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from ncf.experiment import CHALLENGER, CHAMPION, ExperimentConfig, ServedList
-from ncf.feedback_store import LiveRating
+from ncf.feedback_store import LiveRating, RatingsStore
 
 Z_TWO_SIDED_95 = 1.959964  # the 95% intervals reported
 Z_ONE_SIDED_95 = 1.644854  # the lower bound promotion compares with -margin
@@ -151,6 +151,14 @@ def experiment_metrics(experiment_id: str, versions: dict[str, str], lists: list
     a, b = variants[CHAMPION], variants[CHALLENGER]
     args = (b.positive_lists, b.lists_served, a.positive_lists, a.lists_served)
     return ExperimentMetrics(experiment_id, a, b, newcombe(*args), newcombe(*args, z=Z_ONE_SIDED_95).low)
+
+
+def stored_metrics(store: RatingsStore, experiment_id: str, versions: dict[str, str], config: ExperimentConfig,
+                   catalogue: int | None = None) -> ExperimentMetrics:
+    """`experiment_metrics` of the lists and ratings the store holds now: the same figures wherever computed (GET
+    /experiment, the MLflow logging, make promote)."""
+    return experiment_metrics(experiment_id, versions, store.served_lists(experiment_id),
+                              store.ratings_for_lists(experiment_id), config, catalogue)
 
 
 @dataclass(frozen=True)
