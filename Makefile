@@ -109,10 +109,13 @@ check-deploy: venv  ## validate platform/ offline (Dockerfiles, KubeRay manifest
 	$(PY) -m jobs.check_deployment
 
 # ---- Serving: the champion over HTTP (API + web page), and its load test ----
-.PHONY: serve bench-serve bench-feedback
+.PHONY: serve bench-serve bench-feedback promote
 
 serve: venv  ## API and web page on 127.0.0.1:8000 (conf/serve.yaml) following the champion; Ctrl-C stops it
 	$(PY) -m serving $(ARGS)
+
+promote: venv  ## decide the online experiment now (champion vs challenger alias): promote on evidence or roll back
+	$(PY) -m jobs.promote $(ARGS)
 
 bench-serve: venv  ## load test of /recommend vs the naive path, loopback only -> docs/benchmarks/serve_load.md
 	$(PY) -m jobs.bench_serve $(ARGS)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError
 from ncf.config_files import ConfigError, read_defaults
 from ncf.config_migration import current_key, with_current_keys
 from ncf.config_sections import RetrainConfig, Section
+from ncf.experiment import ExperimentConfig
 from ncf.retrievers import NO_RETRIEVER, RETRIEVERS, retriever_class
 
 
@@ -233,6 +234,8 @@ class ServeConfig(Section):
     proxy_grpc: bool
     max_body_bytes: int = Field(gt=0)
     live_updates: bool
+    # The online experiment (ncf.experiment); a config saved before it existed runs none differently.
+    experiment: ExperimentConfig = ExperimentConfig()
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:

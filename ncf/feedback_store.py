@@ -1,5 +1,8 @@
 """The durable store of live ratings: what people rate through the API, kept in a real database.
 
+Also the lists served during an online experiment (`served_lists`, `ncf.experiment`), which ratings are attributed
+to, and the periods a process claimed for experiment work (`claim`).
+
 An embedded SQLite file by default (`feedback.uri`, overridden by env NCF_FEEDBACK_URI), PostgreSQL through the
 same code when the URI says so; SQLAlchemy Core, no ORM. The code creates and versions the schema
 (`SCHEMA_VERSION`, `MIGRATIONS`); nobody edits it by hand. Every method is one transaction, committed before it
@@ -37,6 +40,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from ncf.experiment import ServedList
 
 if TYPE_CHECKING:
     from ncf.config import FeedbackConfig  # an annotation only: the store imports without the config's schema
@@ -112,13 +117,37 @@ live_users = Table(
 )
 
 
+# The lists served during an online experiment (ncf.experiment.ServedList): what ratings are attributed to.
+served_lists = Table(
+    "served_lists", metadata,
+    Column("experiment_id", Text, primary_key=True),
+    Column("rec_id", Text, primary_key=True),
+    Column("variant", Text, nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("user_id", BigInteger, nullable=False),
+    Column("movie_ids", Text, nullable=False),  # comma-separated, in the list's order
+    Column("served_at", Float, nullable=False),
+    Column("shown_rec_id", Text, nullable=True),
+)
+# One row per experiment and period that some process claimed (`claim`): one replica logs each period.
+experiment_ticks = Table(
+    "experiment_ticks", metadata,
+    Column("experiment_id", Text, primary_key=True),
+    Column("tick", BigInteger, primary_key=True, autoincrement=False),
+)
+
+
 def _create_v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[live_ratings, live_users])
 
 
+def _add_experiments(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[served_lists, experiment_ticks])
+
+
 # MIGRATIONS[i] brings a store at version i to version i + 1, inside the transaction that records the new version.
 # The Table objects above describe the newest schema: a migration that changes a table states its own DDL.
-MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1, _add_experiments]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # A LiveRating's columns in its fields' order: rows become LiveRatings positionally, the cheapest way.
@@ -279,6 +308,46 @@ class RatingsStore:
         query = select(*_LIVE_COLUMNS).where(live_ratings.c.seq > after_seq).order_by(live_ratings.c.seq).limit(limit)
         with self._transaction() as conn:
             return [LiveRating(*row) for row in conn.execute(query)]
+
+    # ------------------------------------------------------------------ online experiments (ncf.experiment)
+
+    def add_served_lists(self, lists: Sequence[ServedList]) -> int:
+        """Record served lists; one already recorded (same experiment and rec_id: a replayed or repeated answer)
+        stays as first recorded. Returns how many were new."""
+        if not lists:
+            return 0
+        rows = [{"experiment_id": x.experiment_id, "rec_id": x.rec_id, "variant": x.variant,
+                 "model_version": x.model_version, "user_id": x.user_id,
+                 "movie_ids": ",".join(str(m) for m in x.movie_ids), "served_at": x.served_at,
+                 "shown_rec_id": x.shown_rec_id} for x in lists]
+        with self._transaction(write=True) as conn:
+            return len(conn.execute(self._insert(served_lists).returning(served_lists.c.rec_id), rows).all())
+
+    def served_lists(self, experiment_id: str) -> list[ServedList]:
+        """The experiment's recorded lists, oldest first (then by rec_id)."""
+        query = select(served_lists).where(served_lists.c.experiment_id == experiment_id).order_by(
+            served_lists.c.served_at, served_lists.c.rec_id)
+        with self._transaction() as conn:
+            return [ServedList(row.experiment_id, row.rec_id, row.variant, row.model_version, row.user_id,
+                               tuple(int(m) for m in row.movie_ids.split(",") if m), row.served_at, row.shown_rec_id)
+                    for row in conn.execute(query)]
+
+    def ratings_for_lists(self, experiment_id: str) -> list[LiveRating]:
+        """The live ratings posted with the rec_id of one of the experiment's lists (or of the list a shadow list
+        stood beside), by seq."""
+        mine = served_lists.c.experiment_id == experiment_id
+        rec_ids = select(served_lists.c.rec_id).where(mine).union(
+            select(served_lists.c.shown_rec_id).where(mine, served_lists.c.shown_rec_id.is_not(None)))
+        query = select(*_LIVE_COLUMNS).where(live_ratings.c.rec_id.in_(rec_ids)).order_by(live_ratings.c.seq)
+        with self._transaction() as conn:
+            return [LiveRating(*row) for row in conn.execute(query)]
+
+    def claim(self, experiment_id: str, tick: int) -> bool:
+        """Whether this call is the first to claim period `tick` of the experiment, of every process on the
+        store: the one that does the period's work (log the metrics, decide)."""
+        with self._transaction(write=True) as conn:
+            return conn.scalar(self._insert(experiment_ticks).values(experiment_id=experiment_id, tick=tick)
+                               .returning(experiment_ticks.c.tick)) is not None
 
     def count(self) -> int:
         with self._transaction() as conn:

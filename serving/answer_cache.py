@@ -19,19 +19,21 @@ class ReplayedAnswers:
     query string `app` has answered with 200 under the model version serving now gets the same status, headers and
     body again, with no routing, validation or serialisation (FastAPI's share of a warm request costs more than the
     app's own); anything else goes to `app`. Holds the most recently asked for answers up to serve.answer_cache_mb,
-    and starts empty with each new model version. An answer is replayed only while its user's latest live rating is
-    the one it was computed with (`app` leaves the user and that rating's sequence number in the request's state
-    under `ANSWERED`); after a newer rating it is computed again. Outside `app`, not one of its middlewares:
-    Starlette's own layers would cost a replayed answer a tenth of its throughput.
+    and starts empty with each new model version or experiment. An answer is replayed only while its user's latest
+    live rating is the one it was computed with (`app` leaves the user and that rating's sequence number in the
+    request's state under `ANSWERED`); after a newer rating it is computed again. Outside `app`, not one of its
+    middlewares: Starlette's own layers would cost a replayed answer a tenth of its throughput.
 
-    `replica()` is the replica answering the request: the model version it serves (`served`, told apart by identity),
-    its `config` (a ServeConfig) and `live_stamp(user_id)`, the user's latest live rating now."""
+    `replica()` is the replica answering the request: the model versions it serves (`variants`, told apart by
+    identity: a new champion or challenger starts afresh; within one experiment a user's side never changes, so a
+    replayed answer is always their own variant's), its `config` (a ServeConfig) and `live_stamp(user_id)`, the
+    user's latest live rating now."""
 
     PATH = "/recommend"
 
     def __init__(self, app: ASGIApp, replica: Callable[[], Any]):
         self.app, self.replica = app, replica
-        self.version = None  # the model version (ServedVersion) the answers come from
+        self.variants = None  # the model versions (serving.experiment.Variants) the answers come from
         # query string -> (user id, live rating stamp), start, body
         self.answers: OrderedDict[bytes, tuple[tuple[int, int], Message, Message]] = OrderedDict()
         self.size = 0  # bytes of the answers' bodies and query strings
@@ -41,9 +43,9 @@ class ReplayedAnswers:
             await self.app(scope, receive, send)
             return
         replica = self.replica()
-        served, query = replica.served, scope["query_string"]
-        if served is not self.version:
-            self.version, self.size = served, 0
+        variants, query = replica.variants, scope["query_string"]
+        if variants is not self.variants:
+            self.variants, self.size = variants, 0
             self.answers.clear()
         answer = self.answers.get(query)
         if answer is not None and await self._still_true(replica, *answer[0]):
@@ -61,7 +63,7 @@ class ReplayedAnswers:
         # Kept when complete (one start, one final body) and still from the version serving now.
         answered = scope.get("state", {}).get(ANSWERED)
         if (len(answer) == 2 and answer[0]["status"] == 200 and not answer[1].get("more_body") and answered
-                and self.version is served is replica.served):
+                and self.variants is variants is replica.variants):
             self._keep(query, answered, answer[0], answer[1], int(replica.config.answer_cache_mb * 2**20))
 
     def __getattr__(self, name: str):
@@ -71,9 +73,9 @@ class ReplayedAnswers:
             raise AttributeError(name)
         return getattr(self.app, name)
 
-    def held(self, served: object) -> int:
-        """How many answers of `served` are held."""
-        return len(self.answers) if served is self.version else 0
+    def held(self, variants: object) -> int:
+        """How many answers of `variants` are held."""
+        return len(self.answers) if variants is self.variants else 0
 
     def _replayable(self, scope: Scope) -> bool:
         if scope["type"] != "http" or scope["method"] != "GET":

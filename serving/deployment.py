@@ -1,11 +1,12 @@
 """The Ray Serve deployment of the recommender, and the application built from conf/serve.yaml.
 
-`RecommenderDeployment` answers from one model version at a time (`serving.model_version`). It loads the version
-`serve.model_uri` names, then polls that URI and swaps in each new version once it is loaded and warmed, so no
-request waits for an update or fails on one. /recommend answers from a per-version cache of each user's top-100
-unseen movies; a user not cached yet is scored at once when alone, else together with the others, one catalogue
-pass per batch (`@serve.batch`). Its ASGI app is the HTTP API (`serving.routes.api`) behind the replayed answers
-(`serving.answer_cache`).
+`RecommenderDeployment` answers from the model version `serve.model_uri` names (`serving.model_version`) and,
+while an online experiment runs, from the same model's `challenger` version for the users the experiment sends
+there (`serving.experiment`). It polls both aliases and swaps in each new version once it is loaded and warmed, so
+no request waits for an update or fails on one; a promoted challenger, loaded already, becomes the champion as it
+is. /recommend answers from a per-version cache of each user's top-100 unseen movies; a user not cached yet is
+scored at once when alone, else together with the others, one catalogue pass per batch (`@serve.batch`). Its ASGI
+app is the HTTP API (`serving.routes.api`) behind the replayed answers (`serving.answer_cache`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import threading
 import mlflow
 import torch
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from ray import serve
 from ray.serve import Application
 
 from ncf import feedback_store
 from ncf.config import ServeConfig, load_config
+from ncf.experiment import CHALLENGER
 from ncf.feedback_store import LiveRating, RatingsStore
-from ncf.integrations import mlflow_tracking
+from ncf.integrations import experiments, mlflow_tracking
 from serving.answer_cache import ReplayedAnswers
+from serving.experiment import ServedListLog, Variants, experiment_period
 from serving.model_version import Ranking, ServedVersion, load_version, resolve_version
 from serving.replica import current_replica
 from serving.routes import api
@@ -42,7 +46,7 @@ logger = logging.getLogger("ray.serve")
 @serve.ingress(ReplayedAnswers(api, current_replica))
 class RecommenderDeployment:
     """A replica: the HTTP API (`api`) behind its replayed answers (`app`), answering from this replica's model
-    version (`served`)."""
+    versions (`variants`; `served`: the champion's)."""
 
     async def __init__(self, settings: dict, tracking_uri: str, feedback_uri: str, loopback_only: bool):
         self.config = ServeConfig.model_validate(settings)
@@ -60,33 +64,90 @@ class RecommenderDeployment:
         self._ranked.set_max_batch_size(self.config.max_batch_size)
         self._ranked.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._misses = 0  # requests waiting for a ranking in this replica now
-        self.served = await asyncio.to_thread(load_version, resolve_version(self.config.model_uri, self.client),
-                                              self.config.cache_users)
-        self._follow_task = asyncio.get_running_loop().create_task(self._follow())
+        self.served_lists = ServedListLog(self.store)
+        self._broken: set[str] = set()  # versions that failed to load: not tried again
+        champion, challenger = await asyncio.to_thread(self._resolve)
+        loaded = await asyncio.to_thread(load_version, champion, self.config.cache_users)
+        self.variants = Variants(loaded, None, self.config.experiment)
+        # The challenger before the first answer, so that no user of its side is ever answered by the champion.
+        self.variants = await self._variants(champion, challenger, warm=False) or self.variants
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self.served_lists.run()),
+                       loop.create_task(self._experiment_work())]
+
+    @property
+    def served(self) -> ServedVersion:
+        """The champion's version: what answers every request but a challenger's users' during an experiment."""
+        return self.variants.champion
+
+    def _resolve(self) -> tuple[ModelVersion, ModelVersion | None]:
+        """The versions serve.model_uri and, when it follows an alias, the same model's `challenger` alias name."""
+        champion = resolve_version(self.config.model_uri, self.client)
+        if "@" not in self.config.model_uri:  # a pinned version: no experiment
+            return champion, None
+        return champion, experiments.alias_version(champion.name, CHALLENGER, self.client)
 
     async def _follow(self) -> None:
-        """Warm the served version, then swap in each version the model URI moves to, once warmed."""
-        await asyncio.to_thread(self.served.warm, self.config.warm_users)
-        broken = None  # a version that failed to load is not retried until the URI moves again
+        """Warm the served versions, then follow the aliases: swap in each new champion or challenger once it is
+        loaded and warmed (a version loaded already, the challenger promoted, is taken as it is)."""
+        for version in (self.variants.champion, self.variants.challenger):
+            if version is not None:
+                await asyncio.to_thread(version.warm, self.config.warm_users)
         while True:
             await asyncio.sleep(self.config.poll_interval_s)
             try:
-                version = await asyncio.to_thread(resolve_version, self.config.model_uri, self.client)
+                champion, challenger = await asyncio.to_thread(self._resolve)
             except Exception as err:  # the store may be briefly unreachable: keep serving, ask again
                 logger.warning("could not resolve %s: %s", self.config.model_uri, err)
                 continue
-            if str(version.version) in (self.served.version, broken):
+            self.variants = await self._variants(champion, challenger) or self.variants
+
+    async def _variants(self, champion: ModelVersion, challenger: ModelVersion | None,
+                        warm: bool = True) -> Variants | None:
+        """The variants the registry's versions make, reusing those loaded; None: nothing changes (the same
+        versions, or a new champion that failed to load). A challenger that fails to load runs no experiment."""
+        now = self.variants
+        loaded = {v.version: v for v in (now.champion, now.challenger) if v is not None}
+        wanted = [str(champion.version)]
+        if challenger is not None and str(challenger.version) != wanted[0]:
+            wanted.append(str(challenger.version))
+        if wanted == [v.version for v in (now.champion, now.challenger) if v is not None]:
+            return None
+        for version in (champion, challenger)[:len(wanted)]:
+            key = str(version.version)
+            if key in loaded or key in self._broken:
                 continue
             try:
                 new = await asyncio.to_thread(load_version, version, self.config.cache_users)
-                await asyncio.to_thread(new.warm, self.config.warm_users)
+                if warm:
+                    await asyncio.to_thread(new.warm, self.config.warm_users)
+                loaded[key] = new
             except Exception:
                 logger.exception("could not load %s version %s; still serving version %s",
-                                 version.name, version.version, self.served.version)
-                broken = str(version.version)
+                                 version.name, key, now.champion.version)
+                self._broken.add(key)
+        if wanted[0] not in loaded:
+            return None
+        new = Variants(loaded[wanted[0]], loaded.get(wanted[1]) if len(wanted) > 1 else None, self.config.experiment)
+        if new.champion is now.champion and new.challenger is now.challenger:
+            return None
+        logger.info("now serving %s version %s%s", new.champion.name, new.champion.version,
+                    f", experiment {new.id} ({self.config.experiment.mode})" if new.id else "")
+        return new
+
+    async def _experiment_work(self) -> None:
+        """Every serve.experiment.log_interval_s during an experiment: this period's work, when this replica is the
+        one to claim it (`serving.experiment.experiment_period`)."""
+        while True:
+            await asyncio.sleep(self.config.experiment.log_interval_s)
+            variants = self.variants
+            if variants.id is None:
                 continue
-            self.served = new
-            logger.info("now serving %s version %s", new.name, new.version)
+            try:
+                await asyncio.to_thread(self.served_lists.flush)
+                await asyncio.to_thread(experiment_period, variants, self.store(), self.client)
+            except Exception:  # the store or MLflow away: the next period tries again
+                logger.exception("experiment %s: this period's logging failed", variants.id)
 
     @serve.batch  # batch size and wait come from the config, set in __init__
     async def _ranked(self, requests: list[tuple[ServedVersion, int]]) -> list[Ranking]:
@@ -117,6 +178,17 @@ class RecommenderDeployment:
     async def live_stamp(self, user_id: int) -> int:
         """The sequence number of the user's latest live rating that ranking reads (0: none)."""
         return await asyncio.to_thread(lambda: self.store().stamp(user_id)) if self.config.live_updates else 0
+
+    async def ranking(self, served: ServedVersion, user_id: int, live: list[LiveRating]) -> tuple[Ranking, int, bool]:
+        """The user's ranking by `served` as of their live ratings `live`: the ranking, the sequence number of
+        their latest live rating (0: none) and whether it is the cold-start answer."""
+        if live:
+            state = served.cached_live(user_id, live[-1].seq) or await asyncio.to_thread(served.live_user, user_id,
+                                                                                          live)
+            return state.ranking, live[-1].seq, False
+        user = served.recommender.user_index(user_id)
+        cached = served.cold if user is None else served.cached(user)
+        return cached or await self.rank_miss(served, user), 0, user is None
 
     async def rank_miss(self, served: ServedVersion, user: int) -> Ranking:
         """The ranking of a user not cached yet: at once when no other is being ranked (batching would only add

@@ -34,10 +34,10 @@ BECAUSE_N = 5
 FIGURES = {"predicted_rating": "rating", "strength": "strength", "user_weight": "user_weight",
            "movie_weight": "movie_weight"}
 if tuple(Item.model_fields) != (*FIGURES, *Movie.model_fields) or tuple(RecommendationsOut.model_fields) != (
-        "user_id", "cold_start", "model_version", "rec_id", "items"):
+        "user_id", "cold_start", "model_version", "variant", "rec_id", "items"):
     raise RuntimeError("serving.schemas changed the order of /recommend's fields: update serving.model_version")
 ITEM_JSON = b"{" + b"".join(b'"%s":%%b,' % name.encode() for name in FIGURES) + b"%b"
-RECOMMENDATIONS_JSON = b'{"user_id":%d,"cold_start":%b,"model_version":%b,"rec_id":%b,"items":[%b]}'
+RECOMMENDATIONS_JSON = b'{"user_id":%d,"cold_start":%b,"model_version":%b,"variant":"%s","rec_id":%b,"items":[%b]}'
 
 
 class ModelNotFoundError(LookupError):
@@ -184,10 +184,12 @@ class ServedVersion:
         (0: none), k long. The same answer always gets the same id, so a replayed answer stays true."""
         return f"{self.version}.{user_id}.{stamp}.{k}"
 
-    def recommendations_json(self, user_id: int, ranking: Ranking, k: int, cold_start: bool, stamp: int = 0) -> bytes:
+    def recommendations_json(self, user_id: int, ranking: Ranking, k: int, cold_start: bool, stamp: int = 0,
+                             variant: str = "champion") -> bytes:
         """The /recommend body (`RecommendationsOut`) of the first k movies of `ranking`, byte for byte what the
         schema's serialiser writes, without building or validating a model per request. `stamp`: the user's
-        latest live rating the ranking was computed with (0: none)."""
+        latest live rating the ranking was computed with (0: none); `variant`: the experiment's side this version
+        answers for (champion or challenger, plain names that need no escaping)."""
         movies = ranking.movies[:k].tolist()
         # One call formats every figure: a flat JSON array of numbers, split at its commas.
         figures = to_json(np.column_stack([getattr(ranking, field)[:k] for field in FIGURES.values()])
@@ -195,7 +197,7 @@ class ServedVersion:
         n = len(FIGURES)
         items = b",".join(ITEM_JSON % (*figures[i * n: (i + 1) * n], self._movie_json(m)) for i, m in enumerate(movies))
         return RECOMMENDATIONS_JSON % (user_id, b"true" if cold_start else b"false", to_json(self.version),
-                                       to_json(self.rec_id(user_id, stamp, k)), items)
+                                       variant.encode(), to_json(self.rec_id(user_id, stamp, k)), items)
 
     def _movie_json(self, index: int) -> bytes:
         """The movie's fields as an `Item` writes them, after the figures: serialised once per version."""

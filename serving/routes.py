@@ -9,8 +9,8 @@ answers.
 
 from __future__ import annotations
 
-import asyncio
 import re
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
 from ncf.feedback_store import StoreUnavailable
+from ncf.online_metrics import stored_metrics
 from ncf.recommender import UnknownIdError
 from serving.body_limit import BodyLimit
 from serving.feedback_routes import RETRY_AFTER_S, STORE_DOWN, router
@@ -32,6 +33,7 @@ from serving.schemas import (
     MAX_ID,
     MAX_K,
     ErrorOut,
+    ExperimentOut,
     ExplanationOut,
     HealthOut,
     HistoryOut,
@@ -128,18 +130,17 @@ async def recommend(request: Request, user_id: UserId, k: Annotated[int, Query(g
     # The body is written from pieces serialised once per version (`recommendations_json`), not validated
     # through RecommendationsOut per request: a cached answer is a lookup plus a join.
     replica = current_replica()
-    served = replica.served
+    variants = replica.variants
+    variant, served = variants.for_user(user_id)
     live = await replica.live_ratings(user_id)
-    if live:
-        stamp, cold = live[-1].seq, False
-        state = served.cached_live(user_id, stamp) or await asyncio.to_thread(served.live_user, user_id, live)
-        ranking = state.ranking
-    else:
-        user = served.recommender.user_index(user_id)
-        cached = served.cold if user is None else served.cached(user)
-        ranking, stamp, cold = cached or await replica.rank_miss(served, user), 0, user is None
+    ranking, stamp, cold = await replica.ranking(served, user_id, live)
     request.scope.setdefault("state", {})[ANSWERED] = (user_id, stamp)  # what the replayed answers check
-    return Response(served.recommendations_json(user_id, ranking, k, cold_start=cold, stamp=stamp),
+    if variants.id is not None:  # an experiment runs: record the list (and compute the challenger's in shadow)
+        rec_id = replica.served_lists.add(variants, variant, served, user_id, ranking, k, stamp)
+        if variants.config.mode == "shadow":
+            replica.served_lists.shadow(variants, user_id, k, rec_id,
+                                        lambda version: replica.ranking(version, user_id, live))
+    return Response(served.recommendations_json(user_id, ranking, k, cold_start=cold, stamp=stamp, variant=variant),
                     media_type="application/json")
 
 
@@ -151,9 +152,9 @@ async def page() -> HTMLResponse:
 @api.get("/explain", response_model=ExplanationOut, responses=ERRORS)
 def explain(user_id: UserId, movie_id: MovieId) -> dict:
     """Why the model rates this movie so for this user: attention weights and the closest liked movies, from their
-    dataset and live ratings."""
+    dataset and live ratings (by the version that recommends to them: during an experiment, their variant's)."""
     replica = current_replica()
-    return replica.served.explain(user_id, movie_id, replica.live_ratings_now(user_id))
+    return replica.variants.for_user(user_id)[1].explain(user_id, movie_id, replica.live_ratings_now(user_id))
 
 
 @api.post("/predict", response_model=PredictionsOut, responses=ERRORS)
@@ -222,4 +223,22 @@ async def healthz() -> dict:
     replica = current_replica()
     served = replica.served
     return {"status": "ok", "model_version": served.version, "cached_users": len(served.rankings),
-            "cached_answers": replica.app.held(served)}
+            "cached_answers": replica.app.held(replica.variants)}
+
+
+@api.get("/experiment", response_model=ExperimentOut, responses=STORE_DOWN)
+def experiment() -> dict:
+    """The online experiment running now (the model's `challenger` alias beside `champion`): its settings and each
+    variant's metrics so far, with 95% intervals, from the ratings store (lists of the last second may not be in
+    yet); `running` false when none runs."""
+    replica = current_replica()
+    variants, config = replica.variants, replica.config.experiment
+    answer = {"running": variants.id is not None, "experiment_id": variants.id, "mode": config.mode,
+              "share": config.share, "margin": config.margin, "min_lists": config.min_lists,
+              "auto_promote": config.auto_promote, "champion": None, "challenger": None,
+              "positive_rate_difference": None, "positive_rate_difference_lower": None}
+    if variants.id is None:
+        return answer
+    metrics = stored_metrics(replica.store(), variants.id, variants.versions, config,
+                             variants.champion.recommender.ids.n_movies)
+    return answer | {name: value for name, value in asdict(metrics).items() if name != "experiment_id"}

@@ -39,6 +39,8 @@ class RecommendationsOut(BaseModel):
     cold_start: bool = Field(description="a user with no rating the service knows of: the most rated movies at their "
                                          "mean rating, user_weight 0, movie_weight 1")
     model_version: str
+    variant: Literal["champion", "challenger"] = Field(
+        description="the side of the online experiment that answered (GET /experiment); champion when none runs")
     rec_id: str = Field(description="names this answer: the model version, the user and the state of their ratings it "
                                     "was computed from, and k; post it with a rating of one of its movies")
     items: list[Item]
@@ -201,6 +203,46 @@ class HealthOut(BaseModel):
     model_version: str
     cached_users: int
     cached_answers: int
+
+
+class IntervalOut(BaseModel):
+    estimate: float
+    low: float = Field(description="lower end of the 95% interval")
+    high: float = Field(description="upper end of the 95% interval")
+
+
+class VariantOut(BaseModel):
+    variant: Literal["champion", "challenger"]
+    model_version: str
+    lists_served: int = Field(description="distinct lists (rec_ids) served, or computed in shadow")
+    ratings_attributed: int = Field(description="ratings posted with a list's rec_id, by its user, of a movie it "
+                                                "showed, within window_s of it being served")
+    rated_lists: int
+    positive_lists: int = Field(description="lists with an attributed rating >= positive_rating")
+    rated_list_rate: IntervalOut = Field(description="share of lists with an attributed rating (Wilson)")
+    positive_share: IntervalOut = Field(description="share of attributed ratings >= positive_rating (Wilson)")
+    mean_rating: IntervalOut | None = Field(description="mean attributed rating; null without any")
+    movies_shown: int = Field(description="distinct movies in the lists")
+    catalogue_coverage: float | None = Field(description="movies_shown of the catalogue's movies")
+    positive_rate: IntervalOut = Field(description="share of lists with an attributed rating >= positive_rating "
+                                                   "(Wilson): what promotion compares")
+
+
+class ExperimentOut(BaseModel):
+    running: bool = Field(description="whether an experiment runs: the model's challenger alias names another "
+                                      "version than its champion")
+    experiment_id: str | None = Field(description="<champion version>-vs-<challenger version>")
+    mode: Literal["split", "shadow"]
+    share: float = Field(description="of users the challenger answers (split mode)")
+    margin: float
+    min_lists: int
+    auto_promote: bool
+    champion: VariantOut | None
+    challenger: VariantOut | None
+    positive_rate_difference: IntervalOut | None = Field(
+        description="challenger - champion positive rate, Newcombe 95% interval")
+    positive_rate_difference_lower: float | None = Field(
+        description="its one-sided 95% lower bound: promotion needs it >= -margin (and the offline gate passed)")
 
 
 class ErrorOut(BaseModel):

@@ -7,5 +7,7 @@ reach Ray and MLflow through the modules here:
   worker or a Ray Tune trial;
 - `ray_data`: the training input streamed from the prepared Parquet, and full ranking by actors;
 - `mlflow_tracking`: the store, what a run records, the registered recommender model
-  and the champion alias.
+  and the champion alias;
+- `experiments`: the online experiment (champion vs `challenger` alias): its MLflow runs and the promotion
+  decision.
 """

@@ -39,7 +39,7 @@ def counting_app(stamps: dict[int, int] | None = None) -> tuple[FastAPI, list[st
 
 
 class Replica(SimpleNamespace):
-    """The replica `ReplayedAnswers` reads: the version it serves, its config (about 2.5 answers' worth) and each
+    """The replica `ReplayedAnswers` reads: the versions it serves, its config (about 2.5 answers' worth) and each
     user's latest live rating (`stamps`; None: the ratings store is down)."""
 
     async def live_stamp(self, user_id: int) -> int:
@@ -50,7 +50,8 @@ class Replica(SimpleNamespace):
 
 @pytest.fixture
 def replica():
-    return Replica(served=object(), config=SimpleNamespace(answer_cache_mb=2.5 * (BODY_BYTES + 12) / 2**20), stamps={})
+    return Replica(variants=object(), config=SimpleNamespace(answer_cache_mb=2.5 * (BODY_BYTES + 12) / 2**20),
+                   stamps={})
 
 
 def ask(app: ReplayedAnswers, *requests: tuple[str, str, dict]) -> list[httpx.Response]:
@@ -74,7 +75,7 @@ def test_a_repeated_query_is_answered_again_with_the_same_bytes(replica):
     assert again.headers["content-type"] == "application/json"
     assert again.headers["content-length"] == str(BODY_BYTES)
     assert other.json()["user_id"] == 2
-    assert app.held(replica.served) == 2
+    assert app.held(replica.variants) == 2
 
 
 def test_errors_and_requests_with_a_body_always_reach_the_app(replica):
@@ -83,17 +84,17 @@ def test_errors_and_requests_with_a_body_always_reach_the_app(replica):
     responses = ask(app, get(0), get(0), ("POST", "/recommend", {"user_id": 3}), ("POST", "/recommend", {"user_id": 3}))
     assert [r.status_code for r in responses] == [404, 404, 200, 200]
     assert answered == ["recommend 0", "recommend 0", "post 3", "post 3"]
-    assert app.held(replica.served) == 0
+    assert app.held(replica.variants) == 0
 
 
 def test_a_new_model_version_starts_without_its_predecessors_answers(replica):
     api, answered = counting_app()
     app = ReplayedAnswers(api, lambda: replica)
     ask(app, get(1))
-    old, replica.served = replica.served, object()
+    old, replica.variants = replica.variants, object()
     ask(app, get(1), get(1))
     assert answered == ["recommend 1", "recommend 1"]
-    assert app.held(replica.served) == 1 and app.held(old) == 0
+    assert app.held(replica.variants) == 1 and app.held(old) == 0
 
 
 def test_after_a_new_live_rating_of_its_user_an_answer_is_computed_again(replica):
@@ -103,7 +104,7 @@ def test_after_a_new_live_rating_of_its_user_an_answer_is_computed_again(replica
     replica.stamps[1] = 7  # user 1 rated a movie: their answer is stale, user 2's is not
     ask(app, get(1), get(2), get(1))
     assert answered == ["recommend 1", "recommend 2", "recommend 1"]
-    assert app.held(replica.served) == 2
+    assert app.held(replica.variants) == 2
     replica.stamps = None  # the store cannot say whether an answer is still true: the app answers
     ask(app, get(2))
     assert answered[-1] == "recommend 2"
@@ -113,7 +114,7 @@ def test_beyond_the_size_limit_the_least_recently_asked_for_answer_goes(replica)
     api, answered = counting_app()
     app = ReplayedAnswers(api, lambda: replica)
     ask(app, get(1), get(2), get(1), get(3))  # room for two: 2 is the least recently asked for when 3 comes
-    assert app.held(replica.served) == 2
+    assert app.held(replica.variants) == 2
     ask(app, get(1), get(3), get(2))
     assert answered == ["recommend 1", "recommend 2", "recommend 3", "recommend 2"]
 
@@ -123,7 +124,7 @@ def test_no_answer_is_kept_with_a_zero_limit(replica):
     api, answered = counting_app()
     app = ReplayedAnswers(api, lambda: replica)
     ask(app, get(1), get(1))
-    assert answered == ["recommend 1", "recommend 1"] and app.held(replica.served) == 0
+    assert answered == ["recommend 1", "recommend 1"] and app.held(replica.variants) == 0
 
 
 def test_serve_reads_the_apps_routes_through_it():

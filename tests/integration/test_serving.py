@@ -101,6 +101,8 @@ def test_recommend_gives_the_models_top_k_unseen_movies(http: httpx.Client, cham
     body = http.get("/recommend", params={"user_id": 1}).json()
     assert body["user_id"] == 1 and body["cold_start"] is False
     assert body["model_version"] == http.get("/version").json()["model_version"]
+    assert body["variant"] == "champion"  # no experiment runs
+    assert list(body) == list(RecommendationsOut.model_fields)
     items = body["items"]
     assert len(items) == 10
     expected = champion.recommend([1], 10)
