@@ -30,11 +30,12 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from ncf.config import Config, flatten, save_config
 from ncf.config_files import PACKAGE_DIR
 
+# The registry's aliases: `champion`, served; `challenger`, a retrained version that passed the offline gate.
+from ncf.experiment import CHALLENGER, CHAMPION  # noqa: F401 (CHALLENGER: for the modules that move it)
+
 EXPERIMENT = "ncf-movielens"
 MODEL_NAME = "ncf-movielens"  # the registered model of ml-latest-small; other datasets get ncf-<dataset>
 DEFAULT_DATASET = "ml-latest-small"
-CHAMPION = "champion"
-CHALLENGER = "challenger"  # a retrained version that passed the offline gate (`make retrain`)
 
 
 def model_name(config: Config) -> str:
