@@ -123,6 +123,10 @@ bench-serve: venv  ## load test of /recommend vs the naive path, loopback only -
 bench-feedback: venv  ## live ratings: prequential replay live vs frozen, freshness, ingestion, fold-in -> docs/benchmarks/feedback.md
 	$(PY) -m jobs.bench_feedback $(ARGS)
 
+.PHONY: bench-loop
+bench-loop: venv  ## the closed loop simulated on the seed split: serve, collect, retrain, experiment at 50%, decide -> docs/benchmarks/loop.md
+	$(PY) -m jobs.bench_loop $(ARGS)
+
 # ---- Batch: every user's recommendations at once ----
 .PHONY: recommend-all
 

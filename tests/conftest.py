@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,12 +162,13 @@ class Store:
     data: MovieLens
     champion: str  # the version promoted when the store was made
 
-    def register_tiny_model(self, seed: int) -> str:
-        """Train a tiny model with this seed, log and register it (not promoted); returns its version."""
+    def register_tiny_model(self, seed: int, *overrides: str) -> str:
+        """Train a tiny model with this seed (and config `overrides`), log and register it (not promoted); returns its
+        version."""
         import mlflow
 
         from ncf.integrations import mlflow_tracking
-        config = load_config([*TINY_MODEL, f"train.seed={seed}"], preset=TINY)
+        config = load_config([*TINY_MODEL, f"train.seed={seed}", *overrides], preset=TINY)
         result = train_loop(config, self.data, LocalReporter(verbose=False), Validation(config, self.data, rank=0))
         retriever = fit_retriever(config.retrieval, self.data.splits.train_and_validation(), self.data.n_users,
                                   self.data.n_movies)
@@ -185,12 +187,12 @@ class Store:
         return model.unwrap_python_model().recommender
 
 
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) -> Iterator[Store]:
-    """A temporary MLflow store (MLFLOW_TRACKING_URI points at it) whose champion is a tiny model."""
+@contextmanager
+def tiny_champion_registry(folder: Path, movielens: MovieLens) -> Iterator[Store]:
+    """A fresh MLflow store in `folder` (MLFLOW_TRACKING_URI points at it meanwhile) whose champion is a tiny model."""
     from ncf.integrations import mlflow_tracking  # here, not above: the unit layer imports no MLflow code
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
@@ -203,6 +205,20 @@ def model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) 
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) -> Iterator[Store]:
+    """A temporary MLflow store (MLFLOW_TRACKING_URI points at it) whose champion is a tiny model."""
+    with tiny_champion_registry(tmp_path_factory.mktemp("mlflow"), movielens) as store:
+        yield store
+
+
+@pytest.fixture(scope="module")
+def own_model_store(tmp_path_factory: pytest.TempPathFactory, movielens: MovieLens) -> Iterator[Store]:
+    """Like `model_store`, for one module: its tests may move the aliases."""
+    with tiny_champion_registry(tmp_path_factory.mktemp("own-mlflow"), movielens) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,14 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from ncf.online_metrics import ExperimentMetrics, VariantMetrics
 from workflows.feedback_bench import K, Ledger, ReplayedRating, auth_headers, rating_body
 from workflows.http_load import Connection
 
@@ -124,3 +130,124 @@ async def hammer(base: str, user_ids: list[int], clients: int, until) -> Hammere
     started = time.perf_counter()
     await asyncio.gather(stopper(), *(client(n) for n in range(clients)))
     return Hammered(counts["requests"], counts["failed"], time.perf_counter() - started)
+
+
+async def settled(base: str, version: str, reads: int = 8, timeout_s: float = 120.0) -> None:
+    """Until `reads` answers in a row (the proxy spreads them over the replicas) come from model `version` with no
+    experiment running: every replica has taken the decision in."""
+    connection, in_a_row, deadline = Connection(base), 0, time.monotonic() + timeout_s
+    try:
+        while in_a_row < reads:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replicas did not all serve version {version} alone within {timeout_s:g} s")
+            status, answer = await connection.request("GET", "/experiment")
+            body = json.loads(answer) if status == 200 else {}
+            status, version_answer = await connection.request("GET", "/version")
+            served = json.loads(version_answer)["model_version"] if status == 200 else None
+            in_a_row = in_a_row + 1 if body.get("running") is False and served == version else 0
+            await asyncio.sleep(0.05)
+    finally:
+        connection.close()
+
+
+async def experiment_started(base: str, experiment_id: str, reads: int = 8, timeout_s: float = 120.0) -> None:
+    """Until `reads` answers of GET /experiment in a row name `experiment_id`: every replica runs it."""
+    connection, in_a_row, deadline = Connection(base), 0, time.monotonic() + timeout_s
+    try:
+        while in_a_row < reads:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replicas did not all start experiment {experiment_id} in {timeout_s:g} s")
+            status, answer = await connection.request("GET", "/experiment")
+            running = status == 200 and json.loads(answer).get("experiment_id") == experiment_id
+            in_a_row = in_a_row + 1 if running else 0
+            await asyncio.sleep(0.05 if running else 0.5)
+    finally:
+        connection.close()
+
+
+# ----------------------------------------------------------------------------- what the record holds
+
+
+@dataclass
+class Stages:
+    """Each stage's wall time, in the order they ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        print(f"{name} ...", flush=True)
+        yield
+        self.seconds[name] = time.perf_counter() - started
+        print(f"{name}: {self.seconds[name]:.1f} s", flush=True)
+
+
+HOLDOUT_MODELS = {"champion_frozen": "champion, frozen (dataset ratings only)",
+                  "champion_served": "champion as served (live ratings folded in)",
+                  "challenger": "retrained challenger"}
+HOLDOUT_FIGURES = ("full_ndcg_at_10", "full_hit_rate_at_10", "full_recall_at_10")
+
+
+@dataclass(frozen=True)
+class RetrainFigures:
+    """What `make retrain` recorded of its challenger: the live ratings it saw, the fresh hold-out's figures, the
+    differences with their intervals and the offline gate."""
+
+    version: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, client: MlflowClient, version: ModelVersion) -> RetrainFigures:
+        return cls(str(version.version), dict(version.tags), client.get_run(version.run_id).data.metrics)
+
+    def lines(self) -> list[str]:
+        t, m = self.tags, self.metrics
+        rows = [f"| {label} | " + " | ".join(f"{m.get(f'holdout/{model}/{f}', float('nan')):.4f}"
+                                             for f in HOLDOUT_FIGURES) + " |"
+                for model, label in HOLDOUT_MODELS.items()]
+
+        def interval(label: str) -> str:
+            key = f"holdout_ndcg_{label}"
+            return (f"{m[key]:+.4f} [{m[key + '_low']:+.4f}, {m[key + '_high']:+.4f}]" if key in m else "n/a")
+
+        return [
+            f"Version {self.version}: trained on {t.get('retrain.live_ratings')} live ratings (seq up to "
+            f"{t.get('retrain.cut_seq')}, SHA-256 {t.get('retrain.live_sha256', '')[:12]}...); fresh hold-out: the "
+            f"{t.get('retrain.holdout_ratings')} newest, {t.get('retrain.holdout_users')} users with a relevant one.",
+            "", "| fresh hold-out | NDCG@10 | HR@10 | Recall@10 |", "|---|---|---|---|", *rows, "",
+            f"- Challenger NDCG@10 minus the frozen champion: {interval('minus_champion_frozen')}; minus the champion "
+            f"as served: {interval('minus_champion_served')} (95% paired bootstrap over users).",
+            f"- Offline gate: **{t.get('challenger.offline_gate')}** ({t.get('challenger.offline_gate_reason')}).",
+        ]
+
+
+def variant_row(v: VariantMetrics) -> str:
+    mean = f"{v.mean_rating.estimate:.2f} [{v.mean_rating.low:.2f}, {v.mean_rating.high:.2f}]" if v.mean_rating else "-"
+    coverage = f"{v.catalogue_coverage:.3f}" if v.catalogue_coverage is not None else "-"
+    return (f"| {v.variant} (v{v.model_version}) | {v.lists_served} | {v.ratings_attributed} | "
+            f"{v.rated_list_rate.estimate:.3f} [{v.rated_list_rate.low:.3f}, {v.rated_list_rate.high:.3f}] | "
+            f"{v.positive_share.estimate:.3f} | {mean} | {coverage} | "
+            f"**{v.positive_rate.estimate:.3f}** [{v.positive_rate.low:.3f}, {v.positive_rate.high:.3f}] |")
+
+
+def online_lines(metrics: ExperimentMetrics, margin: float) -> list[str]:
+    d = metrics.positive_rate_difference
+    return [
+        "| variant | lists served | ratings attributed | lists rated (95%) | ratings >= 4 | mean rating (95%) | "
+        "catalogue coverage | positive rate (95%) |", "|---|---|---|---|---|---|---|---|",
+        variant_row(metrics.champion), variant_row(metrics.challenger), "",
+        f"- Positive rate, challenger minus champion: {d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] (Newcombe 95%); "
+        f"one-sided 95% lower bound {metrics.positive_rate_difference_lower:+.4f} against -margin = {-margin:+g}.",
+    ]
+
+
+def rounds_lines(rounds: list[Round]) -> list[str]:
+    rows = ["| round | answers (champion / challenger) | lists with a rated movie | ratings posted | of them >= 4 "
+            "| failed requests | seconds |", "|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        rows.append(f"| {r.name} | {r.lists['champion']} / {r.lists['challenger']} | "
+                    f"{sum(r.rated_lists.values())} | {r.posted} | {sum(r.positive.values())} | {r.failed} | "
+                    f"{r.seconds:.1f} |")
+    return rows
