@@ -78,7 +78,10 @@ def overrides_as_args(args) -> list[str]:
 
 
 def champion_ready(args, client: MlflowClient, name: str, stages: Stages) -> str:
-    """The champion's version: `--champion-uri`'s made champion, the store's, or one trained now."""
+    """The champion's version: `--champion-uri`'s made champion, the store's, or one trained now. A `challenger`
+    alias left from before is removed: the loop starts with the champion alone."""
+    if experiments.alias_version(name, mlflow_tracking.CHALLENGER, client) is not None:
+        client.delete_registered_model_alias(name, mlflow_tracking.CHALLENGER)
     if args.champion_uri:
         version = str(resolve_version(args.champion_uri, client).version)
         client.set_registered_model_alias(name, mlflow_tracking.CHAMPION, version)
