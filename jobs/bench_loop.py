@@ -235,7 +235,10 @@ def describe(args, config: Config, catalogue: int, users: list[SimulatedUser], s
         "", "## Collecting ratings (champion alone)", "", *rounds_lines(collected),
     ]
     if retrained:
-        lines += ["", "## The retrained challenger (make retrain)", "", *retrained.lines()]
+        lines += ["", "## The retrained challenger (make retrain)", "", *retrained.lines(),
+                  "- Here the live ratings are ratings of movies the champion as served showed, so the fresh hold-out "
+                  "holds what it chose to show: it favours the champion as served. The frozen champion shows each "
+                  "user the list of the first round again, whose held-out movies were all rated before the cut."]
     if outcome is None:
         return [*lines, "", "No experiment ran: the challenger got no `challenger` alias."]
     versions = outcome.running.versions

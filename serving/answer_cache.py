@@ -48,7 +48,10 @@ class ReplayedAnswers:
             self.variants, self.size = variants, 0
             self.answers.clear()
         answer = self.answers.get(query)
-        if answer is not None and await self._still_true(replica, *answer[0]):
+        # Replayed only if, once the store has answered, it is still held: meanwhile another request may have
+        # dropped it (room made, a newer answer kept) or a new model version cleared them all.
+        if (answer is not None and await self._still_true(replica, *answer[0])
+                and self.answers.get(query) is answer):
             self.answers.move_to_end(query)
             for message in answer[1:]:
                 await send(dict(message))

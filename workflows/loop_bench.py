@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -132,37 +132,42 @@ async def hammer(base: str, user_ids: list[int], clients: int, until) -> Hammere
     return Hammered(counts["requests"], counts["failed"], time.perf_counter() - started)
 
 
-async def settled(base: str, version: str, reads: int = 8, timeout_s: float = 120.0) -> None:
-    """Until `reads` answers in a row (the proxy spreads them over the replicas) come from model `version` with no
-    experiment running: every replica has taken the decision in."""
+async def answers(connection: Connection, path: str) -> dict:
+    """The JSON answer of GET `path` ({} when it failed)."""
+    status, body = await connection.request("GET", path)
+    return json.loads(body) if status == 200 else {}
+
+
+async def every_replica(base: str, holds: Callable[[Connection], Awaitable[bool]], what: str, reads: int = 8,
+                        timeout_s: float = 120.0) -> None:
+    """Until `holds` is true of `reads` answers in a row (the proxy spreads them over the replicas, so a run of them
+    reaches every replica); `what` names it in the TimeoutError after `timeout_s`."""
     connection, in_a_row, deadline = Connection(base), 0, time.monotonic() + timeout_s
     try:
         while in_a_row < reads:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the replicas did not all serve version {version} alone within {timeout_s:g} s")
-            status, answer = await connection.request("GET", "/experiment")
-            body = json.loads(answer) if status == 200 else {}
-            status, version_answer = await connection.request("GET", "/version")
-            served = json.loads(version_answer)["model_version"] if status == 200 else None
-            in_a_row = in_a_row + 1 if body.get("running") is False and served == version else 0
+                raise TimeoutError(f"not every replica {what} within {timeout_s:g} s")
+            in_a_row = in_a_row + 1 if await holds(connection) else 0
             await asyncio.sleep(0.05)
     finally:
         connection.close()
 
 
-async def experiment_started(base: str, experiment_id: str, reads: int = 8, timeout_s: float = 120.0) -> None:
-    """Until `reads` answers of GET /experiment in a row name `experiment_id`: every replica runs it."""
-    connection, in_a_row, deadline = Connection(base), 0, time.monotonic() + timeout_s
-    try:
-        while in_a_row < reads:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the replicas did not all start experiment {experiment_id} in {timeout_s:g} s")
-            status, answer = await connection.request("GET", "/experiment")
-            running = status == 200 and json.loads(answer).get("experiment_id") == experiment_id
-            in_a_row = in_a_row + 1 if running else 0
-            await asyncio.sleep(0.05 if running else 0.5)
-    finally:
-        connection.close()
+async def experiment_started(base: str, experiment_id: str) -> None:
+    """Until every replica runs the experiment `experiment_id`."""
+    async def runs(connection: Connection) -> bool:
+        return (await answers(connection, "/experiment")).get("experiment_id") == experiment_id
+
+    await every_replica(base, runs, f"started experiment {experiment_id}")
+
+
+async def settled(base: str, version: str) -> None:
+    """Until every replica answers from model `version` alone, no experiment running: the decision is taken in."""
+    async def alone(connection: Connection) -> bool:
+        return ((await answers(connection, "/experiment")).get("running") is False
+                and (await answers(connection, "/version")).get("model_version") == version)
+
+    await every_replica(base, alone, f"served version {version} alone")
 
 
 # ----------------------------------------------------------------------------- what the record holds
