@@ -24,6 +24,7 @@ from unit.test_feedback_store import (  # noqa: F401 (collected here, against Po
     test_new_user_ids_rise_above_the_floor_and_every_earlier_id,
     test_processes_asking_for_new_users_together_never_get_the_same_id,
     test_the_schema_is_created_once_and_the_store_reopens_with_its_data,
+    test_the_store_keeps_each_served_list_once_and_finds_the_ratings_posted_with_them,
     test_writers_in_several_processes_store_each_event_once,
 )
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from unit.test_online_experiment import served
 
 import ncf.feedback_store as feedback_store
 from ncf.config import load_config
+from ncf.experiment import CHALLENGER, CHAMPION
 from ncf.feedback_store import (
     SCHEMA_VERSION,
     RatingEvent,
@@ -284,3 +286,19 @@ def test_a_uri_that_names_no_supported_database_is_refused():
         RatingsStore("ratings.db")
     with pytest.raises(ValueError, match="neither SQLite nor PostgreSQL"):
         RatingsStore("mysql://ncf@127.0.0.1/ratings")
+
+
+def test_the_store_keeps_each_served_list_once_and_finds_the_ratings_posted_with_them(store: RatingsStore):
+    """The lists an experiment served, kept once each, and the ratings posted with their rec_ids."""
+    first = [served("3.1.0.10", CHAMPION, 1, (10, 11)), served("4.1.0.10", CHALLENGER, 1, (10,), shown="3.1.0.10")]
+    assert store.add_served_lists(first) == 2
+    assert store.add_served_lists([served("3.1.0.10", CHAMPION, 1, (10, 11), at=2000.0),
+                                   served("3.2.0.10", CHAMPION, 2, (12,))]) == 1  # a repeat stays as first recorded
+    assert store.add_served_lists([]) == 0
+    assert store.served_lists("3-vs-4") == [first[0], served("3.2.0.10", CHAMPION, 2, (12,)), first[1]]
+    assert store.served_lists("other") == []
+    store.add([RatingEvent("a", 1, 10, 5.0, None, "3.1.0.10"), RatingEvent("b", 2, 12, 3.0, None, "3.2.0.10"),
+               RatingEvent("c", 1, 11, 3.0, None, "9.9.9.9"), RatingEvent("d", 1, 11, 3.0, None, None)])
+    assert [r.event_id for r in store.ratings_for_lists("3-vs-4")] == ["a", "b"]
+    assert store.claim("3-vs-4", 7) and not store.claim("3-vs-4", 7) and store.claim("3-vs-4", 8)
+    assert store.claim("4-vs-5", 7)

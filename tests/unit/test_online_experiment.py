@@ -115,23 +115,6 @@ def test_promotion_needs_the_offline_gate_and_a_positive_rate_not_worse_beyond_t
                                                                                champion_positive) / 1000)
 
 
-def test_the_store_keeps_each_served_list_once_and_finds_the_ratings_posted_with_them(tmp_path: Path):
-    store = RatingsStore(f"sqlite:///{tmp_path / 'ratings.db'}")
-    first = [served("3.1.0.10", CHAMPION, 1, (10, 11)), served("4.1.0.10", CHALLENGER, 1, (10,), shown="3.1.0.10")]
-    assert store.add_served_lists(first) == 2
-    assert store.add_served_lists([served("3.1.0.10", CHAMPION, 1, (10, 11), at=2000.0),
-                                   served("3.2.0.10", CHAMPION, 2, (12,))]) == 1  # a repeat stays as first recorded
-    assert store.add_served_lists([]) == 0
-    assert store.served_lists("3-vs-4") == [first[0], served("3.2.0.10", CHAMPION, 2, (12,)), first[1]]
-    assert store.served_lists("other") == []
-    store.add([RatingEvent("a", 1, 10, 5.0, None, "3.1.0.10"), RatingEvent("b", 2, 12, 3.0, None, "3.2.0.10"),
-               RatingEvent("c", 1, 11, 3.0, None, "9.9.9.9"), RatingEvent("d", 1, 11, 3.0, None, None)])
-    assert [r.event_id for r in store.ratings_for_lists("3-vs-4")] == ["a", "b"]
-    assert store.claim("3-vs-4", 7) and not store.claim("3-vs-4", 7) and store.claim("3-vs-4", 8)
-    assert store.claim("4-vs-5", 7)
-    store.close()
-
-
 def test_a_store_made_before_experiments_is_migrated_and_keeps_its_ratings(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch):
     uri = f"sqlite:///{tmp_path / 'ratings.db'}"
