@@ -9,6 +9,7 @@ import httpx
 import psutil
 import pytest
 import ray
+import torch
 from services import Server, mlflow_server
 
 from ncf.recommender import Recommender
@@ -58,6 +59,11 @@ def http(served_url: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def champion(model_store) -> Recommender:
-    """The champion the module's app serves, as the app loads it (for comparing answers)."""
-    return model_store.recommender(model_store.champion)
+def champion(model_store) -> Iterator[Recommender]:
+    """The champion the module's app serves, as the app loads it, computing as a replica computes (one torch thread:
+    serve.cpus_per_replica 1), so that answers compare exactly: another thread count sums in another order, and a
+    near-tie in a folded-in ranking can swap."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield model_store.recommender(model_store.champion)
+    torch.set_num_threads(previous)
