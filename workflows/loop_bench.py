@@ -224,7 +224,8 @@ class RetrainFigures:
             "", "| fresh hold-out | NDCG@10 | HR@10 | Recall@10 |", "|---|---|---|---|", *rows, "",
             f"- Challenger NDCG@10 minus the frozen champion: {interval('minus_champion_frozen')}; minus the champion "
             f"as served: {interval('minus_champion_served')} (95% paired bootstrap over users).",
-            f"- Offline gate: **{t.get('challenger.offline_gate')}** ({t.get('challenger.offline_gate_reason')}).",
+            f"- Offline gate: **{t.get('challenger.offline_gate')}**" + (
+                f" ({t['challenger.offline_gate_reason']})." if t.get("challenger.offline_gate") != "passed" else "."),
         ]
 
 
