@@ -31,14 +31,19 @@ USERS = range(1, 121)  # users of ml-latest-small
 WAIT_S = 60
 
 
+def copies_of_the_champion(model_store, name: str, versions: int) -> MlflowClient:
+    """The session's store with registered model `name`: versions 1 to `versions`, copies of the session's champion,
+    version 1 `name`'s champion. A model of the module's own: its aliases can move."""
+    client = MlflowClient(model_store.uri, model_store.uri)
+    for _ in range(versions):
+        client.copy_model_version(f"models:/{mlflow_tracking.MODEL_NAME}/{model_store.champion}", name)
+    client.set_registered_model_alias(name, CHAMPION, "1")
+    return client
+
+
 @pytest.fixture(scope="module")
 def client(model_store) -> MlflowClient:
-    """The session's store, with NAME's versions 1 to 4: copies of its champion, version 1 NAME's champion."""
-    client = MlflowClient(model_store.uri, model_store.uri)
-    for _ in range(4):
-        client.copy_model_version(f"models:/{mlflow_tracking.MODEL_NAME}/{model_store.champion}", NAME)
-    client.set_registered_model_alias(NAME, CHAMPION, "1")
-    return client
+    return copies_of_the_champion(model_store, NAME, 4)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from mlflow import MlflowClient
-from test_experiment import USERS, rate, wait_for
+from test_experiment import USERS, copies_of_the_champion, rate, wait_for
 
 from ncf.config import load_config
 from ncf.experiment import CHALLENGER, CHAMPION
-from ncf.integrations import experiments, mlflow_tracking
+from ncf.integrations import experiments
 from ncf.online_metrics import OFFLINE_GATE_PASSED
 from ncf.ports import free_port
 
@@ -25,11 +25,7 @@ MIN_LISTS = len(USERS)
 
 @pytest.fixture(scope="module")
 def client(model_store) -> MlflowClient:
-    client = MlflowClient(model_store.uri, model_store.uri)
-    for _ in range(2):
-        client.copy_model_version(f"models:/{mlflow_tracking.MODEL_NAME}/{model_store.champion}", NAME)
-    client.set_registered_model_alias(NAME, CHAMPION, "1")
-    return client
+    return copies_of_the_champion(model_store, NAME, 2)
 
 
 @pytest.fixture(scope="module")
