@@ -128,7 +128,8 @@ def rounds(base: str, users: list[SimulatedUser], count: int, name: str, args, c
 
 def main(argv: list[str] | None = None) -> int:
     p = override_parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3, help="rounds of asking and rating before the retrain")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of asking and rating before the retrain (0: none, "
+                                                         "with --challenger-uri)")
     p.add_argument("--experiment-rounds", type=int, default=4, help="rounds during the experiment")
     p.add_argument("--users", type=int, default=None, help="simulate this many random users (default: all)")
     p.add_argument("--clients", type=int, default=8)
@@ -138,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain-launcher", choices=("ray", "local"), default="ray")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    for flag in ("rounds", "experiment_rounds", "users", "clients"):
+    for flag in ("experiment_rounds", "users", "clients"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.rounds < 0 or (args.rounds == 0 and not args.challenger_uri):
+        p.error("--rounds must be positive (0 only with --challenger-uri: a retrain needs ratings)")
     load_before = os.getloadavg()
     command = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory(prefix="ncf-bench-loop-") as tmp:
@@ -227,12 +230,15 @@ def describe(args, config: Config, catalogue: int, users: list[SimulatedUser], s
             f"version {retrained.version}, retrained by `python -m jobs.retrain` on the collected ratings."
             if retrained else f"`{args.challenger_uri}`, given the alias with its offline gate marked passed "
                               "(the simulation tests the online decision alone)."),
+        "- A challenger meets users who have already rated what the champion showed them in the rounds before: its "
+        "different movies are new to them, a novelty effect in its favour (as with real users).",
         f"- The swap: the decision as `make promote` takes it, while {SWAP_CLIENTS} clients read recommendations back "
         "to back until 8 answers in a row of /version and /experiment come from the version the decision leaves, "
         "with no experiment: every request of theirs in that time counts.",
         "", "## Stages", "", "| stage | seconds |", "|---|---|",
         *(f"| {stage} | {seconds:.1f} |" for stage, seconds in stages.seconds.items()),
-        "", "## Collecting ratings (champion alone)", "", *rounds_lines(collected),
+        "", "## Collecting ratings (champion alone)", "",
+        *(rounds_lines(collected) if collected else ["No rounds before the challenger (--rounds 0)."]),
     ]
     if retrained:
         lines += ["", "## The retrained challenger (make retrain)", "", *retrained.lines(),

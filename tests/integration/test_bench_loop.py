@@ -17,7 +17,9 @@ from ncf.integrations import mlflow_tracking
 pytestmark = pytest.mark.integration
 
 NAME = mlflow_tracking.MODEL_NAME
-MINIATURE = ["--rounds", "1", "--experiment-rounds", "2", "--users", "400", "--set", "serve.warm_users=50"]
+# No rounds before the experiment: the challenger meets users who have not rated the champion's lists yet (after
+# such rounds its movies are new to them, a novelty effect that can even out a worse model in a run this small).
+MINIATURE = ["--rounds", "0", "--experiment-rounds", "2", "--users", "400", "--set", "serve.warm_users=50"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_a_worse_challenger_is_kept_out(own_model_store, versions, tmp_path):
     assert rates["challenger"] < rates["champion"], report
     assert "**rollback**" in report and "**0 failed**" in report
     assert re.search(r"During the swap: [1-9]\d* requests", report), report
-    assert "| collect-1 |" in report and "| experiment-2 |" in report
+    assert "| experiment-2 |" in report
 
 
 def test_a_better_challenger_is_promoted(own_model_store, versions, tmp_path):

@@ -30,8 +30,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
     assert sorted(p.name for p in (site / "ncf" / "conf").glob("*.yaml")) == [
-        "data.yaml", "evaluation.yaml", "feedback.yaml", "model.yaml", "registry.yaml", "retrieval.yaml", "serve.yaml",
-        "train.yaml", "tune.yaml"]
+        "data.yaml", "evaluation.yaml", "feedback.yaml", "model.yaml", "registry.yaml", "retrain.yaml",
+        "retrieval.yaml", "serve.yaml", "train.yaml", "tune.yaml"]
     assert sorted(p.name for p in (site / "ncf" / "conf" / "presets").glob("*.yaml")) == [
         "deck.yaml", "neumf.yaml", "recommender.yaml", "tiny.yaml"]
     return site
