@@ -121,11 +121,10 @@ def retrain(overrides: list[str] | tuple[str, ...] = (), preset: str | None = No
     train_config = with_values(config, {"data.prepared_dir": str(target.parent)})
     data = prepared.load_movielens(train_config.data, data_dir)
 
-    live_tags = {f"retrain.{key}": str(value) for key, value in live_training_tags(cut.record()).items()}
     with mlflow.start_run(run_name=f"{mlflow_tracking.run_name('retrain', config)} (cut {cut.cut_seq})",
                           log_system_metrics=True,
                           tags={"launcher": launcher, "retrain.champion_version": str(champion.version),
-                                **live_tags}) as active:
+                                **live_training_tags(cut)}) as active:
         mlflow.log_dict(manifest["live"], "retrain/live.json")
         summary = train_in_run(train_config, data, data_dir, launcher, active.info.run_id)
         print(f"retrain: evaluating champion version {champion.version} and challenger version "
@@ -146,11 +145,12 @@ def retrain(overrides: list[str] | tuple[str, ...] = (), preset: str | None = No
     return result
 
 
-def live_training_tags(record: dict) -> dict[str, int | str]:
-    """The live ratings' record as tag names: retrain.cut_seq, retrain.live_ratings, retrain.live_sha256,
-    retrain.holdout_ratings."""
-    return {"cut_seq": record["cut_seq"], "live_ratings": record["ratings"], "live_sha256": record["sha256"],
-            "holdout_ratings": record["holdout_ratings"]}
+def live_training_tags(cut: live_training.LiveCut) -> dict[str, str]:
+    """Which live ratings a model saw, as the run's and the version's tags: retrain.cut_seq, retrain.live_ratings,
+    retrain.live_sha256, retrain.holdout_ratings."""
+    record = cut.record()
+    return {"retrain.cut_seq": str(record["cut_seq"]), "retrain.live_ratings": str(record["ratings"]),
+            "retrain.live_sha256": str(record["sha256"]), "retrain.holdout_ratings": str(record["holdout_ratings"])}
 
 
 def champion_validation(client: MlflowClient, champion, metric: str) -> dict[str, float]:
@@ -176,7 +176,7 @@ def record_outcome(client: MlflowClient, name: str, version: str, cut: live_trai
             mlflow.log_metrics({f"holdout_ndcg_{label}": interval.difference,
                                 f"holdout_ndcg_{label}_low": interval.low, f"holdout_ndcg_{label}_high": interval.high})
     tags = {"challenger.offline_gate": gate.tag, "challenger.offline_gate_reason": "; ".join(gate.reasons) or "passed",
-            **{f"retrain.{k}": v for k, v in live_training_tags(cut.record()).items()},
+            **live_training_tags(cut),
             "retrain.holdout_users": holdout.users,
             **{f"retrain.holdout_ndcg_{label}": interval_text(i) for label, i in intervals.items()},
             f"retrain.validation.{metric}.challenger": validation["challenger"].get(metric, "n/a"),
