@@ -254,6 +254,11 @@ class Ratings:
     def none(cls) -> Ratings:
         return cls(**{name: np.zeros(0, dtype) for name, dtype in cls.DTYPES.items()})
 
+    @classmethod
+    def concat(cls, *parts: Ratings) -> Ratings:
+        """The rows of `parts`, one after the other."""
+        return cls(*(np.concatenate([getattr(part, name) for part in parts]) for name in cls.DTYPES))
+
     def take(self, index: np.ndarray) -> Ratings:
         return Ratings(self.user[index], self.movie[index], self.rating[index], self.timestamp[index])
 
@@ -330,8 +335,7 @@ class Splits:
 
     def train_and_validation(self) -> Ratings:
         """Everything but the test split: what refits, baselines and "already seen" use."""
-        return Ratings(*(np.concatenate([getattr(self.train, f), getattr(self.validation, f)])
-                         for f in ("user", "movie", "rating", "timestamp")))
+        return Ratings.concat(self.train, self.validation)
 
 
 def split_indices(ratings: Ratings, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

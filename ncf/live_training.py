@@ -30,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ncf.data import IdMaps, Ratings
 from ncf.feedback_store import LiveRating
@@ -47,6 +45,7 @@ from ncf.prepared import (
     statistics,
     write_json,
     write_ratings,
+    write_users,
 )
 
 
@@ -143,8 +142,7 @@ def write_live_copy(base: Path, live: LiveCut, target: Path) -> dict:
         kept = ~np.isin(pair_keys(split.user, split.movie), replaced)
         superseded += int((~kept).sum())
         splits[part] = split.take(kept)
-    splits["train"] = Ratings(*(np.concatenate([getattr(splits["train"], f), getattr(rated, f)])
-                                for f in Ratings.DTYPES))
+    splits["train"] = Ratings.concat(splits["train"], rated)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
@@ -152,9 +150,9 @@ def write_live_copy(base: Path, live: LiveCut, target: Path) -> dict:
         staged.chmod(0o755)
         for part in SPLITS:
             write_ratings(splits[part], staged / f"{part}.parquet")
-        pq.write_table(pa.table({"userId": ids.user_ids.astype(np.int32)}), staged / "users.parquet")
+        write_users(ids, staged)
         shutil.copyfile(base / "movies.parquet", staged / "movies.parquet")
-        everything = Ratings(*(np.concatenate([getattr(splits[p], f) for p in SPLITS]) for f in Ratings.DTYPES))
+        everything = Ratings.concat(*(splits[p] for p in SPLITS))
         bounds = np.cumsum([0] + [len(splits[p]) for p in SPLITS])
         rows = {p: np.arange(bounds[i], bounds[i + 1]) for i, p in enumerate(SPLITS)}
         write_json(staged / STATS, statistics(manifest["dataset"], ids, pd.DataFrame(data.movies), everything, rows))

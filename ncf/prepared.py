@@ -228,8 +228,8 @@ def _build(cfg: DataConfig, source: Path, out: Path) -> dict:
         base, test = read_fold(source, split.fold)
         check_fold(source, split.fold, frame, base, test)
         del frame
-        ratings = _concat(encode_ratings(ids, base, f"{source / split.fold}.base"),
-                          encode_ratings(ids, test, f"{source / split.fold}.test"))
+        ratings = Ratings.concat(encode_ratings(ids, base, f"{source / split.fold}.base"),
+                                 encode_ratings(ids, test, f"{source / split.fold}.test"))
         rows = dict(zip(SPLITS, fold_split_indices(ratings, len(base), split), strict=True))
         del base, test
     else:
@@ -241,7 +241,7 @@ def _build(cfg: DataConfig, source: Path, out: Path) -> dict:
     for part in SPLITS:  # one split in memory at a time, beside the encoded ratings
         write_ratings(ratings.take(rows.pop(part)), out / f"{part}.parquet")
     del ratings
-    pq.write_table(pa.table({"userId": ids.user_ids.astype(np.int32)}), out / "users.parquet")
+    write_users(ids, out)
     pq.write_table(pa.table({"movieId": movies["movieId"].to_numpy().astype(np.int32),
                              "title": pa.array(movies["title"].tolist(), pa.string()),
                              "genres": pa.array(movies["genres"].tolist(), pa.string())}), out / "movies.parquet")
@@ -259,6 +259,11 @@ def _build(cfg: DataConfig, source: Path, out: Path) -> dict:
     }
     write_json(out / MANIFEST, manifest)  # last: a folder without its manifest is never valid
     return manifest
+
+
+def write_users(ids: IdMaps, folder: Path) -> None:
+    """users.parquet: row i is user index i."""
+    pq.write_table(pa.table({"userId": ids.user_ids.astype(np.int32)}), folder / "users.parquet")
 
 
 def write_ratings(ratings: Ratings, path: Path) -> None:
@@ -293,10 +298,6 @@ def install(staged: Path, target: Path) -> None:
             raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _concat(a: Ratings, b: Ratings) -> Ratings:
-    return Ratings(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in ("user", "movie", "rating", "timestamp")))
 
 
 def statistics(name: str, ids: IdMaps, movies: pd.DataFrame, ratings: Ratings, rows: dict[str, np.ndarray]) -> dict:

@@ -183,8 +183,7 @@ def sampled_protocol(data: MovieLens, evaluation: EvaluationConfig, settings: di
         str, dict[str, float]]:
     """He et al.'s protocol on the same data: each user's latest rating held out, 99 never-rated negatives."""
     s = data.splits
-    everything = Ratings(*(np.concatenate([getattr(s.train_and_validation(), f), getattr(s.test, f)])
-                           for f in ("user", "movie", "rating", "timestamp")))
+    everything = Ratings.concat(s.train, s.validation, s.test)
     held = leave_one_out(everything.user, everything.timestamp)
     rest, out = everything.take(np.flatnonzero(~held)), everything.take(np.flatnonzero(held))
     part = Slice(rest, SeenItems(rest.user, rest.movie, data.n_users), out, data.n_users, data.n_movies, evaluation)
