@@ -134,6 +134,7 @@ def experiment_period(variants: Variants, store: RatingsStore, client: MlflowCli
         return  # the aliases moved: the next poll ends or changes the experiment
     catalogue = variants.champion.recommender.ids.n_movies
     metrics = experiments.online_metrics(running, store, config, catalogue)
-    experiments.log_online_metrics(running, metrics, int(time.time() // config.log_interval_s), client)
-    if config.auto_promote and ready(metrics, config.min_lists):
+    if config.auto_promote and ready(metrics, config.min_lists):  # the decision logs the metrics it decided on
         experiments.promote_on_evidence(variants.champion.name, store, config, client, catalogue, running)
+    else:
+        experiments.log_online_metrics(running, metrics, int(time.time() // config.log_interval_s), client)
