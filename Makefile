@@ -58,6 +58,19 @@ gpu-train: venv  ## short training on every visible GPU, reports throughput
 bench-retrieval: venv  ## EASE, ALS and the sequence signal: settings chosen on validation, scored once on test (NCF_DATA_DIR or data.dir: ml-latest-small) -> docs/benchmarks/retrieval.md
 	$(PY) -m jobs.bench_retrieval $(ARGS)
 
+# SASRec (rectools) needs numpy < 2, pandas < 3 and pm-implicit: a virtualenv of its own, never the project's.
+.venv-peers/.installed:
+	python3 -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q --upgrade pip
+	.venv-peers/bin/python -m pip install -q torch==2.13.0
+	.venv-peers/bin/python -m pip install -q 'rectools[torch]==0.19.*'
+	touch $@
+
+.PHONY: peers
+PROTOCOL ?= seed
+peers: venv .venv-peers/.installed  ## most-popular, EASE, ALS, itemknn, SASRec and the presets side by side on full ranking (PROTOCOL=seed|temporal), each a run of the MLflow experiment `peers` -> docs/benchmarks/peers.md
+	$(PY) -m jobs.peers --protocol $(PROTOCOL) --sasrec-python .venv-peers/bin/python $(ARGS)
+
 .PHONY: bench-scale
 bench-scale: venv  ## training throughput and worker memory on ml-25m's shape vs ml-latest-small (after make synth SHAPE=ml-25m) -> docs/benchmarks/
 	$(PY) -m jobs.bench_scale $(ARGS)

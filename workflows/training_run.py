@@ -47,10 +47,12 @@ def train_and_publish(config: Config, launcher: str = "ray", report_path: Path |
     return summary, promoted
 
 
-def train_in_run(config: Config, data: MovieLens, data_dir: Path, launcher: str, run_id: str) -> RunSummary:
+def train_in_run(config: Config, data: MovieLens, data_dir: Path, launcher: str, run_id: str,
+                 register: bool = True) -> RunSummary:
     """In the active MLflow run `run_id`: log the config and data, train (Ray Train's workers load `data_dir`'s
-    prepared copy, as `data` was), publish and register (`finish_run`). What decides the version's alias is the
-    caller's: the champion gate (`make train`), the offline gate (`make retrain`)."""
+    prepared copy, as `data` was), publish and register (`finish_run`; `register=False` logs the model in the run
+    only, as `make peers` does). What decides the version's alias is the caller's: the champion gate (`make
+    train`), the offline gate (`make retrain`)."""
     mlflow_tracking.log_config(config)
     log_data_tags(data)
     mlflow_tracking.log_data_inputs(data, config)
@@ -61,4 +63,4 @@ def train_in_run(config: Config, data: MovieLens, data_dir: Path, launcher: str,
             epochs = mlflow_tracking.EpochLogger(run_id)
             checkpoint = fit_in_process(config, data, Path(tmp) / "checkpoint", on_epoch=epochs)
             epochs.flush()  # the epochs' metrics buffered while the store was unreachable
-        return finish_run(config, data, checkpoint)
+        return finish_run(config, data, checkpoint, register=register)
