@@ -19,8 +19,9 @@ from pathlib import Path
 
 from ncf.config import load_config
 from ncf.data import resolve_data_dir
-from workflows.peers import PEERS, Protocol, measure_protocol, say
+from workflows.peers import PEERS, Protocol, say
 from workflows.peers_report import write
+from workflows.peers_runs import measure_protocol
 from workflows.peers_sasrec import EPOCHS, sasrec
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
