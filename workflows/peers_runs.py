@@ -55,7 +55,7 @@ def preset(name: str) -> Callable[[Protocol], PeerResult]:
 # ----------------------------------------------------------------------------- runs
 
 
-def log_peer(result: PeerResult, p: Protocol, reference: PeerResult | None) -> dict[str, float]:
+def log_peer(result: PeerResult, reference: PeerResult | None) -> dict[str, float]:
     """Into the active run: the test figures under the training runs' names (`test_full_ndcg_at_10`, ...), the
     settings as params, the fit time and the paired difference of NDCG@10 against the reference peer; returns
     that difference (empty for the reference itself)."""
@@ -98,7 +98,7 @@ def measure_protocol(p: Protocol, peers: list[str],
             if logged:
                 if peer not in PRESETS:  # a preset's training logs its data inputs itself
                     mlflow_tracking.log_data_inputs(p.data, p.config)
-                difference = log_peer(result, p, reference)
+                difference = log_peer(result, reference)
                 run_id = mlflow.active_run().info.run_id
         reference = reference or result
         if logged:
