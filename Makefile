@@ -25,7 +25,7 @@ venv: .venv/.installed  ## create .venv and install the project with its test to
 # recommender: the best top-N model).
 PRESET ?= deck
 
-train: venv  ## train under Ray Train (PRESET=deck|neumf|recommender|tiny), evaluate, log to MLflow, register the model
+train: venv  ## train under Ray Train (PRESET=deck|history|neumf|recommender|tiny), evaluate, log to MLflow, register the model
 	$(PY) -m jobs.train --preset $(PRESET) $(ARGS)
 
 train-local: venv  ## the same training loop in this process (debugging)
