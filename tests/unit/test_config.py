@@ -260,6 +260,7 @@ def test_a_preset_extends_another():
     assert (history.model, history.train) == (recommender.model, recommender.train)
     assert history.retrieval.profile_rating_offset == recommender.retrieval.profile_rating_offset == 2.0
     assert history.retrieval.sequence.window == recommender.retrieval.sequence.window
+    assert {"history.dimension", "history.item_dropout", "recency_half_life"} <= set(history.tune.space["retrieval"])
 
 
 def test_presets_that_extend_each_other_are_refused(conf_copy: Path):
