@@ -75,8 +75,8 @@ class ExplanationOut(Movie, Scored):
     because_you_rated: list[BecauseYouRated]
     shared_genres: list[str] = Field(description="genres of this movie among those the user's liked movies have, "
                                                  "most shared first")
-    retriever: str | None = Field(description="the candidate retriever (ease, als, itemknn, history), or null when the model "
-                                              "ranks the whole catalogue itself")
+    retriever: str | None = Field(description="the candidate retriever (ease, als, itemknn, history), or null when "
+                                              "the model ranks the whole catalogue itself")
     retrieved_because_you_rated: list[RetrievedBecause] = Field(
         description="the user's ratings that made the retriever propose this movie, strongest first")
     rated_next_after: list[RatedNextAfter] = Field(
