@@ -58,6 +58,10 @@ gpu-train: venv  ## short training on every visible GPU, reports throughput
 bench-retrieval: venv  ## EASE, ALS and the sequence signal: settings chosen on validation, scored once on test (NCF_DATA_DIR or data.dir: ml-latest-small) -> docs/benchmarks/retrieval.md
 	$(PY) -m jobs.bench_retrieval $(ARGS)
 
+.PHONY: bench-history
+bench-history: venv  ## the history model: settings chosen on validation, 3 seeds on test beside EASE -> docs/benchmarks/history.md
+	$(PY) -m jobs.bench_history $(ARGS)
+
 .PHONY: bench-scale
 bench-scale: venv  ## training throughput and worker memory on ml-25m's shape vs ml-latest-small (after make synth SHAPE=ml-25m) -> docs/benchmarks/
 	$(PY) -m jobs.bench_scale $(ARGS)
