@@ -25,7 +25,7 @@ venv: .venv/.installed  ## create .venv and install the project with its test to
 # recommender: the best top-N model).
 PRESET ?= deck
 
-train: venv  ## train under Ray Train (PRESET=deck|neumf|recommender|tiny), evaluate, log to MLflow, register the model
+train: venv  ## train under Ray Train (PRESET=deck|history|neumf|recommender|tiny), evaluate, log to MLflow, register the model
 	$(PY) -m jobs.train --preset $(PRESET) $(ARGS)
 
 train-local: venv  ## the same training loop in this process (debugging)
@@ -70,6 +70,10 @@ bench-retrieval: venv  ## EASE, ALS and the sequence signal: settings chosen on 
 PROTOCOL ?= seed
 peers: venv .venv-peers/.installed  ## most-popular, EASE, ALS, itemknn, SASRec and the presets side by side on full ranking (PROTOCOL=seed|temporal), each a run of the MLflow experiment `peers` -> docs/benchmarks/peers.md
 	$(PY) -m jobs.peers --protocol $(PROTOCOL) --sasrec-python .venv-peers/bin/python $(ARGS)
+
+.PHONY: bench-history
+bench-history: venv  ## the history model: settings chosen on validation, 3 seeds on test beside EASE -> docs/benchmarks/history.md
+	$(PY) -m jobs.bench_history $(ARGS)
 
 .PHONY: bench-scale
 bench-scale: venv  ## training throughput and worker memory on ml-25m's shape vs ml-latest-small (after make synth SHAPE=ml-25m) -> docs/benchmarks/

@@ -435,7 +435,7 @@ def override_parser(description: str) -> argparse.ArgumentParser:
     """The command line every entry point shares: `--preset name` and `--set section.key=value` overrides."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default=None, metavar="NAME",
-                   help="apply conf/presets/NAME.yaml over the defaults (deck, neumf, recommender, tiny)")
+                   help="apply conf/presets/NAME.yaml over the defaults (deck, history, neumf, recommender, tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set model.embedding_dim=64 (repeatable)")
     return p

@@ -16,6 +16,7 @@ from ncf.config_migration import with_current_keys
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PRESETS_DIR = "presets"
+EXTENDS = "extends"  # a preset's key naming the preset whose values it starts from
 
 
 class ConfigError(ValueError):
@@ -41,15 +42,29 @@ def read_defaults(sections: tuple[str, ...], conf_dir: Path | None = None, prese
     tree = with_current_keys({section: _read_yaml(conf_dir / f"{section}.yaml", f"section '{section}'") or {}
                               for section in sections})
     if preset:
+        for name, layer in _preset_layers(conf_dir, preset):
+            _merge(tree, with_current_keys(layer), f"(preset {name}) ")
+        tree["preset"] = preset
+    return tree
+
+
+def _preset_layers(conf_dir: Path, preset: str) -> list[tuple[str, dict]]:
+    """The layers of `preset`, first the one it `extends` (a preset's own key naming another preset), if any."""
+    layers: list[tuple[str, dict]] = []
+    while preset:
         path = conf_dir / PRESETS_DIR / f"{preset}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown preset '{preset}': no {path} (presets: {', '.join(preset_names(conf_dir))})")
         layer = _read_yaml(path, f"preset '{preset}'") or {}
         if not isinstance(layer, dict):
             raise ConfigError(f"{path} must map sections to values")
-        _merge(tree, with_current_keys(layer), f"(preset {preset}) ")
-        tree["preset"] = preset
-    return tree
+        layer = dict(layer)
+        base = layer.pop(EXTENDS, None)
+        if base in {name for name, _ in layers} | {preset}:
+            raise ConfigError(f"preset '{preset}' extends '{base}', which extends it back")
+        layers.insert(0, (preset, layer))
+        preset = base
+    return layers
 
 
 def _merge(tree: dict, layer: dict, where: str) -> None:

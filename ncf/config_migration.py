@@ -52,7 +52,9 @@ ADDED_KEYS: dict[str, dict[str, Any]] = {
     "model": {"sparse_embeddings": False},
     "evaluation": {"relevant_rating": 4.0, "seed_relevant_rating": 3.0},
     "retrieval": {"profile_rating_offset": None, "sequence": {"weight": 0.0, "window": 10, "last": 10, "decay": 0.7},
-                  "itemknn": {"neighbours": 100, "shrink": 10.0}},
+                  "itemknn": {"neighbours": 100, "shrink": 10.0},
+                  "history": {"dimension": 600, "epochs": 100, "learning_rate": 0.003, "item_dropout": 0.5,
+                              "weight_decay": 0.0, "batch_users": 1024}},
 }
 
 

@@ -134,8 +134,10 @@ class RetrievalBaseline:
 
 
 def retrieval_baselines(cfg: RetrievalConfig, seed: int = 0) -> list[RetrievalBaseline]:
-    """One baseline per registered retriever, each with its section of `cfg`."""
-    return [RetrievalBaseline(name, cfg, seed) for name in RETRIEVERS]
+    """One baseline per registered retriever, each with its section of `cfg`: those whose fit takes minutes
+    (`Retriever.fits_in_seconds` false) only when `cfg` serves them."""
+    return [RetrievalBaseline(name, cfg, seed) for name, retriever in RETRIEVERS.items()
+            if retriever.fits_in_seconds or name == cfg.retriever]
 
 
 def fitted_baselines(data: MovieLens, retrieval: RetrievalConfig | None = None) -> list:

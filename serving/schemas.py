@@ -59,8 +59,9 @@ class BecauseYouRated(OwnRating):
 
 
 class RetrievedBecause(OwnRating):
-    weight: float = Field(description="this rating's share of the movie's retrieval score (EASE: the exact term; "
-                                      "ALS: the cosine of the two movies' factors)")
+    weight: float = Field(description="this rating's share of the movie's retrieval score (EASE, item-kNN: the "
+                                      "exact term; ALS: the cosine of the two movies' factors; history: its "
+                                      "attention weight times its embedding's part of the score)")
 
 
 class RatedNextAfter(OwnRating):
@@ -74,8 +75,8 @@ class ExplanationOut(Movie, Scored):
     because_you_rated: list[BecauseYouRated]
     shared_genres: list[str] = Field(description="genres of this movie among those the user's liked movies have, "
                                                  "most shared first")
-    retriever: str | None = Field(description="the candidate retriever (ease, als), or null when the model "
-                                              "ranks the whole catalogue itself")
+    retriever: str | None = Field(description="the candidate retriever (ease, als, itemknn, history), or null when "
+                                              "the model ranks the whole catalogue itself")
     retrieved_because_you_rated: list[RetrievedBecause] = Field(
         description="the user's ratings that made the retriever propose this movie, strongest first")
     rated_next_after: list[RatedNextAfter] = Field(

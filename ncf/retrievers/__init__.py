@@ -8,7 +8,8 @@ Every retriever implements `ncf.retrievers.base.Retriever` in its own module and
 its config section (`retrieval.<name>`), the check of `retrieval.retriever`, the baseline rows of the metric
 table and loading a saved retriever all follow this registry. What the retrievers read is built from ratings
 by `ncf.retrievers.matrices`; the sequence signal blended into their scores is `ncf.retrievers.sequence`.
-A pure computing package (numpy, scipy, `implicit` to fit ALS): no Ray, no MLflow.
+A pure computing package (numpy, scipy, `implicit` to fit ALS, torch to train the history model): no Ray, no
+MLflow.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 from ncf.retrievers.als import ALS
 from ncf.retrievers.base import FILE_NAME, Retriever, read
 from ncf.retrievers.ease import EASE
+from ncf.retrievers.history import History
 from ncf.retrievers.itemknn import ItemKNN
 
-RETRIEVERS: dict[str, type[Retriever]] = {cls.name: cls for cls in (EASE, ALS, ItemKNN)}
+RETRIEVERS: dict[str, type[Retriever]] = {cls.name: cls for cls in (EASE, ALS, ItemKNN, History)}
 NO_RETRIEVER = "none"  # `retrieval.retriever: none`: the model alone ranks the whole catalogue
 
 
@@ -38,5 +40,5 @@ def load_retriever(folder: Path) -> Retriever:
     return RETRIEVERS[kind].load(folder)
 
 
-__all__ = ["ALS", "EASE", "FILE_NAME", "NO_RETRIEVER", "RETRIEVERS", "ItemKNN", "Retriever", "load_retriever",
-           "retriever_class"]
+__all__ = ["ALS", "EASE", "FILE_NAME", "NO_RETRIEVER", "RETRIEVERS", "History", "ItemKNN", "Retriever",
+           "load_retriever", "retriever_class"]

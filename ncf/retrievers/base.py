@@ -11,6 +11,7 @@ registry to type each retriever's section (`retrieval.<name>`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,6 +20,17 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict
 
 FILE_NAME = "retriever.npz"
+
+
+@dataclass(frozen=True)
+class RatedEntries:
+    """Users' kept ratings as a user x movie CSR (`matrix`, 1 per rating, entries in CSR order) with each entry's
+    `rating` and recency `age` (how many of the user's kept ratings are newer, or days; 0: the newest) aligned
+    with `matrix.data`: what a retriever that reads more than who rated what is fitted on and weighs."""
+
+    matrix: sp.csr_matrix
+    rating: np.ndarray
+    age: np.ndarray
 
 
 class RetrieverSettings(BaseModel):
@@ -39,6 +51,7 @@ class Retriever(ABC):
     name: ClassVar[str]
     Settings: ClassVar[type[RetrieverSettings]]
     weighs_profiles: ClassVar[bool]
+    fits_in_seconds: ClassVar[bool] = True  # else a training run's metric table has its row only when it is served
 
     @classmethod
     @abstractmethod
@@ -48,6 +61,15 @@ class Retriever(ABC):
     @abstractmethod
     def fit(self, interactions: sp.csr_matrix) -> Retriever:
         """Fit the item side on a user x movie float32 CSR of interactions; returns self."""
+
+    def fit_entries(self, entries: RatedEntries) -> Retriever:
+        """Fit on the kept ratings with their values and ages; most retrievers read who rated what alone (`fit`)."""
+        return self.fit(entries.matrix)
+
+    def weigh(self, entries: RatedEntries, configured: np.ndarray) -> np.ndarray:
+        """The weight of each entry of a profile it scores, given the configured one (recency and rating, or 1
+        where it does not `weighs_profiles`): by default the configured weight."""
+        return configured
 
     @abstractmethod
     def score(self, profiles: sp.csr_matrix) -> np.ndarray:

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from ncf.config import RetrievalConfig
 from ncf.data import Ratings
 from ncf.retrievers import Retriever, retriever_class
+from ncf.retrievers.base import RatedEntries
 
 
 def recency_age(users: np.ndarray, timestamps: np.ndarray, unit: Literal["rank", "days"] = "rank") -> np.ndarray:
@@ -39,6 +40,47 @@ def recency_age(users: np.ndarray, timestamps: np.ndarray, unit: Literal["rank",
     return age
 
 
+def rated_entries(ratings: Ratings, n_users: int, n_movies: int, min_rating: float | None = None,
+                  recency_unit: Literal["rank", "days"] = "rank") -> RatedEntries:
+    """The ratings >= `min_rating` (all without one) as a user x movie CSR with each entry's rating and recency age
+    (`recency_age` among the kept ratings). A movie a user rated twice counts once, with its latest rating."""
+    keep = np.ones(len(ratings), dtype=bool) if min_rating is None else ratings.rating >= min_rating
+    users, movies = ratings.user[keep], ratings.movie[keep]
+    rating, timestamps = ratings.rating[keep], ratings.timestamp[keep]
+    order = np.lexsort((-timestamps, movies, users))  # by user and movie, newest first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (users[order][1:] != users[order][:-1]) | (movies[order][1:] != movies[order][:-1])
+    latest = order[first]
+    users, movies, rating, timestamps = users[latest], movies[latest], rating[latest], timestamps[latest]
+    age = recency_age(users, timestamps, recency_unit)
+    indptr = np.searchsorted(users, np.arange(n_users + 1))  # `latest` is by user, then movie: CSR order
+    matrix = sp.csr_matrix((np.ones(len(users), dtype=np.float32), movies, indptr), shape=(n_users, n_movies))
+    return RatedEntries(matrix, rating.astype(np.float64), age)
+
+
+def configured_weights(entries: RatedEntries, recency_half_life: float | None = None,
+                       rating_offset: float | None = None) -> np.ndarray:
+    """Each entry's profile weight: 0.5 ** (age / `recency_half_life`) with a half-life, times rating -
+    `rating_offset` with an offset; 1 with neither."""
+    weights = np.ones(len(entries.rating), dtype=np.float64)
+    if recency_half_life is not None:
+        if recency_half_life <= 0:
+            raise ValueError("recency_half_life must be positive")
+        weights = 0.5 ** (entries.age / recency_half_life)
+    if rating_offset is not None:
+        graded = entries.rating - rating_offset
+        if (graded <= 0).any():
+            raise ValueError(f"rating_offset {rating_offset} leaves kept ratings with a weight <= 0")
+        weights = weights * graded
+    return weights
+
+
+def with_weights(entries: RatedEntries, weights: np.ndarray) -> sp.csr_matrix:
+    matrix = entries.matrix.copy()
+    matrix.data = np.asarray(weights, dtype=np.float32)
+    return matrix
+
+
 def interaction_matrix(ratings: Ratings, n_users: int, n_movies: int, min_rating: float | None = None,
                        recency_half_life: float | None = None,
                        recency_unit: Literal["rank", "days"] = "rank",
@@ -55,32 +97,19 @@ def interaction_matrix(ratings: Ratings, n_users: int, n_movies: int, min_rating
     With `rating_offset`, each entry is also multiplied by rating - rating_offset: a profile
     leans on the movies the user liked most.
     """
-    keep = np.ones(len(ratings), dtype=bool) if min_rating is None else ratings.rating >= min_rating
-    users, movies = ratings.user[keep], ratings.movie[keep]
-    weights = np.ones(len(users), dtype=np.float64)
-    if recency_half_life is not None:
-        if recency_half_life <= 0:
-            raise ValueError("recency_half_life must be positive")
-        weights = 0.5 ** (recency_age(users, ratings.timestamp[keep], recency_unit) / recency_half_life)
-    if rating_offset is not None:
-        graded = ratings.rating[keep] - rating_offset
-        if (graded <= 0).any():
-            raise ValueError(f"rating_offset {rating_offset} leaves kept ratings with a weight <= 0")
-        weights = weights * graded
-    matrix = sp.csr_matrix((weights.astype(np.float32), (users, movies)), shape=(n_users, n_movies),
-                           dtype=np.float32)
-    matrix.sum_duplicates()
-    return matrix
+    entries = rated_entries(ratings, n_users, n_movies, min_rating, recency_unit)
+    return with_weights(entries, configured_weights(entries, recency_half_life, rating_offset))
 
 
 def user_profiles(ratings: Ratings, n_users: int, n_movies: int, cfg: RetrievalConfig,
-                  retriever: Retriever | type[Retriever]) -> sp.csr_matrix:
+                  retriever: Retriever) -> sp.csr_matrix:
     """What `retriever` scores for each user of `ratings`: the ratings >= `cfg.min_rating`, weighted by recency
-    and rating as `cfg` asks when the retriever weighs profiles (`Retriever.weighs_profiles`), else 1 each."""
-    if not retriever.weighs_profiles:
-        return interaction_matrix(ratings, n_users, n_movies, cfg.min_rating)
-    return interaction_matrix(ratings, n_users, n_movies, cfg.min_rating, cfg.recency_half_life, cfg.recency_unit,
-                              cfg.profile_rating_offset)
+    and rating as `cfg` asks when the retriever weighs profiles (`Retriever.weighs_profiles`), else 1 each, as
+    the retriever weighs them (`Retriever.weigh`)."""
+    entries = rated_entries(ratings, n_users, n_movies, cfg.min_rating, cfg.recency_unit)
+    configured = (configured_weights(entries, cfg.recency_half_life, cfg.profile_rating_offset)
+                  if retriever.weighs_profiles else np.ones(len(entries.rating)))
+    return with_weights(entries, retriever.weigh(entries, configured))
 
 
 def fit_on_ratings(name: str, cfg: RetrievalConfig, ratings: Ratings, n_users: int, n_movies: int,
@@ -88,4 +117,4 @@ def fit_on_ratings(name: str, cfg: RetrievalConfig, ratings: Ratings, n_users: i
     """The retriever registered as `name`, with its section of `cfg`, fitted on the ratings >= `cfg.min_rating`
     (1 each: the co-occurrences the item side learns; only the profiles it scores are weighted)."""
     retriever = retriever_class(name).from_settings(getattr(cfg, name), seed)
-    return retriever.fit(interaction_matrix(ratings, n_users, n_movies, cfg.min_rating))
+    return retriever.fit_entries(rated_entries(ratings, n_users, n_movies, cfg.min_rating, cfg.recency_unit))

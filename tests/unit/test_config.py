@@ -253,8 +253,28 @@ def test_presets_apply_over_the_defaults():
     assert recommender.registry.champion_metric == "val_full_ndcg_at_10"
 
 
+def test_a_preset_extends_another():
+    """The history preset starts from the recommender preset's values and changes only the retrieval it names."""
+    history, recommender = load_config(preset="history"), load_config(preset="recommender")
+    assert history.preset == "history" and history.retrieval.retriever == "history"
+    assert (history.model, history.train) == (recommender.model, recommender.train)
+    assert history.retrieval.profile_rating_offset == recommender.retrieval.profile_rating_offset == 2.0
+    assert history.retrieval.sequence.window == recommender.retrieval.sequence.window
+    assert {"history.dimension", "history.item_dropout", "recency_half_life"} <= set(history.tune.space["retrieval"])
+
+
+def test_presets_that_extend_each_other_are_refused(conf_copy: Path):
+    (conf_copy / "presets" / "a.yaml").write_text("extends: b\n")
+    (conf_copy / "presets" / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ConfigError, match="extends 'a', which extends it back"):
+        load_config(conf_dir=conf_copy, preset="a")
+    (conf_copy / "presets" / "c.yaml").write_text("extends: nope\n")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(conf_dir=conf_copy, preset="c")
+
+
 def test_unknown_preset_and_preset_keys_are_named(conf_copy: Path):
-    with pytest.raises(ConfigError, match="unknown preset 'nope'.*deck, neumf, recommender, tiny"):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*deck, history, neumf, recommender, tiny"):
         load_config(preset="nope")
     (conf_copy / "presets" / "broken.yaml").write_text("model:\n  embeding_dim: 8\n")
     with pytest.raises(ConfigError, match="model.embeding_dim"):

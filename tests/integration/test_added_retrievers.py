@@ -1,5 +1,6 @@
-"""A retriever added through the registry alone: `make train ARGS="--set retrieval.retriever=itemknn"` trains,
-registers and serves item-kNN (the pyfunc, /recommend and /explain over HTTP), and it has its own baseline row."""
+"""Retrievers added through the registry alone: `make train ARGS="--set retrieval.retriever=itemknn"` (or
+`history`, the neural history model) trains, registers and serves it (the pyfunc, /recommend and /explain over
+HTTP), and it has its own baseline row."""
 
 from __future__ import annotations
 
@@ -22,26 +23,28 @@ from serving.runtime import running
 pytestmark = pytest.mark.integration
 
 
-def test_itemknn_trains_registers_and_serves(tiny_config: Config, tiny_training_args: list[str], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("retriever", ["itemknn", "history"])
+def test_an_added_retriever_trains_registers_and_serves(retriever: str, tiny_config: Config,
+                                                        tiny_training_args: list[str], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(tmp_path)  # reports/metrics.json lands here
     monkeypatch.delenv("NCF_DATA_DIR", raising=False)  # it would win over data.dir
     data = tiny_config.data
-    args = ["--launcher", "local", *tiny_training_args, "--set", "retrieval.retriever=itemknn",
+    args = ["--launcher", "local", *tiny_training_args, "--set", f"retrieval.retriever={retriever}",
             "--set", f"data.dir={data.dir}", "--set", f"data.prepared_dir={data.prepared_dir}",
             "--set", f"data.datasets.ml-latest-small.sha256={json.dumps(data.published.sha256)}",
             "--set", f"train.checkpoint_dir={tmp_path / 'checkpoints'}"]
     assert train_job.main(args) == 0
 
     report = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert 0 < report["models"]["itemknn"]["full_ndcg_at_10"] <= 1  # its own row of the metric table
+    assert 0 < report["models"][retriever]["full_ndcg_at_10"] <= 1  # its own row of the metric table
 
     version = MlflowClient().get_model_version_by_alias(mlflow_tracking.MODEL_NAME, mlflow_tracking.CHAMPION)
     model = mlflow.pyfunc.load_model(f"models:/{mlflow_tracking.MODEL_NAME}@{mlflow_tracking.CHAMPION}")
     recommender = model.unwrap_python_model().recommender
-    assert recommender.candidates.name == "itemknn"
+    assert recommender.candidates.name == retriever
     user = int(np.argmax(recommender.ratings_per_user()))
     user_id = int(recommender.ids.user_ids[user])
     top = model.predict(pd.DataFrame({"user_id": [user_id]}), params={"k": 10})
@@ -61,4 +64,4 @@ def test_itemknn_trains_registers_and_serves(tiny_config: Config, tiny_training_
         assert [item["movie_id"] for item in answer.json()["items"]] == top["movie_id"].tolist()
         explained = http.get("/explain", params={"user_id": user_id, "movie_id": best})
         assert explained.status_code == 200, explained.text
-        assert explained.json()["retriever"] == "itemknn" and explained.json()["retrieved_because_you_rated"]
+        assert explained.json()["retriever"] == retriever and explained.json()["retrieved_because_you_rated"]
