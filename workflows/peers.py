@@ -1,5 +1,5 @@
-"""Peers side by side (`make peers`), the measurements: most-popular, EASE, ALS and item-kNN on one split
-(`data.split.protocol`: seed or temporal), scored with the project's own full-ranking code. SASRec:
+"""Peers side by side (`make peers`), the measurements: most-popular, EASE, ALS, item-kNN and the history model on
+one split (`data.split.protocol`: seed or temporal), scored with the project's own full-ranking code. SASRec:
 `workflows.peers_sasrec`; the presets and the MLflow experiment `peers`: `workflows.peers_runs`.
 
 Protocol (as `make bench-retrieval`'s): every movie a user has not rated is ranked; relevant = a held-out rating of
@@ -27,13 +27,16 @@ from workflows.retrieval_bench import NDCG, Slice, say, slices
 
 REFERENCE = "ease"  # every peer's NDCG@10 is compared with this one's, user by user
 PRESETS = ("deck", "recommender")
-# The retrievers' inputs and profiles: the recommender preset's retrieval section (chosen by make bench-retrieval).
-RETRIEVER_PRESET = "recommender"
+# The retrievers' inputs and profiles: the recommender preset's retrieval section (chosen by make bench-retrieval);
+# the history model's: the history preset's (chosen by make bench-history, which searches its own grid).
+RETRIEVER_PRESETS = {"history": "history"}
+DEFAULT_RETRIEVER_PRESET = "recommender"
 # Each retriever's validation grid: overrides of that retrieval section.
 RETRIEVER_GRIDS: dict[str, list[dict[str, object]]] = {
     "ease": [{"retrieval.ease.regularization": lam} for lam in (100.0, 250.0, 500.0)],
     "als": [{"retrieval.als.factors": factors} for factors in (32, 64, 128)],
     "itemknn": [{"retrieval.itemknn.neighbours": n} for n in (50, 100, 200)],
+    "history": [{}],
 }
 PEERS = ("most_popular", *RETRIEVER_GRIDS, "sasrec", *PRESETS)
 # Profile settings every retriever peer shares, logged with its own section.
@@ -87,10 +90,11 @@ def most_popular(p: Protocol) -> PeerResult:
 
 
 def retriever_config(name: str, setting: dict[str, object], overrides: list[str]) -> RetrievalConfig:
-    """The recommender preset's retrieval section with retriever `name`, `setting` and no sequence signal."""
+    """The retrieval section of `name`'s preset (`RETRIEVER_PRESETS`) with retriever `name`, `setting` and no
+    sequence signal."""
     setting = {"retrieval.retriever": name, "retrieval.sequence.weight": 0.0, **setting}
     return load_config([*overrides, *(f"{key}={value}" for key, value in setting.items())],
-                       preset=RETRIEVER_PRESET).retrieval
+                       preset=RETRIEVER_PRESETS.get(name, DEFAULT_RETRIEVER_PRESET)).retrieval
 
 
 def retriever_settings(name: str, cfg: RetrievalConfig) -> dict[str, object]:

@@ -61,7 +61,7 @@ def runs_of(protocol: str) -> dict[str, object]:
 
 def test_every_peer_is_one_run_of_the_peers_experiment(measured):
     seed = runs_of("seed")
-    assert sorted(seed) == sorted(["most_popular", "ease", "als", "itemknn", *PRESETS])  # no venv given: no SASRec
+    assert sorted(seed) == sorted(["most_popular", "ease", "als", "itemknn", "history", *PRESETS])  # no venv: no SASRec
     for peer, run in seed.items():
         assert run.info.run_name == f"peer {peer} ml-latest-small (seed)"
         assert set(run.data.metrics) >= TEST_METRICS, peer
