@@ -23,8 +23,8 @@ from ncf.retrievers.matrices import fit_on_ratings
 from workflows.retrieval_bench import NDCG, Slice, say
 
 # The validation grid: the network (width, input dropout), then the profile's recency and the sequence weight,
-# which need no refit. Epochs, learning rate and the objective were settled earlier on the same slice
-# (docs/benchmarks/history.md, "Earlier choices"): 100 epochs at 3e-3, whole-profile denoising.
+# which need no refit. The objective, the input, epochs and learning rate were settled earlier on the same slice
+# (the README's history model section): whole-profile denoising of the liked movies, 100 epochs at 3e-3.
 DIMENSIONS = (256, 600)
 ITEM_DROPOUTS = (0.3, 0.5, 0.7)
 RECENCY_HALF_LIVES = (None, 50.0, 200.0)
