@@ -33,13 +33,14 @@ class History(Retriever):
     Attention: each profile movie's weight is softmax(a[rating] + s * log(1 + age)) over the profile, times the
     configured profile weight (`retrieval.recency_half_life`, `profile_rating_offset`), scaled by sqrt(profile
     size); a (per half-star) and s are learned, so the network decides how much a 5-star or an older rating
-    counts. The profile rows it scores (`weigh`) already hold exp(a[rating] + s log(1 + age)) x the configured
-    weight: `score` normalises them.
+    counts. The configured weight applies when scoring only (training reads the learned part alone; on the
+    validation slice recency at scoring time added up to 0.004 NDCG@10). The profile rows it scores (`weigh`)
+    already hold exp(a[rating] + s log(1 + age)) x the configured weight: `score` normalises them.
 
     Training (`fit_entries`): the multinomial likelihood of each user's whole profile under a softmax over the
     catalogue, from the profile with each movie left out with probability `item_dropout` (a denoising
     autoencoder: no sampled negatives, every movie in every step). One user is one training row, `batch_users`
-    users per Adam step; deterministic for a seed on one thread.
+    users per AdamW step; deterministic for a seed on one thread.
     """
 
     name = "history"
