@@ -33,7 +33,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "data.yaml", "evaluation.yaml", "feedback.yaml", "model.yaml", "registry.yaml", "retrain.yaml",
         "retrieval.yaml", "serve.yaml", "train.yaml", "tune.yaml"]
     assert sorted(p.name for p in (site / "ncf" / "conf" / "presets").glob("*.yaml")) == [
-        "deck.yaml", "neumf.yaml", "recommender.yaml", "tiny.yaml"]
+        "deck.yaml", "history.yaml", "neumf.yaml", "recommender.yaml", "tiny.yaml"]
     return site
 
 
