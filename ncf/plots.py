@@ -97,7 +97,7 @@ def trials_plot(board: pd.DataFrame, config: Config, metric: str) -> plt.Figure:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, layout="constrained")
     done = board.dropna(subset=[metric])
     for ax, key in zip(axes.flat, keys, strict=False):
-        section, name = key.split(".")
+        section, name = key.split(".", 1)  # a retriever's key is nested: retrieval.history.dimension
         spec = config.tune.space[section][name]
         values = done[key]
         if spec.choice is not None:
