@@ -99,8 +99,8 @@ class History(Retriever):
         return configured * np.exp(self._logit(entries.rating, entries.age))
 
     def _logit(self, rating: np.ndarray, age: np.ndarray) -> np.ndarray:
-        buckets = np.clip(np.rint(np.asarray(rating) * 2), 0, RATING_BUCKETS - 1).astype(np.int64)
-        return self.rating_logit[buckets] + self.age_slope * np.log1p(np.maximum(age, 0))
+        buckets, log_age = attention_features(rating, age)
+        return self.rating_logit[buckets] + self.age_slope * log_age
 
     def _user_vectors(self, profiles: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
         """Each profile's normalised attention over the fitted movies and its pre-activation vector."""
@@ -146,14 +146,21 @@ class History(Retriever):
         return model
 
 
+def attention_features(rating: np.ndarray, age: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the attention reads of each profile entry, in training and scoring alike: its half-star bucket and
+    log(1 + age)."""
+    buckets = np.clip(np.rint(np.asarray(rating) * 2), 0, RATING_BUCKETS - 1).astype(np.int64)
+    return buckets, np.log1p(np.maximum(age, 0))
+
+
 class _Rows:
     """Dense batches of training rows from a CSR of profiles with each entry's rating and age."""
 
     def __init__(self, matrix: sp.csr_matrix, rating: np.ndarray, age: np.ndarray):
         self.matrix = matrix
-        self.buckets = sp.csr_matrix((np.clip(np.rint(rating * 2), 0, RATING_BUCKETS - 1), matrix.indices,
-                                      matrix.indptr), shape=matrix.shape)
-        self.ages = sp.csr_matrix((np.log1p(np.maximum(age, 0)), matrix.indices, matrix.indptr), shape=matrix.shape)
+        buckets, log_age = attention_features(rating, age)
+        self.buckets = sp.csr_matrix((buckets, matrix.indices, matrix.indptr), shape=matrix.shape)
+        self.ages = sp.csr_matrix((log_age, matrix.indices, matrix.indptr), shape=matrix.shape)
 
     def dense(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         profile = torch.from_numpy(self.matrix[users].toarray() > 0)
