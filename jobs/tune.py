@@ -47,6 +47,7 @@ from workflows.sweep_trials import (
     require_trial_fits,
     run_trial,
     search_space,
+    shared_retriever,
     sweep_metric,
     trial_config,
     trial_resources,
@@ -133,7 +134,8 @@ def sweep(config: Config, resume: str | None = None) -> SweepOutcome:
             log_data_tags(data)
             mlflow_tracking.log_data_inputs(data, config)
         trainable = tune.with_resources(tune.with_parameters(run_trial, base=config.model_dump(), data=data,
-                                                             data_dir=data_dir, storage=trainers),
+                                                             data_dir=data_dir, storage=trainers,
+                                                             retriever=shared_retriever(config, data)),
                                         trial_resources(config))
         if resume:
             tuner = tune.Tuner.restore(path.path, trainable, resume_errored=True,

@@ -86,7 +86,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    architecture: Literal["mlp", "gmf", "neumf"]
+    architecture: Literal["mlp", "gmf", "neumf", "history"]
     attention: bool
     objective: Literal["rating", "implicit", "joint"]
     embedding_dim: int = Field(gt=0)
@@ -99,6 +99,8 @@ class ModelConfig(Section):
     use_genres: bool
     # nn.Embedding(sparse=True) + SparseAdam: each step updates only the rows its batch touched.
     sparse_embeddings: bool
+    # The latest ratings a history model pools per user (`architecture: history`).
+    history_length: int = Field(gt=0)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -332,6 +334,9 @@ class Config(Section):
             raise ValueError("model.sparse_embeddings with train.use_gpu and train.num_workers > 1: DDP on GPUs "
                              "all-reduces with NCCL, which has no sparse all-reduce; use dense embeddings "
                              "(model.sparse_embeddings false) or one GPU")
+        if self.model.architecture == "history" and self.data.loader == "ray_data":
+            raise ValueError("model.architecture history reads every user's ratings in each worker, and "
+                             "data.loader ray_data streams them past the workers instead: use data.loader in_memory")
         return self
 
 

@@ -49,7 +49,7 @@ def with_current_keys(tree: dict) -> dict:
 # `evaluation` section (added since too), which shapes how a run is evaluated, a loaded model reads only the
 # rating it counts as liked (/explain's "because you rated"): 4.0, as before the key existed.
 ADDED_KEYS: dict[str, dict[str, Any]] = {
-    "model": {"sparse_embeddings": False},
+    "model": {"sparse_embeddings": False, "history_length": 50},
     "evaluation": {"relevant_rating": 4.0, "seed_relevant_rating": 3.0},
     "retrieval": {"profile_rating_offset": None, "sequence": {"weight": 0.0, "window": 10, "last": 10, "decay": 0.7},
                   "itemknn": {"neighbours": 100, "shrink": 10.0},

@@ -1,7 +1,8 @@
 """Folding users' ratings into the frozen model: the user side (embedding, bias) that predicts them.
 
 The user embeddings are fitted at training time; a user who has rated movies since, or one the model never saw,
-is folded in: from the trained vectors (a new user: the mean of every user's), a few Adam steps on that user's
+is folded in: from the trained vectors (a new user: the mean of every user's; a history model adds the pooled
+ratings of the profile itself, `ncf.history_encoder`), a few Adam steps on that user's
 ratings alone fit the rating head's prediction to each rating (the model's eval-mode forward, `NCF.pair_logits`,
 its movie side computed once), with an L2 pull towards the start so that a couple of ratings move it a little,
 not wildly. A model with only an interaction head (`objective: implicit`) fits its logit to "rated" on the rated
@@ -36,13 +37,16 @@ NEGATIVES = 4  # sampled unrated movies per rating, for a model without a rating
 
 
 def start_side(model: NCF, profiles: Profiles) -> UserSide:
-    """Where each row's fold-in starts: its user's trained vectors, the mean user's for `NEW_USER` rows."""
+    """Where each row's fold-in starts: its user's trained vectors, the mean user's for `NEW_USER` rows; a history
+    model adds each row's own ratings, pooled (`HistoryEncoder.profile_vectors`), whatever the user."""
     with torch.no_grad():
         known = torch.from_numpy(profiles.known())
-        looked_up = model.user_side(torch.from_numpy(np.where(profiles.known(), profiles.users, 0)))
-        mean = model.user_side(torch.arange(model.user_embedding.num_embeddings))
+        looked_up = model.id_side(torch.from_numpy(np.where(profiles.known(), profiles.users, 0)))
+        mean = model.id_side(torch.arange(model.user_embedding.num_embeddings))
         embedding = torch.where(known[:, None], looked_up.embedding, mean.embedding.mean(0))
         bias = None if mean.bias is None else torch.where(known, looked_up.bias, mean.bias.mean())
+        if model.reads_history:
+            embedding = embedding + model.history.profile_vectors(profiles.ratings, len(profiles))
     return UserSide(embedding, bias)
 
 

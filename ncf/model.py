@@ -8,7 +8,10 @@ inputs unchanged and the weights say how much each side drives the prediction
 
 The paths (`model.architecture`): `mlp`, the deck's MLP over [2 w_u u; 2 w_m m];
 `gmf`, the element-wise product (2 w_u u) * (2 w_m m) (He et al. 2017); `neumf`,
-both, their outputs concatenated. Heads read the paths' output (`model.objective`):
+both, their outputs concatenated; `history`, the deck's MLP with a user side that
+also reads the user's own latest ratings (`ncf.history_encoder`: u is the id's
+embedding plus the attention-pooled movies they rated before the predicted rating).
+Heads read the paths' output (`model.objective`):
 `rating`, a rating head, sigmoid scaled to [rating_min, rating_max] (the deck);
 `implicit`, an interaction head whose logit says how likely the user is to watch
 the movie (trained with binary cross-entropy against sampled unrated movies);
@@ -30,6 +33,8 @@ import torch
 from torch import nn
 
 from ncf.config import ModelConfig
+from ncf.data import Ratings
+from ncf.history_encoder import HistoryEncoder
 
 
 class ModelOutput(NamedTuple):
@@ -71,7 +76,7 @@ class UserSide:
         return UserSide(self.embedding[rows], None if self.bias is None else self.bias[rows])
 
 
-HAS_MLP = ("mlp", "neumf")
+HAS_MLP = ("mlp", "neumf", "history")
 
 
 class UniformDropout(nn.Dropout):
@@ -137,7 +142,19 @@ class NCF(nn.Module):
         if cfg.use_bias:
             self.user_bias = nn.Embedding(n_users, 1, sparse=cfg.sparse_embeddings)
             self.movie_bias = nn.Embedding(n_movies, 1, sparse=cfg.sparse_embeddings)
+        if self.reads_history:
+            self.history = HistoryEncoder(n_users, n_movies, d, cfg.history_length, cfg.sparse_embeddings)
         self.reset_parameters()
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether the user side also reads the user's own ratings (`model.architecture: history`)."""
+        return self.cfg.architecture == "history"
+
+    def remember(self, ratings: Ratings) -> None:
+        """The ratings a history model's user side reads of each known user (nothing for the others)."""
+        if self.reads_history:
+            self.history.remember(ratings)
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -166,6 +183,8 @@ class NCF(nn.Module):
         if self.cfg.use_bias:
             nn.init.zeros_(self.user_bias.weight)
             nn.init.zeros_(self.movie_bias.weight)
+        if self.reads_history:
+            self.history.reset_parameters()
 
     def movie_vectors(self, movies: torch.Tensor) -> torch.Tensor:
         """Movie-side representation: embedding, plus projected genres when enabled."""
@@ -184,12 +203,23 @@ class NCF(nn.Module):
         rating = self._scale(torch.sigmoid(logits["rating"]) if "rating" in logits else strength)
         return ModelOutput(rating, strength, weights[0], weights[1], logit)
 
-    def user_side(self, users: torch.Tensor) -> UserSide:
-        """The trained vectors of `users` (indices)."""
+    def id_side(self, users: torch.Tensor) -> UserSide:
+        """The trained id vectors of `users` (indices): their whole user side, except in a history model."""
         return UserSide(self.user_embedding(users), self.user_bias(users).squeeze(-1) if self.cfg.use_bias else None)
 
-    def forward(self, users: torch.Tensor, movies: torch.Tensor) -> ModelOutput:
-        return self.forward_user_side(self.user_side(users), movies)
+    def user_side(self, users: torch.Tensor, before: torch.Tensor | None = None) -> UserSide:
+        """The user side of `users` (indices). A history model adds each user's pooled history: the ratings given
+        before the user's rating of `before[i]`, or their latest where they have none (or `before` is None)."""
+        side = self.id_side(users)
+        if not self.reads_history:
+            return side
+        return UserSide(side.embedding + self.history(users, before), side.bias)
+
+    def forward(self, users: torch.Tensor, movies: torch.Tensor, before: torch.Tensor | None = None) -> ModelOutput:
+        """Pairs (users[i], movies[i]). A history model reads each user's ratings given before their rating of
+        `before[i]`: training passes each pair's own movie, so a pair never reads its own rating or a later one
+        (a sampled unrated movie passes its rated movie's). Without `before`, every remembered rating, as served."""
+        return self.forward_user_side(self.user_side(users, before), movies)
 
     def forward_user_side(self, side: UserSide, movies: torch.Tensor, rows: torch.Tensor | None = None) -> ModelOutput:
         """`forward` from given user vectors: pair i is user row `rows[i]` of `side` (row i without `rows`)
@@ -385,6 +415,8 @@ def count_flops_per_sample(cfg: ModelConfig) -> int:
     """Multiply-adds x 2 of one forward pass through attention, paths and heads (embeddings are lookups)."""
     d = cfg.embedding_dim
     macs = 2 * d * 2 if cfg.attention else 0
+    if cfg.architecture == "history":
+        macs += cfg.history_length * d  # the pooling of the user's history
     width = 0
     if cfg.architecture in HAS_MLP:
         width = 2 * d

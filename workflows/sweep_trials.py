@@ -25,6 +25,7 @@ from ncf.data import MovieLens
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_cluster import require
 from ncf.integrations.ray_train import Storage, TuneReporter, make_trainer
+from ncf.ranking import CandidateRetriever, fit_retriever
 from ncf.training.loop import lower_is_better, train_loop
 from ncf.training.reporting import format_epoch
 from ncf.training.validation import Validation
@@ -79,9 +80,21 @@ def trial_config(base: Config, params: dict[str, object], refit: bool = False) -
     return with_values(base, values)
 
 
-def run_trial(params: dict, base: dict, data: MovieLens, data_dir: Path, storage: Storage) -> None:
-    """The Tune trainable: the training loop here on `data`, or under a TorchTrainer for several workers, whose
-    workers read `data_dir` and keep checkpoints in `storage`."""
+def shared_retriever(config: Config, data: MovieLens) -> CandidateRetriever | None:
+    """The retriever every one-worker trial validates with, fitted once for the sweep on the train split, when no
+    trial changes its settings (the space has no `retrieval` keys): fitting the history model takes longer than a
+    trial's first epoch. None where each trial fits its own."""
+    if "retrieval" in config.tune.space or config.tune.workers_per_trial > 1:
+        return None
+    print(f"fitting the {config.retrieval.retriever} retriever on train once, for every trial", flush=True)
+    return fit_retriever(config.retrieval, data.splits.train, data.n_users, data.n_movies, config.train.seed)
+
+
+def run_trial(params: dict, base: dict, data: MovieLens, data_dir: Path, storage: Storage,
+              retriever: CandidateRetriever | None = None) -> None:
+    """The Tune trainable: the training loop here on `data` (validated with `retriever` when the sweep fitted one),
+    or under a TorchTrainer for several workers, whose workers read `data_dir` and keep checkpoints in
+    `storage`."""
     config = trial_config(config_from_dict(base), params)
     if config.train.num_workers == 1:
         # A line per saved checkpoint would drown the progress lines the driver prints.
@@ -90,7 +103,7 @@ def run_trial(params: dict, base: dict, data: MovieLens, data_dir: Path, storage
         device = "cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu"
         # Arrays from the object store are read-only; a model buffer made from them could not load a checkpoint.
         data = copy.deepcopy(data)
-        train_loop(config, data, TuneReporter(device), Validation(config, data, rank=0))
+        train_loop(config, data, TuneReporter(device), Validation(config, data, rank=0, retriever=retriever))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -41,11 +41,12 @@ def _batch_loss(wrapped: nn.Module, users, movies, ratings, negatives,
     rating head's MSE, detached (nan without one): a tensor, so no step waits to read it."""
     objective, cfg = config.model.objective, config.train
     if objective == "rating":
-        loss = nn.functional.mse_loss(wrapped(users, movies).rating.float(), ratings)
+        loss = nn.functional.mse_loss(wrapped(users, movies, movies).rating.float(), ratings)
         return loss, loss.detach()
     n_pos = len(users)
+    repeated = movies.repeat_interleave(cfg.negatives_per_positive)  # a sampled movie reads its positive's history
     out = wrapped(torch.cat([users, users.repeat_interleave(cfg.negatives_per_positive)]),
-                  torch.cat([movies, negatives]))
+                  torch.cat([movies, negatives]), torch.cat([movies, repeated]))
     labels = torch.zeros(len(out.logit), device=users.device)
     labels[:n_pos] = 1.0
     bce = nn.functional.binary_cross_entropy_with_logits(out.logit.float(), labels)
@@ -169,6 +170,7 @@ def train_loop(config: Config, data: MovieLens, reporter: Reporter, validation: 
         state.phase = Phase.REFIT
         torch.manual_seed(cfg.seed)
         model.reset_parameters()  # in place, identically on every rank: a DDP wrapper stays valid
+        model.remember(data.splits.train_and_validation())
         optimizer = make_optimizer(model, cfg)
         print(f"refitting on train + validation for {state.best_epoch} epoch(s)", flush=True)
     if state.phase == Phase.REFIT:

@@ -45,10 +45,12 @@ class TrainResult:
 
 
 def build_model(config: Config, data: MovieLens) -> NCF:
-    """The untrained model `config` describes, sized for `data`: what training starts from and a checkpoint's
-    weights load into."""
+    """The untrained model `config` describes, sized for `data`, reading the train split's ratings as its users'
+    histories (a history model): what training starts from and a checkpoint's weights load into."""
     genres = torch.from_numpy(data.genres) if config.model.use_genres else None
-    return NCF(data.n_users, data.n_movies, config.model, genres)
+    model = NCF(data.n_users, data.n_movies, config.model, genres)
+    model.remember(data.splits.train)
+    return model
 
 
 def final_weights(saved: dict) -> dict[str, torch.Tensor]:

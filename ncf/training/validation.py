@@ -12,7 +12,7 @@ from ncf.data import MovieLens
 from ncf.evaluation import full_ranking_against, relevant_targets
 from ncf.metrics import K
 from ncf.model import NCF, forward_batched
-from ncf.ranking import Reranking, Retrieved, fit_retriever, top_k
+from ncf.ranking import CandidateRetriever, Reranking, Retrieved, fit_retriever, top_k
 from ncf.training.reporting import same_on_all_ranks
 from ncf.user_ratings import SeenItems
 
@@ -23,9 +23,10 @@ class Validation:
     with a retriever fitted on train alone) over `evaluation`'s users, `val_full_users` of them. Computed on
     rank 0 and shared with every rank."""
 
-    def __init__(self, config: Config, data: MovieLens, rank: int):
+    def __init__(self, config: Config, data: MovieLens, rank: int, retriever: CandidateRetriever | None = None):
         """Rank 0 keeps the validation slice, the movies each user has seen in train and the retriever fitted
-        on train, never `data` itself: a caller may let the train split go once this is built."""
+        on train (or `retriever`, one already fitted so with `config.retrieval`), never `data` itself: a caller may
+        let the train split go once this is built."""
         self.config, self.rank = config, rank
         if rank != 0:
             return
@@ -33,7 +34,8 @@ class Validation:
         self.users, self.movies, self.ratings = self.target.tensors()
         train = data.splits.train
         self.seen = SeenItems(train.user, train.movie, data.n_users)
-        self.retriever = fit_retriever(config.retrieval, train, data.n_users, data.n_movies, config.train.seed)
+        self.retriever = retriever or fit_retriever(config.retrieval, train, data.n_users, data.n_movies,
+                                                    config.train.seed)
         self.reranking = Reranking.from_config(config.retrieval)
         # The users every epoch ranks, retrieved for once (the retriever does not change between epochs).
         self.retrieved = (Retrieved(self.retriever, relevant_targets(self.target, config.evaluation)[0], self.seen,

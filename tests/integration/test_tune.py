@@ -20,7 +20,8 @@ from jobs import tune as tune_job
 from ncf.config import load_config
 from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_cluster import init_ray
-from workflows.sweep_trials import TRIAL_TAG, dropout_schedule, trial_config
+from ncf.training.validation import Validation
+from workflows.sweep_trials import TRIAL_TAG, dropout_schedule, shared_retriever, trial_config
 from workflows.training_run import train_and_publish
 
 pytestmark = pytest.mark.integration
@@ -135,6 +136,19 @@ def test_trial_config_applies_sampled_values_budget_and_resources():
     assert (config.train.batch_size, config.model.use_bias) == (512, True)
     assert (config.train.max_epochs, config.train.cpus_per_worker, config.train.refit) == (4, 1, False)
     assert trial_config(base, {}, refit=True).train.refit is True
+
+
+def test_a_sweep_fits_its_retriever_once_unless_trials_change_it(tiny_config, tiny_movielens):
+    """With no `retrieval` key searched, one-worker trials validate with one retriever the sweep fitted (a history
+    model takes minutes to fit); searched retriever keys or multi-worker trials fit their own."""
+    data = [f"data.dir={tiny_config.data.dir}"]
+    config = load_config(data, preset="tiny")
+    shared = shared_retriever(config, tiny_movielens)
+    assert shared is not None and shared.name == config.retrieval.retriever
+    assert Validation(config, tiny_movielens, rank=0, retriever=shared).retriever is shared
+    for changing in ("tune.space={retrieval: {ease.regularization: {choice: [10.0, 100.0]}}}",
+                     "tune.workers_per_trial=2"):
+        assert shared_retriever(load_config([*data, changing], preset="tiny"), tiny_movielens) is None, changing
 
 
 def test_search_space_must_name_config_keys():

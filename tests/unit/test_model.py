@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ncf.config import ModelConfig, load_config
+from ncf.data import Ratings
 from ncf.model import NCF, UniformDropout, UserSide, count_flops_per_sample, forward_batched
 
 N_USERS, N_MOVIES, N_GENRES = 9, 23, 5
@@ -46,12 +48,27 @@ def scramble_batch_norm_and_biases(model: NCF) -> None:
             model.movie_bias.weight.copy_(torch.randn(N_MOVIES, 1, generator=g))
 
 
+def random_ratings(seed: int = 5) -> Ratings:
+    """About a third of all (user, movie) pairs rated, at random times and ratings; user 0 rates nothing."""
+    rng = np.random.default_rng(seed)
+    users, movies = (t.numpy() for t in all_pairs())
+    rated = (rng.random(len(users)) < 0.35) & (users > 0)
+    n = int(rated.sum())
+    return Ratings(users[rated], movies[rated], rng.integers(1, 11, n) / 2, rng.permutation(n).astype(np.int64))
+
+
 def trained_looking_model(*overrides: str) -> NCF:
-    """A small model in eval mode, with the scrambled statistics and biases of `scramble_batch_norm_and_biases`."""
+    """A small model in eval mode, with the scrambled statistics and biases of `scramble_batch_norm_and_biases`;
+    a history model remembers `random_ratings` and has learnt attention logits."""
     torch.manual_seed(0)
     cfg = small_config(*overrides)
     model = NCF(N_USERS, N_MOVIES, cfg, genres() if cfg.use_genres else None)
     scramble_batch_norm_and_biases(model)
+    if model.reads_history:
+        model.remember(random_ratings())
+        with torch.no_grad():
+            model.history.rating_logit.copy_(torch.linspace(-1, 1, len(model.history.rating_logit)))
+            model.history.age_slope.fill_(-0.5)
     return model.eval()
 
 
@@ -87,7 +104,7 @@ def test_rating_is_strength_scaled_to_the_rating_range():
 
 
 ARCHITECTURES = [(f"model.architecture={arch}", f"model.objective={objective}", f"model.attention={attention}")
-                 for arch in ("mlp", "gmf", "neumf") for objective in ("rating", "implicit", "joint")
+                 for arch in ("mlp", "gmf", "neumf", "history") for objective in ("rating", "implicit", "joint")
                  for attention in ("true", "false")]
 
 

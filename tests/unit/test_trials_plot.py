@@ -1,5 +1,5 @@
-"""The sweep's plot of trials against each searched value, with a retriever's nested keys (`make tune PRESET=history`
-searches `retrieval.history.dimension`, ...)."""
+"""The sweep's plot of trials against each searched value, with a retriever's nested keys (a space that searches the
+history retriever's settings names `retrieval.history.dimension`, ...)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ pytestmark = pytest.mark.unit
 
 
 def test_the_trials_plot_draws_every_searched_value_nested_keys_included():
-    config = load_config(["train.monitor=val_full_ndcg_at_10"], preset="history")
+    space = ("tune.space={retrieval: {history.dimension: {choice: [256, 600, 1000]}, history.epochs: {choice: [50, 100,"
+             " 150]}, history.learning_rate: {loguniform: [1.0e-3, 1.0e-2]}, history.item_dropout: {uniform: [0.2, 0.7]},"
+             " history.weight_decay: {choice: [0.0, 1.0e-6, 1.0e-5]}, recency_half_life: {choice: [25, 50, 200]}}}")
+    config = load_config(["train.monitor=val_full_ndcg_at_10", space], preset="history")
     keys = config.tune.searched_keys()
     assert "retrieval.history.dimension" in keys
     board = pd.DataFrame({"retrieval.history.dimension": [256, 600, 1000], "retrieval.history.epochs": [50, 100, 150],
