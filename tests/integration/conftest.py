@@ -2,45 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import httpx
-import psutil
 import pytest
-import ray
 import torch
-from services import Server, mlflow_server
+from services import Server, mlflow_server, private_ray
 
 from ncf.recommender import Recommender
 
 
-def _raylet_workers() -> list[psutil.Process]:
-    """Every process under the raylet this driver started: its workers and agents."""
-    workers = []
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):  # a worker may exit while we look
-            if child.name() == "raylet":
-                workers += child.children(recursive=True)
-    return workers
-
-
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A private Ray cluster for the module's in-driver Ray work, with the dashboard (its state API finds actors).
-
-    Stopped with every process it started: a Ray worker can hang at exit after its work is done (seen with
-    Ray Train's controller actor) and outlive `ray.shutdown()`, so the raylet's workers still alive 10 s
-    after it are killed (these PIDs only)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
-    yield
-    workers = _raylet_workers()
-    ray.shutdown()
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=10)
+    """A private Ray cluster for the module's in-driver Ray work (`services.private_ray`)."""
+    with private_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
+import ray
 
 from ncf.ports import free_port
 
@@ -398,3 +399,33 @@ def serve_process(port: int, env: dict[str, str], *overrides: str) -> Iterator[s
             with contextlib.suppress(psutil.Error):
                 child.kill()
         process.stdout.close()
+
+
+def _raylet_workers() -> list[psutil.Process]:
+    """Every process under the raylet this driver started: its workers and agents."""
+    workers = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker may exit while we look
+            if child.name() == "raylet":
+                workers += child.children(recursive=True)
+    return workers
+
+
+@contextlib.contextmanager
+def private_ray() -> Iterator[None]:
+    """A private 2-CPU Ray cluster in this driver, with the dashboard (its state API finds actors).
+
+    Stopped with every process it started, also when the block fails: a Ray worker can hang at exit after its
+    work is done (seen with Ray Train's controller actor) and outlive `ray.shutdown()`, so the raylet's workers
+    still alive 10 s after it are killed (these PIDs only)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        yield
+    finally:
+        workers = _raylet_workers()
+        ray.shutdown()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)

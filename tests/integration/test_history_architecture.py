@@ -13,8 +13,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 from mlflow import MlflowClient
+from services import private_ray
 
 from ncf.config import Config, load_config
 from ncf.ports import free_port
@@ -36,11 +36,8 @@ def test_the_history_model_trains_on_two_workers_registers_and_serves(tiny_confi
                           f"data.prepared_dir={data.prepared_dir}",
                           f"data.datasets.ml-latest-small.sha256={json.dumps(data.published.sha256)}",
                           f"train.checkpoint_dir={tmp_path / 'checkpoints'}"], preset="tiny")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with private_ray():
         summary, _ = train_and_publish(config, launcher="ray", report_path=tmp_path / "metrics.json")
-    finally:
-        ray.shutdown()
 
     client = MlflowClient()
     run = client.get_run(summary.run_id)

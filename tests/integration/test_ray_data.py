@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from mlflow import MlflowClient
+from services import private_ray
 
 from jobs import synth
 from ncf import prepared
@@ -59,11 +59,8 @@ def test_two_workers_train_on_disjoint_reshuffled_shards_and_the_run_is_register
                           "data.datasets.ml-25m.sizes=null", f"data.prepared_dir={tmp_path / 'prepared'}",
                           "data.loader=ray_data", "train.num_workers=2", "train.cpus_per_worker=1",
                           "train.max_epochs=2", "train.patience=5", f"train.checkpoint_dir={tmp_path / 'ckpt'}"])
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
+    with private_ray():
         summary, _ = train_and_publish(config, launcher="ray", report_path=tmp_path / "metrics.json")
-    finally:
-        ray.shutdown()
 
     client = MlflowClient()
     run = client.get_run(summary.run_id)

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.unit
 
 
 def test_the_trials_plot_draws_every_searched_value_nested_keys_included():
-    space = ("tune.space={retrieval: {history.dimension: {choice: [256, 600, 1000]}, history.epochs: {choice: [50, 100,"
-             " 150]}, history.learning_rate: {loguniform: [1.0e-3, 1.0e-2]}, history.item_dropout: {uniform: [0.2, 0.7]},"
-             " history.weight_decay: {choice: [0.0, 1.0e-6, 1.0e-5]}, recency_half_life: {choice: [25, 50, 200]}}}")
+    space = ("tune.space={retrieval: {history.dimension: {choice: [256, 600, 1000]},"
+             " history.epochs: {choice: [50, 100, 150]}, history.learning_rate: {loguniform: [1.0e-3, 1.0e-2]},"
+             " history.item_dropout: {uniform: [0.2, 0.7]}, history.weight_decay: {choice: [0.0, 1.0e-6, 1.0e-5]},"
+             " recency_half_life: {choice: [25, 50, 200]}}}")
     config = load_config(["train.monitor=val_full_ndcg_at_10", space], preset="history")
     keys = config.tune.searched_keys()
     assert "retrieval.history.dimension" in keys
