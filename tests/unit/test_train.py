@@ -12,7 +12,7 @@ import torch
 from ncf.baselines import GlobalMean, MostPopular, UserItemBias
 from ncf.config import Config, ConfigError, load_config
 from ncf.data import MovieLens
-from ncf.evaluation import TABLE_COLUMNS, evaluate, evaluate_baselines, format_table
+from ncf.evaluation import TABLE_COLUMNS, RetrievalBaseline, evaluate, evaluate_baselines, format_table
 from ncf.metrics import rmse
 from ncf.model import forward_batched
 from ncf.recommender import ModelAlone
@@ -321,6 +321,24 @@ def test_baseline_metric_keys(tiny_movielens):
     assert text.splitlines()[0].startswith("model")
     assert len(text.splitlines()) == 4
     assert "-" in text.splitlines()[3]  # most_popular has no RMSE
+
+
+def test_a_retrieval_baseline_ranks_whom_it_cannot_score_by_popularity_as_served(tiny_movielens):
+    """A retriever row ranks a user with no liked movie in the fit by the most rated movies, as the served stage
+    does, not by nothing (under one global time cut most test users would go unranked); the others by the
+    retriever."""
+    fit_on = tiny_movielens.splits.train_and_validation()
+    liked_only_5 = load_config(["retrieval.min_rating=5.0", "retrieval.profile_rating_offset=null"]).retrieval
+    baseline = RetrievalBaseline("ease", liked_only_5).fit(fit_on, tiny_movielens.n_users, tiny_movielens.n_movies)
+    has_a_5 = np.zeros(tiny_movielens.n_users, dtype=bool)
+    has_a_5[fit_on.user[fit_on.rating >= 5.0]] = True
+    without, with_one = int(np.flatnonzero(~has_a_5)[0]), int(np.flatnonzero(has_a_5)[0])
+    popularity = np.bincount(fit_on.movie, minlength=tiny_movielens.n_movies)
+    scores = baseline.score(np.array([without, with_one]))
+    assert np.isfinite(scores[0]).all()
+    np.testing.assert_array_equal(np.argsort(-scores[0], kind="stable")[:10],
+                                  np.argsort(-popularity, kind="stable")[:10])
+    assert not np.array_equal(np.argsort(-scores[1], kind="stable")[:10], np.argsort(-popularity, kind="stable")[:10])
 
 
 def test_retrieval_baselines_sit_next_to_most_popular(tiny_movielens):
