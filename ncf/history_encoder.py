@@ -117,11 +117,27 @@ class HistoryEncoder(nn.Module):
         history = RatingHistory.of(ratings, n_rows, self.n_movies)
         return self.pool(*history.window(torch.arange(n_rows), None, self.length))
 
+    @torch.no_grad()
+    def shares(self, ratings: Ratings, direction: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Each movie of one profile's window (`ratings`: its ratings, `user` column 0, as `Profiles.of(0)` gives
+        them) with its term of the pooled vector's dot product with `direction` (the gradient of a score with
+        respect to the user vector): how much the attention on that rating moved the score. The terms add up to
+        that dot product."""
+        history = RatingHistory.of(ratings, 1, self.n_movies)
+        movies, buckets, ages, valid = history.window(torch.zeros(1, dtype=torch.int64), None, self.length)
+        weights, values = self.attend(movies, buckets, ages, valid)
+        terms = weights[0] * (values[0] @ direction.to(values.dtype))
+        return movies[0][valid[0]].numpy(), terms[valid[0].to(terms.device)].cpu().double().numpy()
+
     def pool(self, movies: torch.Tensor, buckets: torch.Tensor, ages: torch.Tensor,
              valid: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bl,bld->bd", *self.attend(movies, buckets, ages, valid))
+
+    def attend(self, movies: torch.Tensor, buckets: torch.Tensor, ages: torch.Tensor,
+               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's attention weights [rows, length] and its movies' values [rows, length, dim]."""
         device = self.embedding.weight.device
         movies, buckets, ages, valid = (t.to(device) for t in (movies, buckets, ages, valid))
         logit = self.rating_logit[buckets] + self.age_slope * torch.log1p(ages.float())
         weights = torch.nan_to_num(torch.softmax(logit.masked_fill(~valid, float("-inf")), dim=1))
-        values = self.embedding(movies) * self.rating_value[buckets][..., None]
-        return torch.einsum("bl,bld->bd", weights, values)
+        return weights, self.embedding(movies) * self.rating_value[buckets][..., None]

@@ -33,6 +33,7 @@ from ncf.data import NO_GENRES, IdMaps, MovieLens, Ratings, genre_matrix
 from ncf.model import NCF, UserSide, forward_batched
 from ncf.ranking import CandidateRetriever, Reranking, blended_pairs, candidate_retriever, rank_profiles
 from ncf.retrievers import FILE_NAME, load_retriever
+from ncf.retrievers.base import strongest_first
 from ncf.user_ratings import NEW_USER, Profiles, SeenItems
 
 WEIGHTS, CONFIG, IDS, MOVIES, HISTORY = "weights.pt", "config.yaml", "ids.json", "movies.csv", "history.npz"
@@ -324,6 +325,24 @@ class Recommender:
         if self.candidates is None:
             return np.empty(0, np.int64), np.empty(0)
         return self.candidates.sequence_evidence(profile, movie)
+
+    def history_evidence(self, profile: Profiles, movie: int,
+                         user_side: UserSide | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The profile's rated movies (its first row) the history model's attention leaned on for `movie`,
+        strongest first: each rating's term of the pooled history's effect on the movie's ranking logit,
+        linearised at the user's side (`user_side`'s first row, else the known user's own); none for a model
+        whose user side reads no history."""
+        if not self.model.reads_history:
+            return np.empty(0, np.int64), np.empty(0)
+        side = user_side.take([0]) if user_side is not None else self.model.user_side(
+            torch.as_tensor(profile.users[:1]))
+        vector = side.embedding.detach().clone().requires_grad_()
+        movies = torch.as_tensor([movie])
+        head = "rating" if "rating" in self.model.heads else "interaction"
+        logit = self.model.pair_logits(UserSide(vector, side.bias), torch.zeros(1, dtype=torch.int64), movies,
+                                       self.model.movie_side(movies), head)
+        (direction,) = torch.autograd.grad(logit.sum(), vector)
+        return strongest_first(*self.model.history.shares(profile.of(0), direction[0]), movie)
 
     @torch.no_grad()
     def movie_similarity(self, movie: int, others: np.ndarray) -> np.ndarray:

@@ -214,11 +214,11 @@ class ServedVersion:
         movie = int(rec.movie_indices([movie_id])[0])
         if live:
             user = self.live_user(user_id, live)
-            profile, live_movies = user.profile, user.live_movies
-            out = rec.explain_profile(profile, np.asarray([movie]), user.side)
+            profile, live_movies, side = user.profile, user.live_movies, user.side
+            out = rec.explain_profile(profile, np.asarray([movie]), side)
         else:
             index = int(rec.user_indices([user_id])[0])
-            profile, live_movies = rec.profiles_of([index]), frozenset()
+            profile, live_movies, side = rec.profiles_of([index]), frozenset(), None
             out = rec.model_alone.explain(np.asarray([index]), np.asarray([movie]))
         rated = profile.of(0)
         source = {m: "live" if m in live_movies else "dataset" for m in rated.movie.tolist()}
@@ -242,6 +242,7 @@ class ServedVersion:
             "retriever": rec.candidates.name if rec.candidates is not None else None,
             "retrieved_because_you_rated": self.evidence(rated, source, *rec.retrieval_evidence(profile, movie)),
             "rated_next_after": self.evidence(rated, source, *rec.sequence_evidence(profile, movie)),
+            "history_attention": self.evidence(rated, source, *rec.history_evidence(profile, movie, side)),
         }
 
     def evidence(self, rated: Ratings, source: dict[int, str], movies: np.ndarray, shares: np.ndarray) -> list[dict]:

@@ -69,6 +69,12 @@ class RatedNextAfter(OwnRating):
                                       "how often the movie came next after it in other users' histories")
 
 
+class HistoryAttention(OwnRating):
+    weight: float = Field(description="how much the model's attention on this rating raised the movie's ranking "
+                                      "logit: its attention weight times its value's part of the logit, linearised "
+                                      "at the user's vector (model.architecture history)")
+
+
 class ExplanationOut(Movie, Scored):
     user_id: int
     model_version: str
@@ -82,6 +88,9 @@ class ExplanationOut(Movie, Scored):
     rated_next_after: list[RatedNextAfter] = Field(
         description="the user's latest ratings that other users often followed with this movie (the sequence "
                     "signal blended into the retriever's scores), strongest first; empty without it")
+    history_attention: list[HistoryAttention] = Field(
+        description="the user's latest ratings the history-aware NCF's attention leaned on for this movie, "
+                    "strongest first; empty for a model whose user side reads no history")
 
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]

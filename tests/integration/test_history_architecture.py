@@ -66,6 +66,9 @@ def test_the_history_model_trains_on_two_workers_registers_and_serves(tiny_confi
         answer = http.get("/recommend", params={"user_id": user_id, "k": 10})
         assert answer.status_code == 200, answer.text
         assert [item["movie_id"] for item in answer.json()["items"]] == top["movie_id"].tolist()
+        known = http.get("/explain", params={"user_id": user_id, "movie_id": int(top["movie_id"][0])}).json()
+        rated = set(recommender.ids.movie_ids[recommender.ratings_of(user).movie].tolist())
+        assert known["history_attention"] and {a["movie_id"] for a in known["history_attention"]} <= rated
         # Two visitors the model never saw, each rating five different movies: the model pools each one's ratings
         # into their user side, so it predicts them different ratings of the same movie.
         probe = int(movie_ids[0])
@@ -79,4 +82,8 @@ def test_the_history_model_trains_on_two_workers_registers_and_serves(tiny_confi
             explained = http.get("/explain", params={"user_id": visitor, "movie_id": probe})
             assert explained.status_code == 200, explained.text
             predicted.append(explained.json()["predicted_rating"])
+            # The ratings the model's history attention leaned on are the visitor's own, marked live.
+            attended = explained.json()["history_attention"]
+            assert attended and {a["movie_id"] for a in attended} <= {int(m) for m in liked}, attended
+            assert {a["source"] for a in attended} == {"live"} and all(a["weight"] > 0 for a in attended)
         assert predicted[0] != pytest.approx(predicted[1], abs=1e-4), predicted

@@ -154,3 +154,16 @@ def test_the_history_model_learns_and_refits_on_every_rating(tiny_config, tiny_m
     assert search[-1]["val_rmse"] < search[0]["val_rmse"]
     remembered = result.model.history.history
     assert len(remembered.movies) == len(tiny_movielens.splits.train_and_validation())
+
+
+def test_the_attention_shares_add_up_to_the_pooled_history_along_a_direction():
+    """`shares`: each windowed rating's term of the pooled vector's dot product with a direction; they add up to it,
+    and the latest `history_length` ratings are the ones that have a term."""
+    model = history_model(length=4)
+    profile = Profiles.one(MOVIES, RATINGS)
+    direction = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    movies, terms = model.history.shares(profile.of(0), direction)
+    assert movies.tolist() == MOVIES[-4:]
+    with torch.no_grad():
+        pooled = model.history.profile_vectors(profile.ratings, 1)[0]
+    assert terms.sum() == pytest.approx(float(pooled @ direction), abs=1e-5)
