@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
@@ -175,6 +175,10 @@ class RetrievalSettings(Section):
         if name != NO_RETRIEVER:
             retriever_class(name)  # a name the registry lacks is an error listing the registered ones
         return name
+
+    def without_sequence(self) -> Self:
+        """These settings with the sequence signal off: the retriever alone (a baseline row, a benchmark's row)."""
+        return self.model_copy(update={"sequence": self.sequence.model_copy(update={"weight": 0.0})})
 
     @model_validator(mode="after")
     def _check_grids(self) -> RetrievalSettings:

@@ -127,7 +127,7 @@ class RetrievalBaseline:
         self.name, self.cfg, self.seed = name, cfg, seed
 
     def fit(self, ratings: Ratings, n_users: int, n_movies: int) -> RetrievalBaseline:
-        cfg = self.cfg.model_copy(update={"sequence": self.cfg.sequence.model_copy(update={"weight": 0.0})})
+        cfg = self.cfg.without_sequence()
         self.stage = candidate_retriever(fit_on_ratings(self.name, cfg, ratings, n_users, n_movies, self.seed), cfg,
                                          ratings, n_users, n_movies)
         return self

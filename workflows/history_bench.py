@@ -86,9 +86,7 @@ def choose(config: Config, val: Slice) -> tuple[Config, list[str]]:
 
 
 def without_sequence(config: Config) -> Config:
-    retrieval = config.retrieval
-    return config.model_copy(update={"retrieval": retrieval.model_copy(update={
-        "sequence": retrieval.sequence.model_copy(update={"weight": 0.0})})})
+    return config.model_copy(update={"retrieval": config.retrieval.without_sequence()})
 
 
 def test_rows(chosen: Config, ease: Config, test: Slice) -> list[str]:
