@@ -163,7 +163,7 @@ class NCF(nn.Module):
             self.cfg.objective]
 
     @property
-    def _ranking_head(self) -> str:
+    def ranking_head(self) -> str:
         """The head whose logit ranks and gives the strength: rating for `rating` models, else interaction."""
         return "rating" if self.cfg.objective == "rating" else "interaction"
 
@@ -198,7 +198,7 @@ class NCF(nn.Module):
 
     def _outputs(self, logits: dict[str, torch.Tensor], weights: tuple[torch.Tensor, torch.Tensor]) -> ModelOutput:
         """Heads' logits -> the pair's rating, strength and ranking logit."""
-        logit = logits[self._ranking_head]
+        logit = logits[self.ranking_head]
         strength = torch.sigmoid(logit)
         rating = self._scale(torch.sigmoid(logits["rating"]) if "rating" in logits else strength)
         return ModelOutput(rating, strength, weights[0], weights[1], logit)
@@ -285,8 +285,8 @@ class NCF(nn.Module):
                         movie_side: MovieSide | None = None) -> torch.Tensor:
         """`score_users` from given user vectors (a row per user)."""
         side = movie_side or self.movie_side(movies)
-        logits, _ = self._evaluate(user_side, side, _Grid(), (self._ranking_head,))
-        return logits[self._ranking_head]
+        logits, _ = self._evaluate(user_side, side, _Grid(), (self.ranking_head,))
+        return logits[self.ranking_head]
 
     @torch.no_grad()
     def infer(self, users: torch.Tensor, movies: torch.Tensor, movie_side: MovieSide | None = None,

@@ -338,9 +338,8 @@ class Recommender:
             torch.as_tensor(profile.users[:1]))
         vector = side.embedding.detach().clone().requires_grad_()
         movies = torch.as_tensor([movie])
-        head = "rating" if "rating" in self.model.heads else "interaction"
         logit = self.model.pair_logits(UserSide(vector, side.bias), torch.zeros(1, dtype=torch.int64), movies,
-                                       self.model.movie_side(movies), head)
+                                       self.model.movie_side(movies), self.model.ranking_head)
         (direction,) = torch.autograd.grad(logit.sum(), vector)
         return strongest_first(*self.model.history.shares(profile.of(0), direction[0]), movie)
 
