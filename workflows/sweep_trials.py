@@ -26,6 +26,7 @@ from ncf.integrations import mlflow_tracking
 from ncf.integrations.ray_cluster import require
 from ncf.integrations.ray_train import Storage, TuneReporter, make_trainer
 from ncf.ranking import CandidateRetriever, fit_retriever
+from ncf.retrievers import NO_RETRIEVER
 from ncf.training.loop import lower_is_better, train_loop
 from ncf.training.reporting import format_epoch
 from ncf.training.validation import Validation
@@ -82,9 +83,11 @@ def trial_config(base: Config, params: dict[str, object], refit: bool = False) -
 
 def shared_retriever(config: Config, data: MovieLens) -> CandidateRetriever | None:
     """The retriever every one-worker trial validates with, fitted once for the sweep on the train split, when no
-    trial changes its settings (the space has no `retrieval` keys): fitting the history model takes longer than a
-    trial's first epoch. None where each trial fits its own."""
-    if "retrieval" in config.tune.space or config.tune.workers_per_trial > 1:
+    trial changes its settings (the space has no `retrieval` keys, nor the seed it is fitted with): fitting the
+    history model takes longer than a trial's first epoch. None where each trial fits its own, or there is none."""
+    space = config.tune.space
+    if ("retrieval" in space or "seed" in space.get("train", {}) or config.tune.workers_per_trial > 1
+            or config.retrieval.retriever == NO_RETRIEVER):
         return None
     print(f"fitting the {config.retrieval.retriever} retriever on train once, for every trial", flush=True)
     return fit_retriever(config.retrieval, data.splits.train, data.n_users, data.n_movies, config.train.seed)

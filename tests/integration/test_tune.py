@@ -147,7 +147,8 @@ def test_a_sweep_fits_its_retriever_once_unless_trials_change_it(tiny_config, ti
     assert shared is not None and shared.name == config.retrieval.retriever
     assert Validation(config, tiny_movielens, rank=0, retriever=shared).retriever is shared
     for changing in ("tune.space={retrieval: {ease.regularization: {choice: [10.0, 100.0]}}}",
-                     "tune.workers_per_trial=2"):
+                     "tune.space={train: {seed: {choice: [0, 1]}}}", "tune.workers_per_trial=2",
+                     "retrieval.retriever=none"):
         assert shared_retriever(load_config([*data, changing], preset="tiny"), tiny_movielens) is None, changing
 
 
